@@ -1,0 +1,355 @@
+"""YAML configs in NeMo's layout (`model`, `trainer`, `exp_manager`, `data`), read with pyyaml alone.
+
+`load_config(path, overrides)` does, in order:
+  1. read the YAML file;
+  2. apply command-line overrides: `a.b=value` sets a key the file or the schema knows, `+a.b=value` adds a key
+     that is not there, `++a.b=value` sets or adds; values are parsed as YAML (`[a,b]`, `8`, `null`, `1e-4`);
+     list items are addressed by index (`data.train_ds.input_cfg.0.shar_path=/x`);
+  3. check every key against SCHEMA: an unknown key (a typo) is an error naming the key, the file and the
+     closest valid key; a value of the wrong type is an error; keys that only mean something to NeMo or
+     Lightning are accepted and reported once as ignored, so NeMo's own example files load;
+  4. fill in the schema's defaults for `trainer`, `exp_manager` and the `data` loaders;
+  5. resolve `${a.b.c}` interpolations anywhere: a reference that is the whole value keeps its type, one
+     inside a string is substituted as text; a cycle or a missing target is an error;
+  6. refuse any `???` that is left, naming its full dotted key.
+The result is a plain nested dict, the fully resolved config that a run saves next to its checkpoints.
+"""
+import difflib
+import re
+from pathlib import Path
+
+import yaml
+
+MISSING = "???"
+ANY = object()        # free-form subtree: its owner (optimizer, LoRA, perception, ...) checks it
+IGNORED = object()    # a key only NeMo or Lightning acts on: accepted and reported
+UNKNOWN = object()
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as OmegaConf reads it: `1e-5` and `3e-4` are floats (plain pyyaml would keep them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """A problem in a config file or an override; its message is one line meant for the user."""
+
+
+class Keys(dict):
+    """A section whose keys are checked but whose defaults are not filled in (the model reads them itself)."""
+
+
+class ListOf:
+    """A list whose items follow `item`."""
+
+    def __init__(self, item):
+        self.item = item
+
+
+class MapOf:
+    """A dict of user-chosen names (validation sets), each value following `value`."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+# One `input_cfg` entry: which reader, where the data is, and the reader's options (data.py).
+INPUT_CFG = Keys(
+    type=None, shar_path=None, cuts_path=None, manifest_filepath=None, tarred_audio_filepaths=None,
+    audio_locator_tag=None, tags=ANY, system_prompt=None, context=None, weight=None, input_cfg=ANY,
+    token_equivalent_duration=None, shuffle_shards=None, shard_seed=None, slice_length=None,
+)
+
+# Options of one lhotse dataloader; validation sets listed under `datasets` inherit them.
+LOADER = dict(
+    input_cfg=ListOf(INPUT_CFG), shar_path=None, cuts_path=None, manifest_filepath=None,
+    tarred_audio_filepaths=None,
+    sample_rate=16000, batch_size=None, batch_duration=None, quadratic_duration=None,
+    use_bucketing=False, num_buckets=30, bucket_duration_bins=None, bucket_buffer_size=10000,
+    num_cuts_for_bins_estimate=10000, shuffle_buffer_size=10000, shuffle=False, drop_last=False,
+    seed=0, shard_seed="trng", num_workers=0, pin_memory=False, min_duration=None, max_duration=None,
+    prompt_format=None, token_equivalent_duration=None, audio_locator_tag=None,
+    use_multimodal_sampling=False, batch_tokens=None, max_tokens=None, min_tokens=None,
+    force_finite=IGNORED, force_map_dataset=IGNORED, max_open_streams=IGNORED,
+)
+
+SCHEMA = {
+    "name": None,
+    "model": Keys(
+        pretrained_llm=None, pretrained_asr=None, pretrained_audio_codec=None, scoring_asr=None,
+        pretrained_weights=True, audio_locator_tag=None, prompt_format=None,
+        freeze_params=None, prevent_freeze_params=None, lora=ANY,
+        perception=ANY, speech_decoder=ANY, optimizer=ANY, lr_scheduler=ANY,
+        audio_loss_weight=None, text_loss_weight=None, duplex_user_channel_weight=None,
+        torch_dtype=IGNORED,
+    ),
+    "trainer": dict(
+        devices="auto", num_nodes=1, accelerator="auto", precision="32",
+        max_steps=1000, max_time=None, log_every_n_steps=10, val_check_interval=1.0,
+        limit_train_batches=1.0, limit_val_batches=1.0, num_sanity_val_steps=2,
+        accumulate_grad_batches=1, gradient_clip_val=None, gradient_clip_algorithm="norm",
+        enable_progress_bar=True,
+        strategy=IGNORED, logger=IGNORED, enable_checkpointing=IGNORED, replace_sampler_ddp=IGNORED,
+        use_distributed_sampler=IGNORED, max_epochs=IGNORED, enable_model_summary=IGNORED,
+        sync_batchnorm=IGNORED, benchmark=IGNORED, callbacks=IGNORED, plugins=IGNORED,
+        check_val_every_n_epoch=IGNORED, reload_dataloaders_every_n_epochs=IGNORED,
+    ),
+    "exp_manager": dict(
+        explicit_log_dir=None, exp_dir=None, name="default", version=None, use_datetime_version=True,
+        resume_if_exists=False, resume_ignore_no_checkpoint=False, resume_from_checkpoint=None,
+        max_time_per_run=None, create_checkpoint_callback=True,
+        checkpoint_callback_params=dict(
+            monitor="val_loss", mode="min", save_top_k=1, filename="{step}", save_last=True,
+            every_n_train_steps=None,
+            every_n_epochs=IGNORED, always_save_nemo=IGNORED, save_nemo_on_train_end=IGNORED,
+            save_weights_only=IGNORED, dirpath=IGNORED,
+        ),
+        create_tensorboard_logger=False, create_wandb_logger=False, wandb_logger_kwargs=ANY,
+        log_step_timing=IGNORED, log_local_rank_0_only=IGNORED, log_global_rank_0_only=IGNORED,
+    ),
+    "data": dict(
+        frame_length=0.08, source_sample_rate=16000, target_sample_rate=22050,
+        input_roles=["user", "User"], output_roles=["agent", "Assistant"],
+        train_ds=dict(LOADER),
+        validation_ds=dict(LOADER, datasets=MapOf(Keys(LOADER))),
+        test_ds=Keys(LOADER, datasets=MapOf(Keys(LOADER))),
+    ),
+}
+
+
+def load_config(path: str | Path, overrides: list[str] = (), report=print) -> dict:
+    """Read, override, check, fill, resolve and validate a config (module docstring); `report` gets notes."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} must hold a mapping with sections model, trainer, exp_manager, data")
+    for override in overrides:
+        apply_override(cfg, override)
+    ignored = []
+    _check(cfg, SCHEMA, "", path, ignored)
+    if ignored and report:
+        report(f"config: ignoring keys that only NeMo/Lightning act on: {', '.join(ignored)}")
+    _fill_defaults(cfg, SCHEMA)
+    cfg = _resolve(cfg)
+    missing = [key for key, value in _walk(cfg) if value == MISSING]
+    if missing:
+        raise ConfigError(f"{missing[0]} is '???' (required) in {path}: set it in the file or as "
+                          f"{missing[0]}=VALUE on the command line" + _also(missing[1:]))
+    return cfg
+
+
+def save_config(cfg: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+
+
+def apply_override(cfg: dict, override: str) -> None:
+    """Apply one `key=value`, `+key=value` or `++key=value` to `cfg` in place."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key=value")
+    key, text = override.split("=", 1)
+    add = len(key) - len(key.lstrip("+"))
+    key = key.lstrip("+")
+    if add > 2 or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{override}': bad key '{key}'")
+    try:
+        value = parse_yaml(text) if text else None
+    except yaml.YAMLError:
+        value = text  # an unparseable value is taken as the plain string the user typed
+    *parents, last = key.split(".")
+    node = cfg
+    for i, part in enumerate(parents):
+        child = _get_child(node, part)
+        if child is None:
+            if not add and _schema_at(parents[: i + 1]) is UNKNOWN:
+                raise ConfigError(_unknown_message(key, "the command line", node, part))
+            child = {}
+            _set_child(node, part, child, key)
+        node = child
+    exists = _get_child(node, last) is not None or (isinstance(node, dict) and last in node)
+    if add == 1 and exists:
+        raise ConfigError(f"override '+{key}': the key exists already; drop the '+' to change it")
+    if not add and not exists and _schema_at(key.split(".")) is UNKNOWN:
+        raise ConfigError(_unknown_message(key, "the command line", node, last) + f"; use +{key}=... to add it")
+    _set_child(node, last, value, key)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+def _get_child(node, part):
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        return node[int(part)]
+    return None
+
+
+def _set_child(node, part, value, key):
+    if isinstance(node, dict):
+        node[part] = value
+    elif isinstance(node, list) and part.isdigit() and int(part) <= len(node):
+        node[int(part):int(part) + 1] = [value]
+    else:
+        raise ConfigError(f"override of '{key}': cannot set '{part}' inside a {type(node).__name__}")
+
+
+def _schema_at(parts):
+    """The schema node at a key path, or UNKNOWN where the schema does not know the key (inside free-form
+    subtrees too: there a new key needs `+`)."""
+    node = SCHEMA
+    for part in parts:
+        if isinstance(node, ListOf):
+            node = node.item if part.isdigit() else UNKNOWN
+        elif isinstance(node, MapOf):
+            node = node.value
+        elif isinstance(node, dict):
+            node = node.get(part, ANY if part in ("_target_", "target") else UNKNOWN)
+        else:
+            return UNKNOWN
+        if node is UNKNOWN:
+            return UNKNOWN
+    return node
+
+
+def _check(value, schema, key, path, ignored):
+    if schema is ANY or schema is IGNORED:
+        return
+    if isinstance(schema, ListOf):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} in {path} must be a list, got {value!r}")
+        for i, item in enumerate(value):
+            _check(item, schema.item, f"{key}.{i}", path, ignored)
+    elif isinstance(schema, MapOf):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} in {path} must be a mapping of names, got {value!r}")
+        for name, item in value.items():
+            _check(item, schema.value, f"{key}.{name}", path, ignored)
+    elif isinstance(schema, dict):
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key or 'the file'} in {path} must be a mapping, got {value!r}")
+        for name, item in value.items():
+            dotted = f"{key}.{name}" if key else str(name)
+            if name in ("_target_", "target"):
+                continue
+            if name not in schema:
+                raise ConfigError(_unknown_message(dotted, path, schema, name))
+            if schema[name] is IGNORED:
+                ignored.append(dotted)
+            else:
+                _check(item, schema[name], dotted, path, ignored)
+    else:
+        _check_type(value, schema, key, path)
+
+
+def _check_type(value, default, key, path):
+    """Values whose default has a clear type must match it (an int is fine where a float is expected)."""
+    if value is None or default is None or isinstance(value, str) and "${" in value or value == MISSING:
+        return
+    if isinstance(default, bool):
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, list):
+        ok, wanted = isinstance(value, list), "a list"
+    elif isinstance(default, str):
+        ok, wanted = isinstance(value, (str, int, float)) and not isinstance(value, bool), "a string"
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"{key} in {path} must be {wanted}, got {value!r}")
+
+
+def _unknown_message(key, where, known, name):
+    valid = [k for k in known if isinstance(k, str)] if isinstance(known, dict) else []
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else ""
+    return f"unknown config key '{key}' in {where}{hint}"
+
+
+def _fill_defaults(cfg, schema):
+    for name, default in schema.items():
+        if default is IGNORED or default is ANY or isinstance(default, (Keys, MapOf)):
+            continue
+        if isinstance(default, dict):
+            if cfg.get(name) is None:
+                cfg[name] = {}
+            if isinstance(cfg[name], dict):
+                _fill_defaults(cfg[name], default)
+        elif isinstance(default, ListOf):
+            continue
+        elif name not in cfg:
+            cfg[name] = list(default) if isinstance(default, list) else default
+
+
+_REFERENCE = re.compile(r"\$\{([^${}]+)\}")
+
+
+def _resolve(cfg: dict) -> dict:
+    """Replace every ${a.b.c} with the (resolved) value it points at; detect cycles and dangling references."""
+
+    def lookup(target, referrer, stack):
+        loop = [i for i, seen in enumerate(stack) if seen == target or seen.startswith(target + ".")]
+        if loop:
+            raise ConfigError(f"interpolation cycle: {' -> '.join(stack[loop[0]:] + [target])}")
+        node = cfg
+        for part in target.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise ConfigError(f"{referrer} refers to ${{{target}}}, which does not exist")
+        return resolve(node, target, stack)
+
+    def resolve(value, key, stack):
+        if isinstance(value, dict):
+            return {k: resolve(v, f"{key}.{k}" if key else k, stack) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v, f"{key}.{i}", stack) for i, v in enumerate(value)]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        whole = _REFERENCE.fullmatch(value.strip())
+        if whole:
+            return lookup(whole.group(1).strip(), key, stack + [key])
+        return _REFERENCE.sub(lambda m: str(lookup(m.group(1).strip(), key, stack + [key])), value)
+
+    try:
+        return resolve(cfg, "", [])
+    except RecursionError:
+        raise ConfigError("interpolations nest too deeply (a cycle through a parent key?)") from None
+
+
+def _walk(value, key=""):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _walk(v, f"{key}.{i}")
+    else:
+        yield key, value
+
+
+def _also(keys):
+    return f" (also unset: {', '.join(keys)})" if keys else ""

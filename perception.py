@@ -1,0 +1,590 @@
+"""Audio perception: NeMo's mel frontend -> FastConformer encoder -> Conformer adapter -> projection.
+
+Users bring NVIDIA's FastConformer ASR checkpoints (`.nemo` files), so the modules here keep NeMo's
+parameter names and math: the `preprocessor.*` and `encoder.*` weights of a `.nemo` file load as they are.
+One deliberate difference: every stage masks the frames past each clip's length (NeMo's subsampling
+convolutions do not), so a clip gives the same output alone and inside a padded batch.
+"""
+import math
+import os
+import random
+import shutil
+import tarfile
+import tempfile
+
+import huggingface_hub
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+NEMO_MASK_VALUE = -10000.0  # NeMo's attention score for masked positions
+NORMALIZE_EPS = 1e-5  # added to the per-feature std, as in NeMo
+WINDOWS = {
+    "hann": torch.hann_window,
+    "hamming": torch.hamming_window,
+    "blackman": torch.blackman_window,
+    "bartlett": torch.bartlett_window,
+}
+
+# NeMo keys that change nothing here (bookkeeping, speed, limits), accepted with any value.
+PREPROCESSOR_FREE_KEYS = {"_target_", "rng", "nb_max_freq", "use_grads", "use_torchaudio", "max_duration"}
+ENCODER_FREE_KEYS = {
+    "_target_", "pos_emb_max_len", "subsampling_conv_chunking_factor", "stochastic_depth_mode",
+    "stochastic_depth_start_layer", "global_tokens_spacing", "reduction_position", "use_pytorch_sdpa",
+    "use_pytorch_sdpa_backends", "sync_max_audio_length",
+}
+# NeMo options not implemented here, accepted only at the value that switches them off.
+PREPROCESSOR_OFF_KEYS = {"exact_pad": False, "nb_augmentation_prob": 0.0, "stft_exact_pad": False, "stft_conv": False}
+ENCODER_OFF_KEYS = {
+    "reduction": None, "reduction_factor": 1, "stochastic_depth_drop_prob": 0.0, "global_tokens": 0,
+    "global_attn_separate": False, "conv_dual_mode": False,
+}
+
+
+def setup_perception(model_cfg: dict, output_dim: int) -> "AudioPerceptionModule":
+    """Build `model_cfg["perception"]`, starting from the pretrained ASR encoder named by `pretrained_asr`.
+
+    As NeMo does, the checkpoint's preprocessor/encoder config (with the user's keys on top) is written back
+    into `model_cfg["perception"]`, so a saved model rebuilds offline with `pretrained_weights: false`.
+    """
+    perception_cfg = model_cfg.get("perception")
+    if not perception_cfg:
+        raise ValueError("the model config has no 'perception' section")
+    perception_cfg["output_dim"] = output_dim
+    pretrained_asr = model_cfg.get("pretrained_asr")
+    if not (pretrained_asr and model_cfg.get("pretrained_weights", True)):
+        return AudioPerceptionModule(perception_cfg, output_dim)
+
+    path = resolve_pretrained_asr(pretrained_asr)
+    asr_cfg, asr_weights = load_nemo_checkpoint(path)
+    for section in ("preprocessor", "encoder"):
+        if section not in asr_cfg:
+            raise ValueError(f"{path}: model_config.yaml has no '{section}' section; is it an ASR model?")
+        perception_cfg[section] = {**asr_cfg[section], **(perception_cfg.get(section) or {})}
+    perception = AudioPerceptionModule(perception_cfg, output_dim)
+    weights = {k: v for k, v in asr_weights.items() if k.startswith(("preprocessor.", "encoder."))}
+    try:
+        result = perception.load_state_dict(weights, strict=False)
+    except RuntimeError as error:
+        raise ValueError(f"{path}: weights do not fit the encoder built from its config and overrides: {error}") from None
+    missing = [k for k in result.missing_keys if k.startswith(("preprocessor.", "encoder."))]
+    print(f"perception: loaded {len(weights) - len(result.unexpected_keys)} tensors from {path}")
+    print(f"perception: missing keys: {missing or 'none'}; unexpected keys: {result.unexpected_keys or 'none'}")
+    return perception
+
+
+class AudioPerceptionModule(nn.Module):
+    """Audio (B, T_samples) -> embeddings in the LLM's space (B, T_enc, output_dim), with their lengths."""
+
+    def __init__(self, cfg: dict, output_dim: int):
+        super().__init__()
+        for section in ("preprocessor", "encoder", "modality_adapter"):
+            if cfg.get(section) is None:
+                raise ValueError(
+                    f"perception.{section} is missing: without pretrained ASR weights the architecture comes from "
+                    "the config (set pretrained_asr, or copy the section from the ASR model's model_config.yaml)"
+                )
+        if cfg.get("spec_augment"):
+            raise ValueError("perception.spec_augment is not supported; remove it from the config")
+        self.preprocessor = MelSpectrogram(**cfg["preprocessor"])
+        self.encoder = ConformerEncoder(**cfg["encoder"])
+        adapter_cfg = cfg["modality_adapter"]
+        if str(adapter_cfg.get("_target_", "")).endswith("IdentityConnector"):
+            self.modality_adapter = IdentityConnector()
+            adapter_dim = self.encoder.output_dim
+        else:
+            if adapter_cfg.get("feat_in") != self.encoder.output_dim:
+                raise ValueError(
+                    f"perception.modality_adapter.feat_in={adapter_cfg.get('feat_in')} but the encoder outputs "
+                    f"{self.encoder.output_dim} features; set feat_in to {self.encoder.output_dim}"
+                )
+            self.modality_adapter = ConformerEncoder(**adapter_cfg)
+            adapter_dim = self.modality_adapter.output_dim
+        self.proj = nn.Linear(adapter_dim, output_dim)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.preprocessor.sample_rate
+
+    @property
+    def token_equivalent_duration(self) -> float:
+        """Seconds of audio per output frame: 0.08 for a 10 ms hop and x8 subsampling."""
+        factor = self.encoder.subsampling_factor * self.modality_adapter.subsampling_factor
+        return self.preprocessor.hop_length / self.sample_rate * factor
+
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, feature_lens = self.preprocessor(audio, audio_lens)  # (B, n_mels, T_mel), fp32
+        features = features.to(self.proj.weight.dtype)
+        encoded, encoded_lens = self.encoder(features, feature_lens)  # (B, d_enc, T_enc)
+        encoded, encoded_lens = self.modality_adapter(encoded, encoded_lens)  # (B, d_adapter, T_enc)
+        return self.proj(encoded.transpose(1, 2)), encoded_lens  # (B, T_enc, output_dim)
+
+
+class IdentityConnector(nn.Module):
+    """Stands in for the modality adapter when the encoder output goes straight to the projection."""
+
+    subsampling_factor = 1
+
+    def forward(self, audio_signal: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return audio_signal, length
+
+
+class MelSpectrogram(nn.Module):
+    """NeMo's AudioToMelSpectrogramPreprocessor: audio (B, T_samples) -> log-mel features (B, n_mels, T_mel).
+
+    Follows current NeMo: zero-padded centred STFT, pre-emphasis masked past each length, and
+    `len // hop` valid frames (the STFT gives one frame more, which is set to `pad_value`).
+    The window and filterbank sit under `.featurizer` as in NeMo, so `preprocessor.featurizer.window`
+    and `preprocessor.featurizer.fb` from a `.nemo` file load into them.
+    """
+
+    keep_fp32 = True  # train.py keeps this module (its window and filterbank) in fp32 under bf16-true
+
+    def __init__(
+        self, sample_rate=16000, window_size=0.025, window_stride=0.01, n_window_size=None, n_window_stride=None,
+        n_fft=512, features=80, window="hann", normalize="per_feature", dither=1e-5, pad_to=0, pad_value=0.0,
+        preemph=0.97, log=True, frame_splicing=1, mag_power=2.0, lowfreq=0, highfreq=None,
+        log_zero_guard_type="add", log_zero_guard_value=2**-24, mel_norm="slaney", **nemo_keys,
+    ):
+        super().__init__()
+        _check_nemo_keys("preprocessor", nemo_keys, PREPROCESSOR_FREE_KEYS, PREPROCESSOR_OFF_KEYS)
+        _require("preprocessor", "window", window, list(WINDOWS))
+        _require("preprocessor", "normalize", normalize, ["per_feature", "NA", None, False])
+        _require("preprocessor", "frame_splicing", frame_splicing, [1])
+        _require("preprocessor", "log_zero_guard_type", log_zero_guard_type, ["add", "clamp"])
+        _require("preprocessor", "mel_norm", mel_norm, ["slaney", None])
+        if not isinstance(pad_to, int) or pad_to < 0:
+            raise ValueError(f"preprocessor.pad_to={pad_to!r} is not supported; use 0 or a positive multiple")
+        self.sample_rate = sample_rate
+        self.win_length = n_window_size or int(window_size * sample_rate)
+        self.hop_length = n_window_stride or int(window_stride * sample_rate)
+        self.n_fft = n_fft or 2 ** math.ceil(math.log2(self.win_length))
+        self.normalize, self.dither, self.preemph, self.log = normalize, dither, preemph, log
+        self.pad_to, self.pad_value, self.mag_power = pad_to, pad_value, mag_power
+        self.log_zero_guard_type, self.log_zero_guard_value = log_zero_guard_type, log_zero_guard_value
+        fb = mel_filterbank(sample_rate, self.n_fft, features, lowfreq, highfreq or sample_rate / 2, mel_norm)
+        self.featurizer = nn.Module()
+        self.featurizer.register_buffer("window", WINDOWS[window](self.win_length, periodic=False))
+        self.featurizer.register_buffer("fb", fb.unsqueeze(0))  # (1, n_mels, n_fft // 2 + 1)
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature_lengths = torch.div(lengths, self.hop_length, rounding_mode="floor").long()
+        with torch.autocast(audio.device.type, enabled=False):  # the STFT needs fp32's range
+            x = audio.float()
+            if self.training and self.dither > 0:
+                x = x + self.dither * torch.randn_like(x)
+            if self.preemph:
+                x = torch.cat([x[:, :1], x[:, 1:] - self.preemph * x[:, :-1]], dim=1)
+            x = x.masked_fill(_padding_mask(lengths, x.size(1)), 0.0)
+            spec = torch.stft(
+                x, self.n_fft, self.hop_length, self.win_length, window=self.featurizer.window.float(),
+                center=True, pad_mode="constant", return_complex=True,
+            )
+            spec = torch.view_as_real(spec).pow(2).sum(-1).sqrt()  # magnitude, (B, n_fft // 2 + 1, T_mel)
+            if self.mag_power != 1.0:
+                spec = spec.pow(self.mag_power)
+            x = torch.matmul(self.featurizer.fb.float(), spec)  # (B, n_mels, T_mel)
+            if self.log:
+                guard = self._log_guard(x.dtype)
+                x = torch.log(x + guard) if self.log_zero_guard_type == "add" else torch.log(x.clamp(min=guard))
+            if self.normalize == "per_feature":
+                x = _normalize_per_feature(x, feature_lengths)
+            x = x.masked_fill(_padding_mask(feature_lengths, x.size(-1)).unsqueeze(1), self.pad_value)
+            if self.pad_to and x.size(-1) % self.pad_to:
+                x = F.pad(x, (0, self.pad_to - x.size(-1) % self.pad_to), value=self.pad_value)
+        return x, feature_lengths
+
+    def _log_guard(self, dtype: torch.dtype) -> float:
+        if self.log_zero_guard_value in ("tiny", "eps"):
+            return getattr(torch.finfo(dtype), self.log_zero_guard_value)
+        return self.log_zero_guard_value
+
+
+class ConformerEncoder(nn.Module):
+    """NeMo's ConformerEncoder (FastConformer), with NeMo's constructor keys and parameter names.
+
+    (B, feat_in, T) features -> (B, output_dim, T') and lengths, T' = T / subsampling_factor. With
+    subsampling_factor 1, `pre_encode` is a plain Linear: that is the modality adapter.
+    """
+
+    def __init__(
+        self, feat_in, n_layers, d_model, feat_out=-1, subsampling="dw_striding", subsampling_factor=4,
+        subsampling_conv_channels=-1, causal_downsampling=False, ff_expansion_factor=4, self_attention_model="rel_pos",
+        n_heads=4, att_context_size=None, att_context_probs=None, att_context_style="regular", xscaling=True,
+        untie_biases=True, conv_kernel_size=31, conv_norm_type="batch_norm", conv_context_size=None, use_bias=True,
+        dropout=0.1, dropout_pre_encoder=0.1, dropout_emb=0.1, dropout_att=0.0, **nemo_keys,
+    ):
+        super().__init__()
+        _check_nemo_keys("encoder", nemo_keys, ENCODER_FREE_KEYS, ENCODER_OFF_KEYS)
+        _require("encoder", "self_attention_model", self_attention_model, ["rel_pos", "abs_pos"])
+        _require("encoder", "att_context_style", att_context_style, ["regular", "chunked_limited"])
+        _require("encoder", "conv_norm_type", conv_norm_type, ["batch_norm", "layer_norm"])
+        self.d_model = d_model
+        self.relative = self_attention_model == "rel_pos"
+        self.att_context_style = att_context_style
+        self.att_context_sizes, self.att_context_probs = _att_context_sizes(
+            att_context_size, att_context_probs, att_context_style
+        )
+        self.xscale = math.sqrt(d_model) if xscaling else 1.0
+        self.dropout_pre_encoder, self.dropout_emb = dropout_pre_encoder, dropout_emb
+        if subsampling and subsampling_factor > 1:
+            _require("encoder", "subsampling", subsampling, ["dw_striding", "striding"])
+            channels = subsampling_conv_channels if subsampling_conv_channels > 0 else d_model
+            self.pre_encode = ConvSubsampling(
+                subsampling, subsampling_factor, feat_in, d_model, channels, causal_downsampling
+            )
+            self.subsampling_factor = subsampling_factor
+        else:
+            self.pre_encode = nn.Linear(feat_in, d_model)
+            self.subsampling_factor = 1
+        shared_u = shared_v = None  # untie_biases false: one pair of position biases for all layers
+        if self.relative and not untie_biases:
+            shared_u, shared_v = (nn.Parameter(torch.zeros(n_heads, d_model // n_heads)) for _ in range(2))
+        conv_context = _conv_context(conv_context_size, conv_kernel_size)
+        self.layers = nn.ModuleList(
+            ConformerLayer(
+                d_model, d_model * ff_expansion_factor, n_heads, self.relative, conv_kernel_size, conv_context,
+                conv_norm_type, use_bias, dropout, dropout_att, shared_u, shared_v,
+            )
+            for _ in range(n_layers)
+        )
+        self.output_dim = feat_out if feat_out > 0 else d_model
+        self.out_proj = nn.Linear(d_model, feat_out) if feat_out > 0 and feat_out != d_model else None
+
+    def forward(self, audio_signal: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = audio_signal.transpose(1, 2)  # (B, T, feat_in)
+        x = x.masked_fill(_padding_mask(length, x.size(1)).unsqueeze(-1), 0.0)
+        if self.subsampling_factor > 1:
+            x, length = self.pre_encode(x, length)  # (B, T', d_model)
+        else:
+            x = self.pre_encode(x)
+        x = x * self.xscale
+        T = x.size(1)
+        pos_emb = None
+        if self.relative:  # relative positions T-1 ... -(T-1), used inside attention only
+            pos_emb = _sinusoids(torch.arange(T - 1, -T, -1, device=x.device), self.d_model).to(x.dtype)
+            pos_emb = F.dropout(pos_emb, self.dropout_emb, self.training)  # (1, 2T-1, d_model)
+        else:
+            x = x + _sinusoids(torch.arange(T, device=x.device), self.d_model).to(x.dtype)
+        x = F.dropout(x, self.dropout_pre_encoder, self.training)
+
+        sizes, probs = self.att_context_sizes, self.att_context_probs
+        context = random.choices(sizes, weights=probs)[0] if self.training and len(sizes) > 1 else sizes[0]
+        visible = make_attention_mask(length, T, context, self.att_context_style)  # (B, T, T)
+        pad_mask = _padding_mask(length, T)  # (B, T)
+        for layer in self.layers:
+            x = layer(x, pos_emb, visible, pad_mask)
+        if self.out_proj is not None:
+            x = self.out_proj(x)
+        x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
+        return x.transpose(1, 2), length.long()  # (B, output_dim, T')
+
+
+def make_attention_mask(
+    lengths: torch.Tensor, max_len: int, att_context_size, att_context_style: str = "regular"
+) -> torch.Tensor:
+    """(B, T, T) bool, True where query i may attend to key j (NeMo's `_create_masks`, inverted).
+
+    regular [l, r]: i - l <= j <= i + r (-1 = unlimited). chunked_limited [l, r]: chunks of r + 1 frames;
+    a frame sees its own chunk and l // (r + 1) chunks before it. Padded queries and keys see nothing.
+    """
+    left, right = att_context_size
+    frames = torch.arange(max_len, device=lengths.device)
+    if att_context_style == "chunked_limited" and right >= 0:
+        chunk = frames // (right + 1)
+        chunk_diff = chunk.unsqueeze(1) - chunk  # (T, T): query chunk - key chunk
+        left_chunks = left // (right + 1) if left >= 0 else max_len
+        visible = (chunk_diff >= 0) & (chunk_diff <= left_chunks)
+    else:
+        offset = frames.unsqueeze(1) - frames  # (T, T): i - j
+        visible = torch.ones(max_len, max_len, dtype=torch.bool, device=lengths.device)
+        if left >= 0:
+            visible &= offset <= left
+        if right >= 0:
+            visible &= -offset <= right
+    valid = ~_padding_mask(lengths, max_len)
+    return visible & valid.unsqueeze(1) & valid.unsqueeze(2)
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float, norm="slaney") -> torch.Tensor:
+    """(n_mels, n_fft // 2 + 1) triangular filters on the Slaney mel scale (librosa's `filters.mel`)."""
+    fft_freqs = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * sample_rate / n_fft
+    mel_min, mel_max = (_hz_to_mel(torch.tensor(hz)).item() for hz in (fmin, fmax))
+    mels = torch.linspace(mel_min, mel_max, n_mels + 2, dtype=torch.float64)
+    edges = _mel_to_hz(mels)  # (n_mels + 2,) lower edge, centre, upper edge of each filter
+    rising = (fft_freqs - edges[:-2, None]) / (edges[1:-1] - edges[:-2])[:, None]
+    falling = (edges[2:, None] - fft_freqs) / (edges[2:] - edges[1:-1])[:, None]
+    weights = torch.minimum(rising, falling).clamp(min=0)
+    if norm == "slaney":  # each filter integrates to the same area
+        weights *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return weights.float()
+
+
+class ConvSubsampling(nn.Module):
+    """NeMo's ConvSubsampling (`dw_striding` or `striding`): stride-2 3x3 convs over (time, freq), then Linear.
+
+    Padding is explicit, (1, 1) or causal (2, 1) on both axes as in NeMo's CausalConv2D, and the frames
+    past each length are zeroed before every strided conv, so no clip reads its neighbour's padding.
+    """
+
+    def __init__(self, subsampling: str, factor: int, feat_in: int, feat_out: int, channels: int, is_causal: bool):
+        super().__init__()
+        num_stages = int(math.log2(factor))
+        if 2**num_stages != factor:
+            raise ValueError(f"encoder.subsampling_factor={factor} is not supported; use a power of 2")
+        self.left_pad, self.right_pad = (2, 1) if is_causal else (1, 1)
+        layers, in_channels = [], 1
+        for stage in range(num_stages):
+            if subsampling == "dw_striding" and stage > 0:  # depthwise then pointwise
+                layers.append(nn.Conv2d(in_channels, in_channels, 3, stride=2, groups=in_channels))
+                layers.append(nn.Conv2d(in_channels, channels, 1))
+            else:
+                layers.append(nn.Conv2d(in_channels, channels, 3, stride=2))
+            layers.append(nn.ReLU())
+            in_channels = channels
+        self.conv = nn.Sequential(*layers)
+        freq = feat_in
+        for _ in range(num_stages):
+            freq = self._output_length(freq)
+        self.out = nn.Linear(channels * freq, feat_out)
+
+    def _output_length(self, length):
+        return (length + self.left_pad + self.right_pad - 3) // 2 + 1
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.unsqueeze(1)  # (B, 1, T, F): time is the conv's height
+        for layer in self.conv:
+            if isinstance(layer, nn.Conv2d) and layer.stride[0] == 2:
+                x = x.masked_fill(_padding_mask(lengths, x.size(2))[:, None, :, None], 0.0)
+                x = F.pad(x, (self.left_pad, self.right_pad, self.left_pad, self.right_pad))
+                lengths = self._output_length(lengths)
+            x = layer(x)
+        b, c, t, f = x.shape
+        return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lengths  # (B, T', feat_out), channel-major
+
+
+class ConformerLayer(nn.Module):
+    """Macaron block: + FF/2, + self-attention, + convolution, + FF/2, then LayerNorm (each on a pre-norm)."""
+
+    def __init__(self, d_model, d_ff, n_heads, relative, conv_kernel_size, conv_context, conv_norm_type, use_bias,
+                 dropout, dropout_att, pos_bias_u=None, pos_bias_v=None):
+        super().__init__()
+        self.dropout = dropout
+        self.norm_feed_forward1 = nn.LayerNorm(d_model)
+        self.feed_forward1 = FeedForward(d_model, d_ff, dropout, use_bias)
+        self.norm_self_att = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout_att, use_bias, relative, pos_bias_u, pos_bias_v)
+        self.norm_conv = nn.LayerNorm(d_model)
+        self.conv = ConformerConvolution(d_model, conv_kernel_size, conv_context, conv_norm_type, use_bias)
+        self.norm_feed_forward2 = nn.LayerNorm(d_model)
+        self.feed_forward2 = FeedForward(d_model, d_ff, dropout, use_bias)
+        self.norm_out = nn.LayerNorm(d_model)
+
+    def forward(self, x, pos_emb, visible, pad_mask):
+        x = x + 0.5 * self._dropout(self.feed_forward1(self.norm_feed_forward1(x)))
+        x = x + self._dropout(self.self_attn(self.norm_self_att(x), pos_emb, visible))
+        x = x + self._dropout(self.conv(self.norm_conv(x), pad_mask))
+        x = x + 0.5 * self._dropout(self.feed_forward2(self.norm_feed_forward2(x)))
+        return self.norm_out(x)
+
+    def _dropout(self, x):
+        return F.dropout(x, self.dropout, self.training)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float, use_bias: bool):
+        super().__init__()
+        self.dropout = dropout
+        self.linear1 = nn.Linear(d_model, d_ff, bias=use_bias)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=use_bias)
+
+    def forward(self, x):
+        return self.linear2(F.dropout(F.silu(self.linear1(x)), self.dropout, self.training))
+
+
+class MultiHeadAttention(nn.Module):
+    """NeMo's RelPositionMultiHeadAttention (Transformer-XL) or, with relative=False, MultiHeadAttention.
+
+    Runs through scaled_dot_product_attention: the position term (q + pos_bias_v) . p, shifted so that
+    entry (i, j) holds relative position i - j, goes in as an additive float mask together with NeMo's
+    -10000 for masked positions; SDPA adds the content term (q + pos_bias_u) . k and scales by 1/sqrt(d_k).
+    """
+
+    def __init__(self, d_model, n_heads, dropout_att, use_bias, relative, pos_bias_u=None, pos_bias_v=None):
+        super().__init__()
+        self.n_heads, self.d_k, self.dropout, self.relative = n_heads, d_model // n_heads, dropout_att, relative
+        self.linear_q = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_k = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_v = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_out = nn.Linear(d_model, d_model, bias=use_bias)
+        if relative:
+            self.linear_pos = nn.Linear(d_model, d_model, bias=False)
+            self.pos_bias_u = pos_bias_u if pos_bias_u is not None else nn.Parameter(torch.zeros(n_heads, self.d_k))
+            self.pos_bias_v = pos_bias_v if pos_bias_v is not None else nn.Parameter(torch.zeros(n_heads, self.d_k))
+
+    def forward(self, x, pos_emb, visible):
+        B, T, _ = x.shape
+        q, k, v = (
+            linear(x).view(B, T, self.n_heads, self.d_k).transpose(1, 2)  # (B, h, T, d_k)
+            for linear in (self.linear_q, self.linear_k, self.linear_v)
+        )
+        scale = 1.0 / math.sqrt(self.d_k)
+        if self.relative:
+            p = self.linear_pos(pos_emb).view(1, 2 * T - 1, self.n_heads, self.d_k).transpose(1, 2)  # (1, h, 2T-1, d_k)
+            position_scores = (q + self.pos_bias_v.unsqueeze(1)) @ p.transpose(-2, -1)  # (B, h, T, 2T-1)
+            bias = _relative_shift(position_scores) * scale  # (B, h, T, T)
+            q = q + self.pos_bias_u.unsqueeze(1)
+        else:
+            bias = torch.zeros(B, 1, T, T, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~visible.unsqueeze(1), NEMO_MASK_VALUE)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=scale
+        )  # (B, h, T, d_k)
+        return self.linear_out(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class ConformerConvolution(nn.Module):
+    """Pointwise conv + GLU, depthwise conv (symmetric or causal zero padding), norm, Swish, pointwise conv."""
+
+    def __init__(self, d_model: int, kernel_size: int, context: tuple[int, int], norm_type: str, use_bias: bool):
+        super().__init__()
+        self.context = context  # zero frames padded (left, right) around the depthwise conv
+        self.pointwise_conv1 = nn.Conv1d(d_model, 2 * d_model, 1, bias=use_bias)
+        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model, bias=use_bias)
+        self.batch_norm = nn.BatchNorm1d(d_model) if norm_type == "batch_norm" else nn.LayerNorm(d_model)
+        self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=use_bias)
+
+    def forward(self, x, pad_mask):
+        x = F.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)  # (B, d, T)
+        x = self.depthwise_conv(F.pad(x.masked_fill(pad_mask.unsqueeze(1), 0.0), self.context))
+        if isinstance(self.batch_norm, nn.LayerNorm):
+            x = self.batch_norm(x.transpose(1, 2)).transpose(1, 2)
+        else:
+            x = self.batch_norm(x)
+        return self.pointwise_conv2(F.silu(x)).transpose(1, 2)  # (B, T, d)
+
+
+def resolve_pretrained_asr(name_or_path: str) -> str:
+    """A `.nemo` path as is, or a model name -> the `.nemo` file of the `nvidia/<name>` Hugging Face repo."""
+    if name_or_path.endswith(".nemo") or os.path.exists(name_or_path):
+        if not os.path.isfile(name_or_path):
+            raise FileNotFoundError(f"pretrained_asr: no such .nemo file: {name_or_path}")
+        return name_or_path
+    repo_id = name_or_path if "/" in name_or_path else f"nvidia/{name_or_path}"
+    filename = repo_id.split("/")[-1] + ".nemo"
+    try:  # downloads when online, reads the local cache when offline
+        return huggingface_hub.hf_hub_download(repo_id, filename)
+    except Exception as error:  # not cached while offline, no such repo or file, no network, gated repo
+        raise FileNotFoundError(
+            f"pretrained_asr={name_or_path!r}: found no {filename} in the Hugging Face repo {repo_id}, online or in "
+            f"the cache {huggingface_hub.constants.HF_HUB_CACHE} ({type(error).__name__}); "
+            "pass a local .nemo path or set pretrained_weights: false"
+        ) from None
+
+
+def load_nemo_checkpoint(path: str) -> tuple[dict, dict]:
+    """Read a `.nemo` file, a tar (or tar.gz) of model_config.yaml and model_weights.ckpt: (config, state dict)."""
+    try:
+        archive = tarfile.open(path, "r:*")
+    except tarfile.ReadError:
+        raise ValueError(f"{path} is not a .nemo file (not a tar archive)") from None
+    with archive, tempfile.TemporaryDirectory() as tmp:
+        members = {os.path.normpath(m.name): m for m in archive.getmembers() if m.isfile()}
+        absent = [name for name in ("model_config.yaml", "model_weights.ckpt") if name not in members]
+        if absent:
+            raise ValueError(f"{path} is not a .nemo checkpoint: it has no {' or '.join(absent)}")
+        config = yaml.safe_load(archive.extractfile(members["model_config.yaml"]))
+        weights_path = os.path.join(tmp, "model_weights.ckpt")  # torch.load wants a seekable file
+        with open(weights_path, "wb") as f:
+            shutil.copyfileobj(archive.extractfile(members["model_weights.ckpt"]), f)
+        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+    return config, state_dict
+
+
+def _padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B, max_len) bool, True past each length."""
+    return torch.arange(max_len, device=lengths.device) >= lengths.unsqueeze(1)
+
+
+def _normalize_per_feature(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per clip and mel bin: subtract the mean, divide by the unbiased std (+1e-5), both over valid frames."""
+    valid = ~_padding_mask(lengths, x.size(-1)).unsqueeze(1)  # (B, 1, T)
+    count = valid.sum(-1, keepdim=True)
+    mean = x.masked_fill(~valid, 0.0).sum(-1, keepdim=True) / count.clamp(min=1)
+    variance = (x - mean).masked_fill(~valid, 0.0).pow(2).sum(-1, keepdim=True) / (count - 1).clamp(min=1)
+    return (x - mean) / (variance.sqrt() + NORMALIZE_EPS)
+
+
+def _relative_shift(scores: torch.Tensor) -> torch.Tensor:
+    """(..., T, 2T-1) scores over relative positions T-1 ... -(T-1) -> (..., T, T), entry (i, j) at i - j."""
+    T = scores.size(-2)
+    frames = torch.arange(T, device=scores.device)
+    index = (T - 1 - frames).unsqueeze(1) + frames  # column of relative position i - j
+    return scores.gather(-1, index.expand(*scores.shape[:-1], T))
+
+
+def _sinusoids(positions: torch.Tensor, d_model: int) -> torch.Tensor:
+    """(1, P, d_model) NeMo's sinusoidal encoding of `positions`: sin on even channels, cos on odd."""
+    channels = torch.arange(0, d_model, 2, dtype=torch.float32, device=positions.device)
+    div_term = torch.exp(channels * -(math.log(10000.0) / d_model))
+    angles = positions.float().unsqueeze(1) * div_term
+    pe = torch.zeros(len(positions), d_model, device=positions.device)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(angles), torch.cos(angles)
+    return pe.unsqueeze(0)
+
+
+def _hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
+    """Slaney mel scale: linear below 1 kHz (3 mels / 200 Hz), logarithmic above."""
+    hz = hz.double()
+    log_part = 15.0 + torch.log(hz.clamp(min=1e-10) / 1000.0) / (math.log(6.4) / 27.0)
+    return torch.where(hz >= 1000.0, log_part, hz * 3.0 / 200.0)
+
+
+def _mel_to_hz(mels: torch.Tensor) -> torch.Tensor:
+    return torch.where(mels >= 15.0, 1000.0 * torch.exp((math.log(6.4) / 27.0) * (mels - 15.0)), mels * 200.0 / 3.0)
+
+
+def _att_context_sizes(att_context_size, att_context_probs, style):
+    """NeMo's att_context_size: [l, r] or a list of them (one drawn per training step, the first at eval)."""
+    sizes = att_context_size or [-1, -1]
+    sizes = [list(s) for s in sizes] if isinstance(sizes[0], (list, tuple)) else [list(sizes)]
+    for left, right in sizes:
+        if style == "chunked_limited" and left > 0 and right >= 0 and left % (right + 1):
+            raise ValueError(f"encoder.att_context_size [{left}, {right}]: chunked_limited needs left % (right+1) == 0")
+        if style == "chunked_limited" and right < 0 and len(sizes) == 1:
+            raise ValueError("encoder.att_context_size: chunked_limited needs a right context >= 0")
+    probs = list(att_context_probs) if att_context_probs else [1.0 / len(sizes)] * len(sizes)
+    if len(probs) != len(sizes):
+        raise ValueError("encoder.att_context_probs needs one probability per att_context_size")
+    return sizes, probs
+
+
+def _conv_context(conv_context_size, kernel_size: int) -> tuple[int, int]:
+    """(left, right) frames the depthwise conv sees: null/'regular' symmetric, 'causal' all left, or [l, r]."""
+    if conv_context_size in (None, "regular"):
+        return ((kernel_size - 1) // 2, (kernel_size - 1) // 2)
+    if conv_context_size == "causal":
+        return (kernel_size - 1, 0)
+    if isinstance(conv_context_size, (list, tuple)) and len(conv_context_size) == 2:
+        if sum(conv_context_size) == kernel_size - 1:
+            return tuple(conv_context_size)
+    raise ValueError(
+        f"encoder.conv_context_size={conv_context_size!r}: use null, 'causal' or [left, right] "
+        "with left + right + 1 == conv_kernel_size"
+    )
+
+
+def _require(section: str, key: str, value, allowed: list) -> None:
+    if value not in allowed:
+        raise ValueError(f"{section}.{key}={value!r} is not supported; use one of {allowed}")
+
+
+def _check_nemo_keys(section: str, keys: dict, free: set, off: dict) -> None:
+    for key, value in keys.items():
+        if key in free:
+            continue
+        if key not in off:
+            raise ValueError(f"{section}: unknown key {key!r}")
+        if value != off[key]:
+            raise ValueError(f"{section}.{key}={value!r} is not supported; set it to {off[key]!r}")

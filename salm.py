@@ -1,0 +1,548 @@
+"""SALM: a speech-augmented language model, NeMo speechlm2's SALM in plain PyTorch.
+
+A Hugging Face causal LLM reads a chat prompt in which each audio locator tag (one special token per clip)
+is replaced by all encoder frames of that clip (perception: mel -> FastConformer -> adapter -> projection).
+The loss is the cross-entropy summed over supervised tokens (every assistant turn with its closing EOS)
+divided by their count.
+
+    model = SALM(cfg["model"])
+    model.training_step(batch)["loss"].backward()                  # batch from data.py
+    model.eval()
+    tag = model.audio_locator_tag
+    answer_ids = model.generate([[{"role": "user", "content": f"Transcribe: {tag}", "audio": "clip.wav"}]],
+                                max_new_tokens=64)                 # (B, new tokens)
+    print(model.tokenizer.batch_decode(answer_ids, skip_special_tokens=True))
+
+Parameter names, as `freeze_params` / `prevent_freeze_params` regexes see them (`re.match`):
+    llm.model.embed_tokens.weight        token embedding. NeMo moves it out of the LLM to `embed_tokens.*`; here it
+                                         stays inside, so `^llm\\.` covers it and `^embed_tokens\\.` matches nothing.
+    llm.model.layers.0.self_attn.q_proj.weight, llm.model.norm.weight, llm.lm_head.weight
+    llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight   (with `lora:`, peft's names)
+    perception.preprocessor.*, perception.encoder.*, perception.modality_adapter.*, perception.proj.*
+
+Where this differs from NeMo, on purpose:
+* Position ids come from the attention mask, in training and in generation alike. NeMo's training forward passes
+  none, so a left-padded row starts at position n_pad there while HF `generate()` starts it at 0; RoPE cancels the
+  offset, absolute position embeddings do not.
+* Padding is the leading run of pad ids of a left-padded row, not every token equal to the pad id, so an LLM whose
+  pad token doubles as EOS (or as a text token) still sees, and learns, that token inside a sequence.
+* `generate()` returns only the new tokens for every kind of prompt (NeMo returns prompt + answer for text-only).
+"""
+
+import copy
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from perception import setup_perception
+
+IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that are not supervised
+ROLES = ("system", "user", "assistant")
+
+
+class SALM(nn.Module):
+    """LLM + audio perception. `cfg` is the `model` section of the config as a plain dict."""
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.audio_locator_tag = cfg["audio_locator_tag"]
+        self.tokenizer = load_tokenizer(cfg["pretrained_llm"], self.audio_locator_tag)
+        self.llm = load_llm(cfg["pretrained_llm"], cfg.get("pretrained_weights", True))
+        if cfg.get("lora") is not None:
+            self.llm = install_lora(self.llm, cfg["lora"])
+        self.perception = setup_perception(cfg, output_dim=self.embed_tokens.embedding_dim)
+        self.formatter = make_prompt_formatter(cfg.get("prompt_format", "llama2"), self.tokenizer)
+        apply_freezing(self, cfg.get("freeze_params") or [], cfg.get("prevent_freeze_params") or [])
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.llm.get_input_embeddings()
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.embed_tokens.num_embeddings
+
+    @property
+    def text_pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def text_bos_id(self) -> int:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def text_eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def audio_locator_tag_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.audio_locator_tag)
+
+    @property
+    def token_equivalent_duration(self) -> float:
+        return self.perception.token_equivalent_duration
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.perception.sample_rate
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def encode_dialog(self, turns: list[dict]) -> dict[str, Tensor]:
+        """Turns -> {"input_ids": (L,), "mask": (L,) True on assistant tokens}, in the configured prompt format."""
+        return self.formatter.encode_dialog(turns)
+
+    def prepare_inputs(self, batch: dict) -> dict[str, Tensor]:
+        """Training batch -> LLM inputs and next-token targets, already shifted by one."""
+        target_ids = batch["input_ids"].masked_fill(~batch["loss_mask"].bool(), IGNORE_INDEX)
+        input_embeds, target_ids, attention_mask = self._embed(
+            batch["input_ids"], batch["audios"], batch["audio_lens"], target_ids
+        )
+        return {
+            "input_embeds": input_embeds[:, :-1],  # (B, T, H)
+            "attention_mask": attention_mask[:, :-1],  # (B, T)
+            "target_ids": target_ids[:, 1:],  # (B, T)
+        }
+
+    def forward(self, input_embeds: Tensor, attention_mask: Tensor | None = None, cache=None) -> dict:
+        """input_embeds (B, T, H) -> {"logits": (B, T, V)} (+ "cache" when a KV cache is passed in)."""
+        position_ids = None
+        if attention_mask is not None:  # with a cache the mask spans past + current positions
+            position_ids = position_ids_from_mask(attention_mask)[:, -input_embeds.shape[1] :]
+        out = self.llm(
+            inputs_embeds=input_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        )
+        if cache is None:
+            return {"logits": out.logits}
+        return {"logits": out.logits, "cache": out.cache}
+
+    def training_step(self, batch: dict) -> dict:
+        self._frozen_modules_to_eval()
+        inputs = self.prepare_inputs(batch)
+        logits = self(inputs["input_embeds"], attention_mask=inputs["attention_mask"])["logits"]
+        loss_sum, num_supervised = _masked_cross_entropy_sum(logits, inputs["target_ids"])
+        return {
+            "loss": loss_sum / num_supervised.clamp(min=1),
+            "loss_sum": loss_sum,  # for exact means over micro-batches and ranks
+            "num_supervised": int(num_supervised),
+            "num_tokens": int(inputs["attention_mask"].sum()),  # LLM input positions incl. audio frames
+            "audio_seconds": float(batch["audio_lens"].sum()) / self.sampling_rate,
+        }
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, generate: bool = False) -> dict:
+        """Summed loss and teacher-forced token accuracy, to be summed over batches (see `validation_summary`).
+
+        With generate=True the last assistant turn of each conversation is also answered greedily from the
+        conversation before it: "pairs" (reference, hypothesis) and word error counts for the WER.
+        """
+        inputs = self.prepare_inputs(batch)
+        logits = self(inputs["input_embeds"], attention_mask=inputs["attention_mask"])["logits"]
+        loss_sum, count = _masked_cross_entropy_sum(logits, inputs["target_ids"])
+        supervised = inputs["target_ids"] != IGNORE_INDEX
+        correct = (logits.argmax(-1) == inputs["target_ids"])[supervised].sum()
+        out = {"loss_sum": float(loss_sum), "correct": int(correct), "count": int(count)}
+        if generate:
+            out.update(self._answer_last_turns(batch))
+        return out
+
+    @staticmethod
+    def validation_summary(totals: dict) -> dict:
+        """Summed `validation_step` outputs of one validation set -> loss, acc (and wer when generated)."""
+        count = max(totals["count"], 1)
+        summary = {"loss": totals["loss_sum"] / count, "acc": totals["correct"] / count}
+        if "ref_words" in totals:
+            summary["wer"] = totals["word_errors"] / max(totals["ref_words"], 1)
+        return summary
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[dict]] | Tensor,
+        audios: Tensor | None = None,
+        audio_lens: Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **generation_kwargs,
+    ) -> Tensor:
+        """Answer a batch of prompts; returns the new tokens only, (B, T_new), rows padded after EOS.
+
+        prompts: conversations as lists of turns ({"role", "content"} or NeMo's {"role", "slots": {"message"}}),
+            whose audio comes either from an "audio" key on a turn (a path or list of paths, loaded and resampled
+            to the model rate) or from `audios` (B_audio, T) zero-padded float32 + `audio_lens` (B_audio,);
+            or token ids (B, L) already in the prompt format, padded with `text_pad_id`.
+        Audios match the audio locator tags in reading order (prompt by prompt, left to right).
+        Greedy by default; any Hugging Face generation argument (max_new_tokens, do_sample, num_beams, ...)
+        passes through. Call `model.eval()` first, as for any inference.
+        """
+        if isinstance(prompts, Tensor):
+            rows = [_strip_padding(row, self.text_pad_id) for row in prompts]
+        else:
+            paths = [path for prompt in prompts for turn in prompt for path in _audio_paths(turn)]
+            if paths and audios is not None:
+                raise ValueError("give the audio either as 'audio' paths in the prompts or as audios=, not both")
+            if paths:
+                audios, audio_lens = load_audio_files(paths, self.sampling_rate)
+            rows = [self.encode_dialog(prompt)["input_ids"] for prompt in prompts]
+        input_ids = _left_pad(rows, self.text_pad_id).to(self.device)  # (B, L)
+
+        num_tags = int((input_ids == self.audio_locator_tag_id).sum())
+        num_audios = 0 if audios is None else len(audios)
+        if num_tags != num_audios:
+            raise ValueError(f"the prompts hold {num_tags} audio locator tags but {num_audios} audios were given")
+        if audios is not None:
+            audios, audio_lens = audios.to(self.device), torch.as_tensor(audio_lens, device=self.device)
+        input_embeds, _, attention_mask = self._embed(input_ids, audios, audio_lens)
+
+        if generation_config is None:
+            generation_config = GenerationConfig(bos_token_id=self.text_bos_id, eos_token_id=self.text_eos_id)
+        generation_config = copy.deepcopy(generation_config)
+        if generation_config.pad_token_id is None:
+            generation_config.pad_token_id = self.text_pad_id
+        other_kwargs = generation_config.update(**generation_kwargs)  # generation settings go into the config
+        return self.llm.generate(
+            inputs_embeds=input_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            generation_config=generation_config,
+            **other_kwargs,
+        )
+
+    def _answer_last_turns(self, batch: dict) -> dict:
+        """Greedy answers to each conversation up to its last assistant turn, scored against that turn."""
+        prompts, references = [], []
+        for ids, mask in zip(batch["input_ids"], batch["loss_mask"].tolist()):
+            start = len(mask) - 1 - mask[::-1].index(True)  # last supervised token, then back to its turn start
+            while start > 0 and mask[start - 1]:
+                start -= 1
+            prompts.append(ids[:start])
+            references.append(self.tokenizer.decode(ids[start:], skip_special_tokens=True).strip())
+        max_new_tokens = 2 * int(batch["loss_mask"].sum(1).max()) + 8
+        answer_ids = self.generate(
+            _left_pad(prompts, self.text_pad_id), batch["audios"], batch["audio_lens"], max_new_tokens=max_new_tokens
+        )
+        hypotheses = [h.strip() for h in self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)]
+        errors, words = word_errors(references, hypotheses)
+        return {"pairs": list(zip(references, hypotheses)), "word_errors": errors, "ref_words": words}
+
+    def _embed(self, input_ids: Tensor, audios: Tensor | None, audio_lens: Tensor | None, target_ids=None):
+        """Token ids (B, L) + audios -> (input_embeds (B, T, H), target_ids (B, T) | None, attention_mask (B, T))."""
+        audio_embeds = []
+        if audios is not None and len(audios) > 0:
+            embeds, embed_lens = self.perception(audios, audio_lens)  # (B_audio, T_enc, H)
+            audio_embeds = [emb[:n] for emb, n in zip(embeds, embed_lens)]
+        tag_id = self.audio_locator_tag_id
+        # The embedding is not resized for the tag (as in NeMo): its id is never looked up, its slot is replaced.
+        text_embeds = self.embed_tokens(input_ids.masked_fill(input_ids == tag_id, 0))  # (B, L, H)
+        return replace_placeholders_and_build_targets(
+            input_ids, text_embeds, self.text_pad_id, tag_id, audio_embeds, target_ids
+        )
+
+    def _frozen_modules_to_eval(self) -> None:
+        """A module without trainable parameters runs in eval mode: no dropout, no BatchNorm updates, and no dither
+        in the parameter-free mel preprocessor (as NeMo does for preprocessor, encoder and LLM every step)."""
+        for module in (self.llm, *self.perception.children()):
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+
+class Llama2PromptFormatter:
+    """NeMo's `llama2` prompt format. Each turn is tokenised on its own; BOS/EOS are added as ids, never as text:
+
+    user:                <s>[INST] {message} [/INST]
+    system + user:       <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{message} [/INST]
+    assistant:           {message} </s>
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def encode_dialog(self, turns: list[dict]) -> dict[str, Tensor]:
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        pieces, system = [], None  # pieces: (token ids, is_assistant)
+        for turn in merge_turns(turns):
+            role, text = turn["role"], turn["content"]
+            if system is not None and role != "user":
+                raise ValueError("prompt_format llama2: a system turn must be followed by a user turn")
+            if role == "system":
+                system = text
+            elif role == "user":
+                if system is not None:
+                    text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
+                pieces.append(([bos] + _encode(self.tokenizer, f"[INST] {text} [/INST]"), False))
+                system = None
+            else:
+                pieces.append((_encode(self.tokenizer, f"{text} ") + [eos], True))
+        if system is not None:
+            raise ValueError("prompt_format llama2: a system turn must be followed by a user turn")
+        return _pack(pieces)
+
+
+class ChatTemplatePromptFormatter:
+    """The tokenizer's own Hugging Face chat template, so any instruct LLM can be used.
+
+    The rendered text is cut where each assistant turn starts (the end of the prompt rendered up to that turn with
+    the generation prompt) and ends (the end of the conversation rendered through it, which includes the template's
+    end-of-turn token); each piece is tokenised on its own, so training and generation prompts tokenise alike.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        if not tokenizer.chat_template:
+            raise ValueError("prompt_format chat_template: the tokenizer has no chat_template; use an instruct LLM "
+                             "or prompt_format: llama2")
+        self.tokenizer = tokenizer
+
+    def encode_dialog(self, turns: list[dict]) -> dict[str, Tensor]:
+        turns = merge_turns(turns)
+        full = self._render(turns, generation_prompt=turns[-1]["role"] != "assistant")
+        cuts = [0]
+        for i, turn in enumerate(turns):
+            if turn["role"] == "assistant":
+                before, through = self._render(turns[:i], True), self._render(turns[: i + 1], False)
+                if not (through.startswith(before) and full.startswith(through)):
+                    raise ValueError("prompt_format chat_template: this chat template renders a conversation "
+                                     "differently from its prefixes, so assistant turns cannot be located")
+                cuts += [len(before), len(through)]
+        cuts.append(len(full))
+        pieces = [(_encode(self.tokenizer, full[a:b]), k % 2 == 1) for k, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+        return _pack(pieces)
+
+    def _render(self, turns: list[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+PROMPT_FORMATTERS = {"llama2": Llama2PromptFormatter, "chat_template": ChatTemplatePromptFormatter}
+
+
+def make_prompt_formatter(name: str, tokenizer):
+    if name not in PROMPT_FORMATTERS:
+        raise ValueError(f"unknown prompt_format '{name}': use 'llama2' or 'chat_template' (the LLM's own chat "
+                         "template; it stands in for NeMo's model-specific formats such as llama3, qwen, gemma)")
+    return PROMPT_FORMATTERS[name](tokenizer)
+
+
+def merge_turns(turns: list[dict]) -> list[dict]:
+    """Normalise turns to {"role", "content"} and join consecutive same-role turns with one space.
+
+    Accepts {"role", "content"} and NeMo's {"role", "slots": {"message"}} (also its "system_and_user" role with
+    slots "system" and "message"); other keys (such as "audio") are ignored here.
+    """
+    flat = []
+    for turn in turns:
+        slots = turn.get("slots", {})
+        if turn.get("role") == "system_and_user":
+            flat += [("system", slots.get("system")), ("user", slots.get("message"))]
+        else:
+            flat.append((turn.get("role"), turn.get("content", slots.get("message"))))
+    merged = []
+    for role, text in flat:
+        if role not in ROLES:
+            raise ValueError(f"unknown turn role {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(text, str):
+            raise ValueError(f"a {role} turn needs its text as a string under 'content' (got {text!r})")
+        if merged and merged[-1]["role"] == role:
+            merged[-1]["content"] += " " + text
+        else:
+            merged.append({"role": role, "content": text})
+    if not merged:
+        raise ValueError("empty conversation")
+    return merged
+
+
+def replace_placeholders_and_build_targets(
+    input_ids: Tensor,
+    embeds: Tensor,
+    padding_id: int,
+    placeholder_id: int,
+    replacements: list[Tensor],
+    target_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Put the i-th replacement (L_i, H) where the i-th placeholder is (reading rows top to bottom, left to right).
+
+    input_ids, target_ids: (B, L), left-padded with `padding_id`; embeds: (B, L, H).
+    Returns embeds (B, T, H), targets (B, T) (IGNORE_INDEX on padding and replaced positions; None without
+    target_ids) and attention_mask (B, T), left-padded with zeros / IGNORE_INDEX / False.
+    """
+    num_placeholders = int((input_ids == placeholder_id).sum())
+    if num_placeholders != len(replacements):
+        raise ValueError(f"{num_placeholders} placeholders but {len(replacements)} replacements")
+    targets = input_ids.new_full(input_ids.shape, IGNORE_INDEX) if target_ids is None else target_ids
+    replacements = iter(replacements)
+    row_embeds, row_targets = [], []
+    for ids, emb, tgt in zip(input_ids, embeds, targets):
+        start = _num_leading(ids, padding_id)
+        ids, emb, tgt = ids[start:], emb[start:], tgt[start:]
+        emb_pieces, tgt_pieces, prev = [], [], 0
+        for pos in (ids == placeholder_id).nonzero().flatten().tolist():
+            rep = next(replacements).to(emb.dtype)
+            emb_pieces += [emb[prev:pos], rep]
+            tgt_pieces += [tgt[prev:pos], tgt.new_full((len(rep),), IGNORE_INDEX)]
+            prev = pos + 1
+        row_embeds.append(torch.cat(emb_pieces + [emb[prev:]]))
+        row_targets.append(torch.cat(tgt_pieces + [tgt[prev:]]))
+    out_embeds = _left_pad(row_embeds, 0.0)
+    out_targets = _left_pad(row_targets, IGNORE_INDEX)
+    attention_mask = _left_pad([torch.ones(len(r), dtype=torch.bool, device=r.device) for r in row_targets], False)
+    return out_embeds, (None if target_ids is None else out_targets), attention_mask
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions count attended tokens only, so a padded row gets the positions it would have unpadded
+    (the formula HF `generate()` uses; padding positions get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(~attention_mask.bool(), 0)
+
+
+def load_tokenizer(pretrained_llm: str, audio_locator_tag: str | None):
+    """HF tokenizer with the audio locator tag as a special token; a missing pad token falls back to unk, then eos."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_llm)
+    except OSError as e:
+        raise _not_found(pretrained_llm, e) from None
+    if audio_locator_tag is not None:
+        tokenizer.add_special_tokens({"extra_special_tokens": [audio_locator_tag]}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+def load_llm(pretrained_llm: str, pretrained_weights: bool) -> AutoModelForCausalLM:
+    """A local directory or hub name, in fp32; pretrained_weights=False builds the same architecture, random init."""
+    try:
+        if pretrained_weights:
+            return AutoModelForCausalLM.from_pretrained(pretrained_llm, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained_llm), dtype=torch.float32)
+    except OSError as e:
+        raise _not_found(pretrained_llm, e) from None
+
+
+def install_lora(llm: nn.Module, lora_cfg: dict) -> nn.Module:
+    """Wrap the LLM with peft LoRA adapters (`LoraConfig(**lora_cfg)`); peft freezes the base weights."""
+    from peft import LoraConfig, get_peft_model
+
+    try:
+        config = LoraConfig(**lora_cfg)
+    except TypeError as e:
+        raise ValueError(f"model.lora: {e}") from None
+    return get_peft_model(llm, config)
+
+
+def apply_freezing(model: nn.Module, freeze_params: list[str], prevent_freeze_params: list[str]) -> None:
+    """Freeze parameters whose name `re.match`es a freeze pattern, unless a prevent pattern matches too.
+
+    A prevent match (and every `.lora_` parameter) is made trainable; parameters matching neither keep their
+    state (peft's frozen base weights stay frozen). Prints the counts; warns for a pattern that matched nothing.
+    """
+    def compile_all(key, patterns):
+        try:
+            return [re.compile(p) for p in patterns]
+        except re.error as e:
+            raise ValueError(f"{key}: invalid regex: {e}") from None
+
+    freeze = compile_all("freeze_params", freeze_params)
+    prevent = compile_all("prevent_freeze_params", prevent_freeze_params)
+    lora = re.compile(r"^.+\.lora_.+$")
+    used = set()
+    for name, param in model.named_parameters():
+        freeze_hits = [p for p in freeze if p.match(name)]
+        prevent_hits = [p for p in prevent if p.match(name)]
+        used.update(freeze_hits + prevent_hits)
+        if prevent_hits or lora.match(name):
+            param.requires_grad = True
+        elif freeze_hits:
+            param.requires_grad = False
+    # a pattern naming only buffers (NeMo's `^perception\.preprocessor\.` hits the mel filterbank) is no typo
+    used.update(p for name, _ in model.named_buffers() for p in freeze + prevent if p.match(name))
+    for pattern in freeze + prevent:
+        if pattern not in used:
+            warnings.warn(f"freeze pattern {pattern.pattern!r} matches no parameter or buffer")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"Parameters | trainable={trainable:,} ({100 * trainable / max(total, 1):.2f}%) | total={total:,}")
+
+
+def load_audio_files(paths: list[str | Path], sample_rate: int) -> tuple[Tensor, Tensor]:
+    """Audio files -> (audios (B, T) float32 zero-padded, audio_lens (B,)), mono, resampled to sample_rate."""
+    from lhotse import Recording
+
+    clips = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"audio file not found: {path}")
+        samples = Recording.from_file(path).resample(sample_rate).load_audio()  # (channels, T)
+        clips.append(torch.from_numpy(samples).float().mean(0))
+    audio_lens = torch.tensor([len(c) for c in clips])
+    return pad_sequence(clips, batch_first=True), audio_lens
+
+
+def word_errors(references: list[str], hypotheses: list[str]) -> tuple[int, int]:
+    """(substitutions + deletions + insertions, reference words), compared lower-cased without punctuation."""
+    import jiwer
+
+    references, hypotheses = [_normalize_text(r) for r in references], [_normalize_text(h) for h in hypotheses]
+    result = jiwer.process_words(references, hypotheses)
+    return result.substitutions + result.deletions + result.insertions, sum(len(r.split()) for r in references)
+
+
+def _normalize_text(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+
+
+def _masked_cross_entropy_sum(logits: Tensor, target_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of CE over supervised positions (in fp32 whatever the LLM dtype) and their count."""
+    loss_sum = F.cross_entropy(
+        logits.flatten(0, 1).float(), target_ids.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum, (target_ids != IGNORE_INDEX).sum()
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _pack(pieces: list[tuple[list[int], bool]]) -> dict[str, Tensor]:
+    ids = [i for piece, _ in pieces for i in piece]
+    mask = [is_assistant for piece, is_assistant in pieces for _ in piece]
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "mask": torch.tensor(mask, dtype=torch.bool)}
+
+
+def _audio_paths(turn: dict) -> list:
+    audio = turn.get("audio", [])
+    return [audio] if isinstance(audio, (str, Path)) else list(audio)
+
+
+def _num_leading(row: Tensor, value: int) -> int:
+    """Length of the run of `value` that starts a 1-D tensor."""
+    others = (row != value).nonzero()
+    return int(others[0]) if len(others) else len(row)
+
+
+def _strip_padding(row: Tensor, pad_id: int) -> Tensor:
+    kept = (row != pad_id).nonzero().flatten()
+    return row[int(kept[0]) : int(kept[-1]) + 1] if len(kept) else row[:0]
+
+
+def _left_pad(rows: list[Tensor], value) -> Tensor:
+    return pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")
+
+
+def _not_found(name: str, error: OSError) -> FileNotFoundError:
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+        reason = "no such directory"
+    else:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return FileNotFoundError(
+        f"cannot load pretrained_llm '{name}': {reason}. Pass a local directory with the model's files, or set "
+        "pretrained_weights: false to need only its config.json and tokenizer (e.g. already in the HF cache)."
+    )

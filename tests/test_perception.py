@@ -1,0 +1,405 @@
+import io
+import math
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn as nn
+import yaml
+
+from perception import (
+    AudioPerceptionModule,
+    ConformerEncoder,
+    MelSpectrogram,
+    load_nemo_checkpoint,
+    make_attention_mask,
+    mel_filterbank,
+    resolve_pretrained_asr,
+    setup_perception,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_DROPOUT = dict(dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0, dropout_att=0.0)
+# A tiny canary-like FastConformer: dw_striding x8, batch norm, full context.
+ENCODER_CFG = dict(
+    feat_in=80, n_layers=2, d_model=64, n_heads=4, subsampling="dw_striding", subsampling_factor=8,
+    subsampling_conv_channels=32, ff_expansion_factor=4, conv_kernel_size=9, **NO_DROPOUT,
+)
+# A tiny cache-aware streaming FastConformer (the S2S default's shape).
+STREAMING_CFG = dict(
+    ENCODER_CFG, causal_downsampling=True, att_context_size=[4, 1], att_context_style="chunked_limited",
+    conv_norm_type="layer_norm", conv_context_size="causal",
+)
+ADAPTER_CFG = dict(
+    _target_="nemo.collections.asr.modules.ConformerEncoder", feat_in=64, feat_out=-1, n_layers=1, d_model=48,
+    subsampling="dw_striding", subsampling_factor=1, subsampling_conv_channels=32, n_heads=4, conv_kernel_size=9,
+    **NO_DROPOUT,
+)
+STREAMING_ADAPTER_CFG = dict(
+    ADAPTER_CFG, causal_downsampling=True, att_context_size=[4, 1], att_context_style="chunked_limited",
+    conv_norm_type="layer_norm", conv_context_size="causal",
+)
+PREPROCESSOR_CFG = dict(
+    _target_="nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor", sample_rate=16000, features=80,
+    n_fft=512, window_size=0.025, window_stride=0.01, window="hann", normalize="per_feature", dither=1e-5,
+    pad_to=0, pad_value=0.0, frame_splicing=1, log=True,
+)
+
+
+def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial weights everywhere, including norm statistics and the (zero-initialised) position biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=g) * (0.8 / math.sqrt(fan_in) if p.dim() > 1 else 0.3))
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            if isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
+                m.weight.add_(1.0)
+    return module
+
+
+def padded(clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(c) for c in clips])
+    batch = torch.zeros(len(clips), int(lengths.max()))
+    for i, c in enumerate(clips):
+        batch[i, : len(c)] = c
+    return batch, lengths
+
+
+def speech_clips() -> list[np.ndarray]:
+    """Real speech at 16 kHz: the demo FLACs when present, else two sentences from espeak-ng."""
+    demo = [p for p in sorted((ROOT / "assets" / "demo").rglob("*.flac")) if sf.info(p).samplerate == 16000]
+    if len(demo) >= 2:
+        return [sf.read(p, dtype="float32")[0][:16000 * 6] for p in demo[:2]]
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("no demo audio and no espeak-ng to synthesize speech")
+    from scipy.signal import resample_poly
+
+    clips = []
+    for text in ("The quick brown fox jumps over the lazy dog.", "Speech in, text out."):
+        wav = subprocess.run(["espeak-ng", "--stdout", text], capture_output=True, check=True).stdout
+        audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
+        clips.append(resample_poly(audio, 16000, rate).astype(np.float32))
+    return clips
+
+
+def test_one_second_gives_101_stft_frames_and_13_or_14_encoder_frames():
+    feats, feat_lens = MelSpectrogram().eval()(torch.randn(1, 16000), torch.tensor([16000]))
+    assert feats.shape == (1, 80, 101)  # centred STFT frames; current NeMo counts 16000 // 160 = 100 as valid
+    assert feat_lens.tolist() == [100]
+    for cfg, frames in ((ENCODER_CFG, 13), (STREAMING_CFG, 14)):  # NeMo's test shapes
+        encoded, lens = ConformerEncoder(**cfg).eval()(feats, feat_lens)
+        assert encoded.shape == (1, 64, frames) and lens.tolist() == [frames]
+    cfg = {"preprocessor": PREPROCESSOR_CFG, "encoder": ENCODER_CFG, "modality_adapter": ADAPTER_CFG}
+    perception = AudioPerceptionModule(cfg, output_dim=24).eval()
+    embeds, lens = perception(torch.randn(2, 16000), torch.tensor([16000, 8000]))
+    assert embeds.shape == (2, 13, 24) and lens.tolist() == [13, 7]
+    assert perception.token_equivalent_duration == pytest.approx(0.08) and perception.sample_rate == 16000
+    identity = {"_target_": "nemo.collections.speechlm2.modules.perception.IdentityConnector", "d_model": 64}
+    perception = AudioPerceptionModule(dict(cfg, modality_adapter=identity), output_dim=24).eval()
+    assert perception(torch.randn(1, 16000), torch.tensor([16000]))[0].shape == (1, 13, 24)
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_mel_filterbank_matches_transformers_slaney(n_mels):
+    from transformers.audio_utils import mel_filter_bank
+
+    reference = mel_filter_bank(
+        num_frequency_bins=257, num_mel_filters=n_mels, min_frequency=0.0, max_frequency=8000.0,
+        sampling_rate=16000, norm="slaney", mel_scale="slaney",
+    )
+    ours = mel_filterbank(16000, 512, n_mels, 0.0, 8000.0)
+    torch.testing.assert_close(ours, torch.from_numpy(reference.T).float(), atol=1e-8, rtol=1e-6)
+    mel = MelSpectrogram(features=n_mels)
+    assert set(mel.state_dict()) == {"featurizer.window", "featurizer.fb"}  # NeMo's buffer names
+    assert mel.featurizer.fb.shape == (1, n_mels, 257) and mel.featurizer.window.shape == (400,)
+
+
+def test_features_match_parakeet_feature_extractor_on_speech():
+    """transformers' ParakeetFeatureExtractor is an independent implementation of NeMo's frontend.
+
+    Both run the same fp32 torch.stft with filterbanks that agree to the bit (test above), so what is left
+    is float32 rounding in the mel product, the log and the mean/std: ~1e-7 relative on log-mels of size
+    up to ~17, divided by per-bin stds of order 1. 1e-4 absolute leaves two orders of margin for that and
+    still catches any real mismatch: reflect instead of zero STFT padding, `len // hop + 1` valid frames
+    instead of `len // hop`, a biased std or a periodic window each move features by 1e-2 or more.
+    """
+    from transformers import ParakeetFeatureExtractor
+
+    clips = speech_clips()
+    extractor = ParakeetFeatureExtractor(feature_size=80)
+    reference = extractor(clips, sampling_rate=16000, return_tensors="pt")
+    audio, lengths = padded([torch.from_numpy(c) for c in clips])
+    feats, feat_lens = MelSpectrogram(**PREPROCESSOR_CFG).eval()(audio, lengths)
+    assert feat_lens.tolist() == reference["attention_mask"].sum(-1).tolist()
+    expected = reference["input_features"].transpose(1, 2)
+    assert feats.shape == expected.shape
+    assert (feats - expected).abs().max() < 1e-4
+
+
+def test_stft_in_fp32_under_autocast_and_dither_only_in_training():
+    mel = MelSpectrogram().eval()
+    audio, lengths = torch.randn(2, 8000), torch.tensor([8000, 5000])
+    plain, _ = mel(audio, lengths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast, _ = mel(audio, lengths)
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
+    assert torch.equal(mel(audio, lengths)[0], plain)  # eval: deterministic
+    assert not torch.equal(mel.train()(audio, lengths)[0], plain)  # training: dithered
+
+
+HF_TO_NEMO = [
+    ("subsampling.layers.", "pre_encode.conv."), ("subsampling.linear.", "pre_encode.out."),
+    (".q_proj.", ".linear_q."), (".k_proj.", ".linear_k."), (".v_proj.", ".linear_v."), (".o_proj.", ".linear_out."),
+    (".relative_k_proj.", ".linear_pos."), (".bias_u", ".pos_bias_u"), (".bias_v", ".pos_bias_v"),
+    (".conv.norm.", ".conv.batch_norm."),
+]
+
+
+def test_encoder_matches_transformers_parakeet_encoder_on_padded_batch():
+    """Same weights in ours and in transformers.ParakeetEncoder, same outputs.
+
+    Both mask padding the same way inside (zeroed frames in the subsampling convs and the conv module,
+    masked keys in attention); they differ only in what they leave in padded output frames (we zero them),
+    so only valid frames are compared.
+    """
+    from transformers import ParakeetEncoder, ParakeetEncoderConfig
+
+    config = ParakeetEncoderConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, conv_kernel_size=9,
+        subsampling_factor=8, subsampling_conv_channels=32, num_mel_bins=80, scale_input=True, dropout=0.0,
+        dropout_positions=0.0, layerdrop=0.0, activation_dropout=0.0, attention_dropout=0.0,
+    )
+    reference = randomize(ParakeetEncoder(config)).eval()
+    state = {}
+    for name, tensor in reference.state_dict().items():
+        for hf_name, nemo_name in HF_TO_NEMO:
+            name = name.replace(hf_name, nemo_name)
+        state[name] = tensor
+    ours = ConformerEncoder(**ENCODER_CFG).eval()
+    ours.load_state_dict(state, strict=True)
+
+    lengths = torch.tensor([203, 150, 97])
+    feats = torch.randn(3, 80, 203) * (torch.arange(203) < lengths[:, None]).unsqueeze(1)
+    with torch.no_grad():
+        out = reference(feats.transpose(1, 2), attention_mask=torch.arange(203) < lengths[:, None])
+        encoded, encoded_lens = ours(feats, lengths)
+    assert encoded_lens.tolist() == out.attention_mask.sum(-1).tolist() == [26, 19, 13]
+    expected = out.last_hidden_state.transpose(1, 2)
+    for i, n in enumerate(encoded_lens.tolist()):
+        assert (encoded[i, :, :n] - expected[i, :, :n]).abs().max() <= 1e-4
+    assert expected.abs().mean() > 0.1  # outputs are not degenerate
+
+
+@pytest.mark.parametrize(
+    "encoder_cfg, adapter_cfg",
+    [
+        (ENCODER_CFG, ADAPTER_CFG),
+        (STREAMING_CFG, STREAMING_ADAPTER_CFG),
+        (STREAMING_CFG, dict(ADAPTER_CFG, self_attention_model="abs_pos")),
+    ],
+    ids=["offline", "streaming", "abs_pos_adapter"],
+)
+def test_each_clip_of_a_padded_batch_equals_the_clip_alone(encoder_cfg, adapter_cfg):
+    cfg = {"preprocessor": PREPROCESSOR_CFG, "encoder": encoder_cfg, "modality_adapter": adapter_cfg}
+    perception = randomize(AudioPerceptionModule(cfg, output_dim=24)).eval()  # BatchNorm uses running stats
+    torch.manual_seed(0)
+    clips = [torch.randn(n) * 0.1 for n in (16000, 11111, 5003)]
+    with torch.no_grad():
+        batch_embeds, batch_lens = perception(*padded(clips))
+        for i, clip in enumerate(clips):
+            alone, alone_lens = perception(clip[None], torch.tensor([len(clip)]))
+            assert batch_lens[i] == alone_lens[0] == alone.size(1)
+            assert (batch_embeds[i, : alone.size(1)] - alone[0]).abs().max() < 1e-5
+
+
+def test_attention_masks_match_hand_computed_cases():
+    def mask(lengths, T, context, style):
+        return make_attention_mask(torch.tensor(lengths), T, context, style).int().tolist()
+
+    # regular [1, 0]: one frame of left context, none to the right; the second clip has 3 valid frames
+    assert mask([4, 3], 4, [1, 0], "regular") == [
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]],
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]],
+    ]
+    assert mask([5], 5, [2, 1], "regular") == [
+        [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
+    ]
+    assert mask([3], 4, [-1, -1], "regular") == [[[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]]]
+    # chunked_limited [2, 1]: chunks of 2 frames, each sees itself and 2 // 2 = 1 chunk to the left
+    assert mask([6], 6, [2, 1], "chunked_limited") == [[
+        [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1],
+    ]]
+    # unlimited left context, 5 valid frames of 6
+    assert mask([5], 6, [-1, 1], "chunked_limited") == [[
+        [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0],
+    ]]
+    # [4, 0]: chunks of one frame, i.e. the last 4 frames and itself
+    assert mask([6], 6, [4, 0], "chunked_limited")[0][5] == [0, 1, 1, 1, 1, 1]
+
+
+def changed_frames(encoder: ConformerEncoder, feat_in: int, num_frames: int, first_changed: int) -> list[bool]:
+    """Which output frames move when the input frames from `first_changed` on are replaced."""
+    torch.manual_seed(1)
+    feats, lengths = torch.randn(1, feat_in, num_frames), torch.tensor([num_frames])
+    altered = feats.clone()
+    altered[..., first_changed:] = torch.randn(1, feat_in, num_frames - first_changed)
+    with torch.no_grad():
+        before, _ = encoder(feats, lengths)
+        after, _ = encoder(altered, lengths)
+    return ((before - after).abs().amax(dim=1)[0] > 1e-6).tolist()
+
+
+def test_causal_subsampling_and_causal_conv_do_not_look_ahead():
+    # Causal x8 subsampling: output frame j reads mel frames <= 8j, so mel frames >= 97 reach frames >= 13.
+    causal = randomize(ConformerEncoder(**dict(ENCODER_CFG, causal_downsampling=True, conv_context_size="causal",
+                                               att_context_size=[-1, 0]))).eval()
+    changed = changed_frames(causal, 80, 200, first_changed=97)
+    assert not any(changed[:13]) and all(changed[13:])
+    offline = randomize(ConformerEncoder(**ENCODER_CFG)).eval()
+    assert any(changed_frames(offline, 80, 200, first_changed=97)[:13])  # the check does catch look-ahead
+
+    # Adapter (no subsampling), chunks of 2 frames: frames 10, 11 are the first changed chunk.
+    streaming = randomize(ConformerEncoder(**dict(STREAMING_ADAPTER_CFG, feat_in=16, d_model=16, n_layers=2))).eval()
+    changed = changed_frames(streaming, 16, 30, first_changed=10)
+    assert not any(changed[:10]) and all(changed[10:])
+    symmetric_conv = randomize(ConformerEncoder(**dict(STREAMING_ADAPTER_CFG, feat_in=16, d_model=16, n_layers=2,
+                                                       conv_context_size=None))).eval()
+    assert any(changed_frames(symmetric_conv, 16, 30, first_changed=10)[:10])
+
+
+def write_nemo(path: Path, config: dict, state_dict: dict, mode: str) -> None:
+    """A .nemo as NeMo writes it: a tar of ./model_config.yaml and ./model_weights.ckpt (a plain state dict)."""
+    staging = path.parent / (path.name + ".files")
+    staging.mkdir()
+    (staging / "model_config.yaml").write_text(yaml.safe_dump(config))
+    torch.save(state_dict, staging / "model_weights.ckpt")
+    with tarfile.open(path, mode) as tar:
+        for name in ("model_config.yaml", "model_weights.ckpt"):
+            tar.add(staging / name, arcname=f"./{name}")
+
+
+def fake_asr_model(path: Path, mode: str = "w") -> nn.Module:
+    """Writes a small FastConformer 'ASR model' with a decoder to `path`; returns its preprocessor + encoder."""
+    asr = nn.Module()
+    asr.preprocessor = MelSpectrogram(**PREPROCESSOR_CFG)
+    asr.encoder = randomize(ConformerEncoder(**dict(ENCODER_CFG, dropout=0.1)))
+    asr.preprocessor.featurizer.fb.mul_(1.5)  # so the test can tell loaded buffers from recomputed ones
+    state = {**asr.state_dict(), "decoder.weight": torch.randn(10, 64), "joint.bias": torch.randn(10)}
+    config = {
+        "sample_rate": 16000,
+        "preprocessor": PREPROCESSOR_CFG,
+        "encoder": dict(ENCODER_CFG, _target_="nemo.collections.asr.modules.ConformerEncoder", dropout=0.1,
+                        pos_emb_max_len=5000, stochastic_depth_drop_prob=0.0, subsampling_conv_chunking_factor=1),
+        "decoder": {"_target_": "nemo.collections.asr.modules.ConvASRDecoder", "num_classes": 10},
+    }
+    write_nemo(path, config, state, mode)
+    return asr.eval()
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_nemo_file_loads_with_overrides_and_rebuilds_offline(tmp_path, capsys, mode):
+    path = tmp_path / "asr.nemo"
+    asr = fake_asr_model(path, mode)
+    config, state = load_nemo_checkpoint(str(path))
+    assert config["encoder"]["n_layers"] == 2 and "decoder.weight" in state
+
+    model_cfg = {
+        "pretrained_asr": str(path),
+        "perception": {
+            "target": "nemo.collections.speechlm2.modules.perception.AudioPerceptionModule",
+            "preprocessor": {"normalize": "NA"},
+            "encoder": {"dropout": 0.0},
+            "modality_adapter": ADAPTER_CFG,
+        },
+    }
+    perception = setup_perception(model_cfg, output_dim=24).eval()
+    printed = capsys.readouterr().out
+    assert str(path) in printed and "missing keys: none" in printed and "unexpected keys: none" in printed
+
+    written = model_cfg["perception"]  # the checkpoint's config, with the user's keys on top
+    assert written["preprocessor"]["normalize"] == "NA" and written["preprocessor"]["features"] == 80
+    assert written["encoder"]["dropout"] == 0.0 and written["encoder"]["n_layers"] == 2
+    assert perception.preprocessor.normalize == "NA"
+    assert torch.equal(perception.preprocessor.featurizer.fb, asr.preprocessor.featurizer.fb)
+
+    audio, lengths = padded([torch.randn(12000) * 0.1, torch.randn(9000) * 0.1])
+    feats, feat_lens = perception.preprocessor(audio, lengths)
+    with torch.no_grad():
+        reference = MelSpectrogram(**dict(PREPROCESSOR_CFG, normalize="NA")).eval()
+        reference.featurizer.fb.mul_(1.5)
+        assert torch.equal(feats, reference(audio, lengths)[0])
+        assert torch.equal(perception.encoder(feats, feat_lens)[0], asr.encoder(feats, feat_lens)[0])
+        embeds, _ = perception(audio, lengths)
+
+        rebuilt = setup_perception(dict(model_cfg, pretrained_weights=False), output_dim=24).eval()
+        rebuilt.load_state_dict(perception.state_dict(), strict=True)
+        assert torch.equal(rebuilt(audio, lengths)[0], embeds)
+
+
+def test_model_name_resolves_from_offline_hf_cache_and_unknown_names_fail_clearly(tmp_path, monkeypatch):
+    hf_home = tmp_path / "hf_home"
+    repo = hf_home / "hub" / "models--nvidia--stt_en_tiny_test"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    fake_asr_model(repo / "snapshots" / commit / "stt_en_tiny_test.nemo")
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads both variables when it is first imported
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    expected = os.path.realpath(repo / "snapshots" / commit / "stt_en_tiny_test.nemo")
+    assert os.path.realpath(resolve_pretrained_asr("stt_en_tiny_test")) == expected
+    assert os.path.realpath(resolve_pretrained_asr("nvidia/stt_en_tiny_test")) == expected
+    model_cfg = {"pretrained_asr": "stt_en_tiny_test", "perception": {"modality_adapter": ADAPTER_CFG}}
+    assert setup_perception(model_cfg, output_dim=24).encoder.subsampling_factor == 8
+
+    with pytest.raises(FileNotFoundError) as error:
+        setup_perception({"pretrained_asr": "stt_no_such_model", "perception": {"modality_adapter": ADAPTER_CFG}}, 24)
+    message = str(error.value)
+    assert "nvidia/stt_no_such_model" in message and "stt_no_such_model.nemo" in message
+    assert "local .nemo path" in message and "pretrained_weights: false" in message
+    with pytest.raises(FileNotFoundError, match="no such .nemo file"):
+        resolve_pretrained_asr(str(tmp_path / "missing.nemo"))
+
+
+def test_config_keys_are_checked():
+    ConformerEncoder(**ENCODER_CFG, _target_="x", pos_emb_max_len=5000, stochastic_depth_drop_prob=0.0, reduction=None)
+    MelSpectrogram(_target_="x", exact_pad=False, use_grads=False)
+    with pytest.raises(ValueError, match="stochastic_depth_drop_prob=0.1"):
+        ConformerEncoder(**ENCODER_CFG, stochastic_depth_drop_prob=0.1)
+    with pytest.raises(ValueError, match="unknown key 'n_layer'"):
+        ConformerEncoder(**ENCODER_CFG, n_layer=3)
+    with pytest.raises(ValueError, match="normalize='all_features'"):
+        MelSpectrogram(normalize="all_features")
+    with pytest.raises(ValueError, match="exact_pad"):
+        MelSpectrogram(exact_pad=True)
+    with pytest.raises(ValueError, match="conv_context_size"):
+        ConformerEncoder(**dict(ENCODER_CFG, conv_context_size=[3, 3]))
+    no_encoder = {"pretrained_weights": False, "perception": {"preprocessor": {}, "modality_adapter": ADAPTER_CFG}}
+    with pytest.raises(ValueError, match="perception.encoder is missing"):
+        setup_perception(no_encoder, 8)
+    wrong_adapter = {"preprocessor": {}, "encoder": ENCODER_CFG, "modality_adapter": dict(ADAPTER_CFG, feat_in=32)}
+    with pytest.raises(ValueError, match="set feat_in to 64"):
+        AudioPerceptionModule(wrong_adapter, 8)
+    multi = ConformerEncoder(**dict(STREAMING_CFG, att_context_size=[[4, 1], [4, 0]], att_context_probs=[0.5, 0.5]))
+    assert multi.att_context_sizes == [[4, 1], [4, 0]]  # eval uses the first, training draws one per step
+    tied = ConformerEncoder(**ENCODER_CFG, untie_biases=False)
+    assert tied.layers[0].self_attn.pos_bias_u is tied.layers[1].self_attn.pos_bias_u
+    assert "layers.1.self_attn.pos_bias_u" in tied.state_dict()  # NeMo lists the shared bias under every layer

@@ -1,0 +1,457 @@
+"""SALM: prompt formats, placeholder replacement, freezing and LoRA, the loss, training and generation.
+
+Models are tiny and random (a 2-layer Llama or GPT-2, a 1-layer FastConformer) built from local directories
+that the fixtures write, so every test runs offline in seconds.
+"""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import DynamicCache, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+
+import salm
+from salm import SALM, replace_placeholders_and_build_targets
+
+TAG = "<|audioplaceholder|>"
+SAMPLE_RATE = 16000
+# NeMo's tests/collections/speechlm2/test_salm.py::test_salm_dataset, decoded with TinyLlama's tokenizer
+NEMO_LLAMA2_PROMPT = "<s> [INST] Repeat after me: <|audioplaceholder|>  [/INST] Some text transcription. </s>"
+NEMO_TURNS = [
+    {"role": "user", "content": "Repeat after me:"},
+    {"role": "user", "content": TAG},
+    {"role": "assistant", "content": "Some text transcription."},
+]
+# TinyLlama-chat's template layout
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+CORPUS = ["Repeat after me: Some text transcription.", "hello world, the quick brown fox jumps over the lazy dog",
+          "[INST] <<SYS>> Be brief. <</SYS>> [/INST]"] * 20
+PERCEPTION = {
+    "preprocessor": {"sample_rate": SAMPLE_RATE, "features": 80, "window_size": 0.025, "window_stride": 0.01},
+    "encoder": {"feat_in": 80, "n_layers": 1, "d_model": 32, "n_heads": 2, "subsampling": "dw_striding",
+                "subsampling_factor": 8, "subsampling_conv_channels": 16, "conv_kernel_size": 9},
+    "modality_adapter": {"feat_in": 32, "n_layers": 1, "d_model": 32, "n_heads": 2, "subsampling_factor": 1,
+                         "conv_kernel_size": 9},
+}
+# (conversation, audio lengths in samples): several audios per prompt, system prompts, two answered turns
+CONVERSATIONS = [
+    (NEMO_TURNS, [8000]),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {TAG} and"},
+      {"role": "user", "content": TAG}, {"role": "assistant", "content": "the quick brown fox"}], [6000, 3500]),
+    ([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
+      {"role": "user", "content": TAG}, {"role": "assistant", "content": "lazy dog"}], [10000]),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small run fastest on one thread, and do not stall when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_llm_dir(path, tokenizer: Tokenizer, llm_config, **special_tokens):
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_tokens)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    llm_config.vocab_size = len(fast)
+    llm_config.save_pretrained(path)
+    return path
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>", TAG],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return tokenizer
+
+
+def tiny_llama_config() -> LlamaConfig:
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+@pytest.fixture(scope="session")
+def llm_dir(tmp_path_factory):
+    """A tiny Llama with a byte-level BPE tokenizer (pad token, audio tag and chat template included)."""
+    return write_llm_dir(tmp_path_factory.mktemp("llama"), byte_level_tokenizer(), tiny_llama_config(),
+                         bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    """GPT-2 learns absolute positions: left padding is only invisible if position ids follow the mask."""
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
+    return write_llm_dir(tmp_path_factory.mktemp("gpt2"), byte_level_tokenizer(), config,
+                         bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_llm_dir(tmp_path_factory):
+    """Laid out like TinyLlama's tokenizer.json: '▁' prepended to every piece of text between special tokens,
+    no pad token (so <unk> pads), and no audio tag (it gets an id past the embedding)."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]
+                                                              + byte_tokens))
+    return write_llm_dir(tmp_path_factory.mktemp("sentencepiece"), tokenizer, tiny_llama_config(),
+                         bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_cfg(llm_dir, **overrides) -> dict:
+    cfg = {"pretrained_llm": str(llm_dir), "pretrained_asr": None, "pretrained_weights": False,
+           "audio_locator_tag": TAG, "prompt_format": "llama2", "freeze_params": [], "prevent_freeze_params": [],
+           "perception": copy.deepcopy(PERCEPTION)}
+    return {**cfg, **overrides}
+
+
+def make_model(llm_dir, **overrides) -> SALM:
+    torch.manual_seed(0)
+    return SALM(make_cfg(llm_dir, **overrides)).eval()
+
+
+def make_batch(model: SALM, conversations=CONVERSATIONS) -> dict:
+    """What data.py produces: left-padded ids and loss mask, zero-padded audio in placeholder order."""
+    torch.manual_seed(1)
+    encoded = [model.encode_dialog(turns) for turns, _ in conversations]
+    lengths = [n for _, audio_lengths in conversations for n in audio_lengths]
+    audios = torch.zeros(len(lengths), max(lengths, default=0))
+    for i, n in enumerate(lengths):
+        audios[i, :n] = 0.1 * torch.randn(n)
+    left_pad = lambda rows, value: torch.nn.utils.rnn.pad_sequence(rows, True, value, padding_side="left")
+    return {"audios": audios, "audio_lens": torch.tensor(lengths),
+            "input_ids": left_pad([e["input_ids"] for e in encoded], model.text_pad_id),
+            "loss_mask": left_pad([e["mask"] for e in encoded], False)}
+
+
+def test_replace_placeholders_nemo_vector():
+    # NeMo's tests/collections/speechlm2/test_audio_placeholders.py, values and assertions as published
+    PAD, AUDIO = 0, 100
+    input_ids = torch.tensor([[7, AUDIO, 1, 2, AUDIO, 1], [PAD, PAD, 3, AUDIO, 4, 5]])
+    loss_mask = torch.tensor([[False, False, False, False, False, True], [False, False, False, False, True, True]])
+    embeds = torch.ones(2, 6, 2)
+    embeds[1, :2] = 0
+    replacements = [torch.full((4, 2), 2.0), torch.full((3, 2), 3.0), torch.full((2, 2), 4.0)]
+    embeds_r, targets_r, attention_mask_r = replace_placeholders_and_build_targets(
+        input_ids, embeds, PAD, AUDIO, replacements, target_ids=input_ids.where(loss_mask, -100)
+    )
+    assert embeds_r.shape == (2, 11, 2)
+    assert (embeds_r[0, 0] == 1.0).all() and (embeds_r[0, 1:5] == 2.0).all() and (embeds_r[0, 5:7] == 1.0).all()
+    assert (embeds_r[0, 7:10] == 3.0).all() and (embeds_r[0, 10] == 1.0).all()
+    assert (embeds_r[1, :6] == 0.0).all() and (embeds_r[1, 6:7] == 1.0).all()
+    assert (embeds_r[1, 7:9] == 4.0).all() and (embeds_r[1, 9:] == 1.0).all()
+    torch.testing.assert_close(targets_r, torch.tensor([[-100] * 10 + [1], [-100] * 9 + [4, 5]]))
+    torch.testing.assert_close(attention_mask_r, torch.tensor([[True] * 11, [False] * 6 + [True] * 5]))
+
+    with pytest.raises(ValueError, match="3 placeholders but 2 replacements"):
+        replace_placeholders_and_build_targets(input_ids, embeds, PAD, AUDIO, replacements[:2])
+
+
+def test_llama2_matches_nemo_rendering(sentencepiece_llm_dir, llm_dir):
+    # With TinyLlama's tokenizer layout the decoded prompt is NeMo's string, byte for byte.
+    model = make_model(sentencepiece_llm_dir)
+    assert model.text_pad_id == model.tokenizer.unk_token_id  # no pad token: <unk> pads, as in NeMo
+    assert model.audio_locator_tag_id >= model.text_vocab_size  # the tag is never looked up
+    encoded = model.encode_dialog(NEMO_TURNS)
+    ids, mask = encoded["input_ids"], encoded["mask"]
+    assert model.tokenizer.decode(ids) == NEMO_LLAMA2_PROMPT
+    assert mask.sum() > 0 and mask[mask.nonzero()[0, 0]:].all()  # supervised: one run at the end
+    assert model.tokenizer.decode(ids[~mask]) == "<s> [INST] Repeat after me: <|audioplaceholder|>  [/INST]"
+    assert model.tokenizer.decode(ids[mask]) == "Some text transcription. </s>"
+
+    # A byte-level BPE has no '▁' prefix, so the same template reads without SentencePiece's extra spaces.
+    model = make_model(llm_dir)
+    encoded = model.encode_dialog(NEMO_TURNS)
+    assert model.tokenizer.decode(encoded["input_ids"]) == (
+        "<s>[INST] Repeat after me: <|audioplaceholder|> [/INST]Some text transcription. </s>")
+    assert model.tokenizer.decode(encoded["input_ids"][encoded["mask"]]) == "Some text transcription. </s>"
+
+
+def test_llama2_system_prompt_multi_turn_and_nemo_slots(llm_dir):
+    model = make_model(llm_dir)
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+             {"role": "assistant", "content": "world"}, {"role": "user", "content": "again"},
+             {"role": "assistant", "content": "the fox"}]
+    encoded = model.encode_dialog(turns)
+    decode = model.tokenizer.decode
+    assert decode(encoded["input_ids"]) == ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nhello [/INST]world </s>"
+                                            "<s>[INST] again [/INST]the fox </s>")
+    assert decode(encoded["input_ids"][encoded["mask"]]) == "world </s>the fox </s>"
+    nemo_turns = [{"role": "system_and_user", "slots": {"system": "Be brief.", "message": "hello"}},
+                  {"role": "assistant", "slots": {"message": "world"}}, {"role": "user", "slots": {"message": "again"}},
+                  {"role": "assistant", "slots": {"message": "the fox"}}]
+    assert torch.equal(model.encode_dialog(nemo_turns)["input_ids"], encoded["input_ids"])
+    prompt = model.encode_dialog(turns[:2])  # for generation: ends after [/INST], nothing supervised
+    assert decode(prompt["input_ids"]).endswith("hello [/INST]") and not prompt["mask"].any()
+    with pytest.raises(ValueError, match="unknown turn role"):
+        model.encode_dialog([{"role": "User", "content": "hi"}])
+
+
+def test_chat_template_formatter(llm_dir):
+    model = make_model(llm_dir, prompt_format="chat_template")
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Repeat:"},
+             {"role": "user", "content": TAG}, {"role": "assistant", "content": "hello world"},
+             {"role": "user", "content": "again"}, {"role": "assistant", "content": "fox"}]
+    encoded = model.encode_dialog(turns)
+    merged = turns[:1] + [{"role": "user", "content": f"Repeat: {TAG}"}] + turns[3:]
+    assert model.tokenizer.decode(encoded["input_ids"]) == model.tokenizer.apply_chat_template(merged, tokenize=False)
+    assert model.tokenizer.decode(encoded["input_ids"][encoded["mask"]]) == "hello world</s>\nfox</s>\n"
+    prompt = model.encode_dialog(turns[:5])
+    assert model.tokenizer.decode(prompt["input_ids"]).endswith("<|user|>\nagain</s>\n<|assistant|>\n")
+    assert model.tokenizer.decode(prompt["input_ids"][prompt["mask"]]) == "hello world</s>\n"
+
+    model.tokenizer.chat_template = "{{ messages | length }}" + CHAT_TEMPLATE
+    with pytest.raises(ValueError, match="differently from its prefixes"):
+        model.encode_dialog(turns)
+
+
+def test_config_errors(llm_dir):
+    with pytest.raises(ValueError, match="'llama2' or 'chat_template'"):
+        make_model(llm_dir, prompt_format="qwen")
+    with pytest.raises(FileNotFoundError, match="local directory.*pretrained_weights: false"):
+        salm.load_llm("some-org/not-in-the-cache", pretrained_weights=True)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        salm.load_tokenizer("/no/such/llm", TAG)
+
+
+def test_freeze_and_prevent_on_the_salm_tree(llm_dir, capsys):
+    nemo_defaults = [r"^llm\..+$", r"^embed_tokens\..+$", r"^perception\.preprocessor\..+$",
+                     r"^perception\.encoder\..+$"]
+    with pytest.warns(UserWarning, match=r"\^embed_tokens.*matches no parameter"):
+        model = make_model(llm_dir, freeze_params=nemo_defaults)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("perception.modality_adapter.", "perception.proj.")) for n in trainable)
+    assert {n for n, _ in model.named_parameters() if n.startswith("perception.proj.")} <= trainable
+    assert not model.llm.get_input_embeddings().weight.requires_grad  # `^llm\.` covers the embedding
+    num_trainable = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    total = sum(p.numel() for p in model.parameters())
+    assert f"Parameters | trainable={num_trainable:,} ({100 * num_trainable / total:.2f}%) | total={total:,}" in (
+        capsys.readouterr().out)
+
+    model = make_model(llm_dir, freeze_params=nemo_defaults[:1], prevent_freeze_params=[r"^llm\.lm_head\."])
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith("llm.") and "lm_head" not in n}
+    assert model.llm.lm_head.weight.requires_grad  # prevent wins
+
+
+def test_lora_keeps_only_lora_and_unfrozen_parameters_trainable(llm_dir):
+    lora = {"task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    model = make_model(llm_dir, lora=lora, freeze_params=[r"^perception\.encoder\..+$"])
+    names = [n for n, _ in model.named_parameters()]
+    lora_names = [n for n in names if ".lora_" in n]
+    assert len(lora_names) == 2 * 2 * 2  # lora_A and lora_B on q_proj and v_proj of 2 layers
+    assert all(n.startswith("llm.base_model.model.model.layers.") for n in lora_names)
+    expected = set(lora_names) | {n for n in names if n.startswith("perception.") and ".encoder." not in n}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+
+    model = make_model(llm_dir, lora=lora, freeze_params=[r"^llm\..+$"])  # `.lora_` survives a broad freeze
+    model.train()
+    model.training_step(make_batch(model))["loss"].backward()
+    assert {n for n, p in model.named_parameters() if n.startswith("llm.") and p.grad is not None} == set(lora_names)
+
+
+def reference_loss_and_accuracy(model: SALM, conversations=CONVERSATIONS):
+    """Each conversation alone, unpadded, assembled by hand and run through the HF LLM itself."""
+    batch = make_batch(model, conversations)
+    clips = iter([])
+    if len(batch["audios"]):
+        audio_embeds, audio_embed_lens = model.perception(batch["audios"], batch["audio_lens"])
+        clips = iter([e[:n] for e, n in zip(audio_embeds, audio_embed_lens)])
+    embedding = model.llm.get_input_embeddings().weight
+    nll, correct, count, positions = 0.0, 0, 0, 0
+    for turns, _ in conversations:
+        encoded = model.encode_dialog(turns)
+        pieces, labels = [], []
+        for token, supervised in zip(encoded["input_ids"].tolist(), encoded["mask"].tolist()):
+            if token == model.audio_locator_tag_id:
+                clip = next(clips)
+                pieces.append(clip)
+                labels += [None] * len(clip)
+            else:
+                pieces.append(embedding[token][None])
+                labels.append(token if supervised else None)
+        log_probs = model.llm(inputs_embeds=torch.cat(pieces)[None]).logits[0].log_softmax(-1)
+        for t in range(1, len(labels)):
+            if labels[t] is not None:
+                nll -= log_probs[t - 1, labels[t]]
+                correct += int(log_probs[t - 1].argmax() == labels[t])
+                count += 1
+        positions += len(labels) - 1
+    return batch, nll / count, correct, count, positions
+
+
+@pytest.mark.parametrize("llm", ["llm_dir", "gpt2_dir"])
+def test_training_and_validation_step_equal_hand_computation(llm, request):
+    model = make_model(request.getfixturevalue(llm))
+    with torch.no_grad():
+        batch, loss, correct, count, positions = reference_loss_and_accuracy(model)
+        out = model.training_step(batch)
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    torch.testing.assert_close(out["loss"], loss, atol=1e-5, rtol=1e-5)
+    assert out["num_supervised"] == count
+    assert out["num_tokens"] == positions
+    assert out["audio_seconds"] == pytest.approx((8000 + 6000 + 3500 + 10000) / SAMPLE_RATE)
+
+    val = model.validation_step(batch)
+    assert val["count"] == count and val["correct"] == correct
+    assert val["loss_sum"] / val["count"] == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_a_few_steps_on_one_batch_drive_the_loss_down(llm_dir):
+    model = make_model(llm_dir).train()
+    batch = make_batch(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model.training_step(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_validation_with_generation_scores_the_last_answer(llm_dir):
+    model = make_model(llm_dir)
+    out = model.validation_step(make_batch(model), generate=True)
+    assert [ref for ref, _ in out["pairs"]] == ["Some text transcription.", "the quick brown fox", "lazy dog"]
+    assert out["ref_words"] == 3 + 4 + 2
+    summary = SALM.validation_summary(out)
+    assert summary["loss"] == out["loss_sum"] / out["count"] and summary["acc"] == out["correct"] / out["count"]
+    assert summary["wer"] == out["word_errors"] / 9
+
+
+def test_word_errors():
+    # normalised: "the cat sat" vs "the cat sat down" (1 insertion), "a b" vs "" (2 deletions)
+    assert salm.word_errors(["The cat sat.", "a b"], ["the cat, sat down", ""]) == (3, 5)
+
+
+def write_audio(path, samples: np.ndarray, sample_rate: int, subtype: str) -> np.ndarray:
+    soundfile.write(path, samples, sample_rate, subtype=subtype)
+    return soundfile.read(path, dtype="float32")[0]  # what the file holds after quantisation
+
+
+def test_generate_from_paths_tensors_and_token_ids(llm_dir, tmp_path):
+    model = make_model(llm_dir)
+    rng = np.random.default_rng(0)
+    wav = write_audio(tmp_path / "a.wav", 0.1 * rng.standard_normal(16000), SAMPLE_RATE, "FLOAT")
+    flac = write_audio(tmp_path / "b.flac", 0.1 * rng.standard_normal(9000), SAMPLE_RATE, "PCM_16")
+    prompts = [[{"role": "user", "content": f"Repeat after me: {TAG}", "audio": str(tmp_path / "a.wav")}],
+               [{"role": "user", "content": f"{TAG} then", "audio": [tmp_path / "b.flac"]},
+                {"role": "user", "content": TAG, "audio": str(tmp_path / "a.wav")}]]
+    kwargs = {"max_new_tokens": 6, "min_new_tokens": 6}  # Hugging Face arguments pass through
+    from_paths = model.generate(prompts, **kwargs)
+    assert from_paths.shape == (2, 6) and from_paths.dtype == torch.long
+    assert ((0 <= from_paths) & (from_paths < model.text_vocab_size)).all()
+    config = GenerationConfig(max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(model.generate(prompts, generation_config=config), from_paths)
+
+    audios = torch.zeros(3, 16000)
+    audios[0], audios[1, :9000], audios[2] = torch.from_numpy(wav), torch.from_numpy(flac), torch.from_numpy(wav)
+    no_paths = [[{k: v for k, v in turn.items() if k != "audio"} for turn in prompt] for prompt in prompts]
+    from_tensors = model.generate(no_paths, audios=audios, audio_lens=torch.tensor([16000, 9000, 16000]), **kwargs)
+    assert torch.equal(from_tensors, from_paths)
+
+    token_ids = model.encode_dialog(no_paths[1])["input_ids"][None]  # (1, L) already in the prompt format
+    from_ids = model.generate(token_ids, audios=audios[1:, :], audio_lens=torch.tensor([9000, 16000]), **kwargs)
+    assert torch.equal(from_ids, model.generate(prompts[1:], **kwargs))
+
+    with pytest.raises(ValueError, match="2 audio locator tags but 1 audios"):
+        model.generate(no_paths[1:], audios=audios[:1], audio_lens=torch.tensor([16000]))
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(prompts, audios=audios, audio_lens=torch.tensor([16000, 9000, 16000]))
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        model.generate([[{"role": "user", "content": TAG, "audio": str(tmp_path / "missing.wav")}]])
+
+
+def test_audio_files_are_resampled(tmp_path):
+    t = np.arange(8000) / 8000
+    write_audio(tmp_path / "tone.wav", 0.5 * np.sin(2 * np.pi * 440 * t), 8000, "FLOAT")
+    audios, audio_lens = salm.load_audio_files([tmp_path / "tone.wav"], SAMPLE_RATE)
+    assert audios.shape == (1, 16000) and audio_lens.tolist() == [16000]
+    expected = 0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    assert np.abs(audios[0, 200:-200].numpy() - expected[200:-200]).max() < 0.02
+
+
+@pytest.mark.parametrize("llm", ["llm_dir", "gpt2_dir"])
+def test_batched_generation_equals_one_by_one(llm, request):
+    model = make_model(request.getfixturevalue(llm))
+    torch.manual_seed(2)
+    cases = [([{"role": "user", "content": f"Repeat after me, please: {TAG}"}], [torch.randn(24000) * 0.1]),
+             ([{"role": "user", "content": "hello"}], []),
+             ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{TAG} and {TAG}"}],
+              [torch.randn(6000) * 0.1, torch.randn(11000) * 0.1])]
+    clips = [clip for _, clips in cases for clip in clips]
+    audios = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True)
+    audio_lens = torch.tensor([len(c) for c in clips])
+    batched = model.generate([turns for turns, _ in cases], audios, audio_lens, max_new_tokens=8)
+    for row, (turns, clips) in zip(batched, cases):
+        audio = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True) if clips else None
+        alone = model.generate([turns], audio, torch.tensor([len(c) for c in clips]), max_new_tokens=8)[0]
+        assert torch.equal(row[: len(alone)], alone)
+        assert (row[len(alone):] == model.text_pad_id).all()
+
+
+def test_generate_equals_greedy_decoding_with_forward(llm_dir):
+    model = make_model(llm_dir)
+    turns = [{"role": "user", "content": f"Repeat after me: {TAG}"}]
+    audios, audio_lens = 0.1 * torch.randn(1, 16000), torch.tensor([16000])
+    generated = model.generate([turns], audios, audio_lens, max_new_tokens=6, min_new_tokens=6)[0]
+
+    input_ids = model.encode_dialog(turns)["input_ids"][None]  # (1, L)
+    tag_id = model.audio_locator_tag_id
+    with torch.no_grad():
+        audio_embeds, audio_embed_lens = model.perception(audios, audio_lens)
+        text_embeds = model.embed_tokens(input_ids.masked_fill(input_ids == tag_id, 0))
+        prompt_embeds, _, prompt_mask = replace_placeholders_and_build_targets(
+            input_ids, text_embeds, model.text_pad_id, tag_id, [audio_embeds[0, : audio_embed_lens[0]]])
+
+        # no cache: the whole sequence at every step
+        embeds, mask, tokens = prompt_embeds, prompt_mask, []
+        for _ in range(6):
+            token = model(embeds, attention_mask=mask)["logits"][0, -1].argmax()
+            tokens.append(int(token))
+            embeds = torch.cat([embeds, model.embed_tokens(token)[None, None]], 1)
+            mask = torch.cat([mask, mask[:, -1:]], 1)
+        assert tokens == generated.tolist()
+
+        # with a KV cache, one position at a time
+        cache, step_embeds, mask, tokens = DynamicCache(), prompt_embeds, prompt_mask, []
+        for _ in range(6):
+            out = model(step_embeds, attention_mask=mask, cache=cache)
+            token = out["logits"][0, -1].argmax()
+            tokens.append(int(token))
+            cache, step_embeds = out["cache"], model.embed_tokens(token)[None, None]
+            mask = torch.cat([mask, mask[:, -1:]], 1)
+        assert tokens == generated.tolist()
+
+
+def test_text_only_batches_and_any_llm_directory(sentencepiece_llm_dir):
+    # A directory without a pad token or audio tag; text-only conversations mixed with audio ones, or alone.
+    model = make_model(sentencepiece_llm_dir)
+    text_only = ([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}], [])
+    assert model.tokenizer.decode(model.encode_dialog(text_only[0])["input_ids"]) == (
+        "<s> [INST] hello [/INST] world </s>")
+    for conversations in ([text_only, (NEMO_TURNS, [8000])], [text_only]):
+        with torch.no_grad():
+            batch, loss, _, count, _ = reference_loss_and_accuracy(model, conversations)
+            out = model.training_step(batch)
+        torch.testing.assert_close(out["loss"], loss, atol=1e-5, rtol=1e-5)
+        assert out["num_supervised"] == count
+        assert math.isfinite(model.validation_step(batch)["loss_sum"])
