@@ -461,3 +461,229 @@ def _audio_source(cut):
         return source.source if source.type == "file" else f"{source.type} audio"
     except (AttributeError, IndexError):
         return "no recording"
+
+
+# ==========================================================================================================
+# Duplex speech-to-speech data (DuplexS2SModel, DuplexS2SSpeechDecoderModel)
+#
+# One cut per conversation: the cut's recording is the user channel, the custom field `target_audio` (a
+# Recording as long as the cut) the agent channel, and supervisions whose `speaker` is in input_roles or
+# output_roles give the turns (start, duration, text). Such cuts come from Shar (fields recording +
+# target_audio) or cut manifests through the readers above; `type: duplex_demo` builds them on the fly from
+# the demo question/answer utterances.
+
+import io  # noqa: E402  (this section's own imports)
+import random  # noqa: E402
+import re  # noqa: E402
+
+import soundfile  # noqa: E402
+from lhotse.utils import compute_num_frames  # noqa: E402
+
+TIMESTAMP_TOKEN = re.compile(r"<\|\d+\|>")  # "<|12|>" frame timestamps some duplex corpora put in the text
+DEMO_PAIRS_PER_CONVERSATION = (1, 2, 3)  # question/answer exchanges in one demo conversation
+DEMO_LEAD_IN = (0.1, 0.5)  # seconds of silence before the first question
+DEMO_ANSWER_DELAY = (0.3, 0.7)  # from the end of a question to the start of its answer
+DEMO_NEXT_DELAY = (0.4, 0.9)  # from the end of an answer to the next question (or the end of the conversation)
+
+
+class DuplexS2SDataset(torch.utils.data.Dataset):
+    """Conversation cuts -> the duplex batch: both audio channels and per-frame text channels.
+
+    A text channel has one token per `frame_length` frame (see `build_token_channel`). Conversations whose audio
+    cannot be read are skipped and counted in batch["skipped"].
+    """
+
+    def __init__(self, tokenizer, pad_id: int, frame_length: float, source_sample_rate: int,
+                 target_sample_rate: int, input_roles: list[str], output_roles: list[str]):
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("duplex data needs a tokenizer with BOS and EOS tokens: they mark the agent's turns")
+        self.tokenizer, self.pad_id, self.frame_length = tokenizer, pad_id, frame_length
+        self.source_sample_rate, self.target_sample_rate = source_sample_rate, target_sample_rate
+        self.input_roles, self.output_roles = list(input_roles), list(output_roles)
+
+    def __getitem__(self, cuts: CutSet) -> dict:
+        sources, targets, kept, skipped = [], [], [], Counter()
+        for cut in cuts:
+            try:
+                source = load_audio(cut, self.source_sample_rate)
+                target = load_target_audio(cut, self.target_sample_rate)
+            except AudioError as e:
+                _skip(skipped, e)
+                continue
+            sources.append(torch.from_numpy(source))
+            targets.append(torch.from_numpy(target))
+            kept.append(cut)
+        if not kept:
+            return {"skipped": skipped, "empty": True}
+        channel = lambda roles: [build_token_channel(c, self.tokenizer, self.pad_id, self.frame_length, roles)
+                                 for c in kept]
+        source_audio, source_audio_lens = right_pad(sources, 0.0)
+        target_audio, target_audio_lens = right_pad(targets, 0.0)
+        target_tokens, target_token_lens = right_pad(channel(self.output_roles), self.pad_id)
+        source_tokens, source_token_lens = right_pad(channel(self.input_roles), self.pad_id)
+        return {
+            "source_audio": source_audio,  # (B, T_source)
+            "source_audio_lens": source_audio_lens,
+            "target_audio": target_audio,  # (B, T_target)
+            "target_audio_lens": target_audio_lens,
+            "target_tokens": target_tokens,  # (B, T_frames)
+            "target_token_lens": target_token_lens,
+            "source_tokens": source_tokens,  # (B, T_frames)
+            "source_token_lens": source_token_lens,
+            "target_texts": [turn_texts(c, self.output_roles) for c in kept],
+            "ids": [c.id for c in kept],
+            "audio_seconds": float(source_audio_lens.sum()) / self.source_sample_rate,
+            "skipped": skipped,
+        }
+
+
+def build_token_channel(cut: Cut, tokenizer, pad_id: int, frame_length: float, roles: list[str]) -> torch.Tensor:
+    """One token per frame for the turns of `roles`: (num_frames,) int64.
+
+    pad where nobody of `roles` speaks; BOS at a turn's start frame and its text tokens on the frames right
+    after it, as fast as one per frame; EOS at the frame where the turn's speech ends (none when the cut ends
+    first). As in NeMo, a turn whose text outlasts its speech gets that EOS over one of its text tokens: the
+    channel keeps the speech timing exact, and the audio channel's speech EOS lands on the same frame.
+    Frame indices round to the nearest frame (lhotse's compute_num_frames).
+    """
+    sr = cut.sampling_rate
+    num_frames = compute_num_frames(cut.duration, frame_length, sr)
+    tokens = torch.full((num_frames,), pad_id, dtype=torch.long)
+    for sup in cut.supervisions:
+        if sup.speaker not in roles:
+            continue
+        start = compute_num_frames(sup.start, frame_length, sr)
+        if start >= num_frames:
+            continue
+        ids = [tokenizer.bos_token_id] + tokenizer(_clean_text(sup.text), add_special_tokens=False)["input_ids"]
+        ids = ids[: num_frames - start]
+        tokens[start : start + len(ids)] = torch.tensor(ids)
+        end = compute_num_frames(sup.end, frame_length, sr)
+        if end < num_frames:
+            tokens[end] = tokenizer.eos_token_id
+    return tokens
+
+
+def turn_texts(cut: Cut, roles: list[str]) -> str:
+    """The text of the turns of `roles`, in order, joined by spaces (the reference for BLEU)."""
+    return " ".join(_clean_text(s.text) for s in sorted(cut.supervisions, key=lambda s: s.start)
+                    if s.speaker in roles and s.text)
+
+
+def load_target_audio(cut: Cut, sample_rate: int) -> np.ndarray:
+    """The agent channel of a duplex cut (custom field `target_audio`) over the cut's span, mono float32."""
+    if not (cut.custom or {}).get("target_audio"):
+        raise ValueError(f"cut {cut.id} has no 'target_audio' field: duplex data needs the agent channel as a "
+                         "Recording in cut.custom['target_audio'] (Shar field target_audio)")
+    recording = cut.custom["target_audio"]
+    try:
+        if recording.sampling_rate != sample_rate:
+            recording = recording.resample(sample_rate)
+        samples = recording.load_audio(offset=cut.start, duration=cut.duration)
+    except Exception as e:  # see load_audio
+        raise AudioError(f"cannot read target_audio of {cut.id}: {' '.join(str(e).split())[:200]}") from None
+    samples = np.asarray(samples, dtype=np.float32)
+    samples = samples.mean(axis=0) if samples.ndim == 2 else samples
+    if samples.size == 0 or not np.isfinite(samples).all():
+        raise AudioError(f"target_audio of {cut.id} is empty or holds NaN/inf samples")
+    return samples
+
+
+def right_pad(rows: list[torch.Tensor], value) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D tensors into (B, L), padding on the right; also their lengths (B,)."""
+    lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    out = torch.full((len(rows), int(lens.max())), value, dtype=rows[0].dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out, lens
+
+
+def read_duplex_demo(shar_path: str | Path, seed: int = 0) -> CutSet:
+    """Demo conversations from question/answer utterances (a Shar directory whose cuts carry
+    custom["pair_id"] and custom["role"] in {"user", "agent"}).
+
+    Pairs are shuffled with `seed` and grouped 1-3 to a conversation: the user asks, a pause, the agent
+    answers, a pause, the next question. The user channel holds the questions on silence and the agent channel
+    the answers, both at the utterances' rate (the dataset resamples). The same seed gives the same
+    conversations; audio is rendered in memory when the conversation is read.
+    """
+    return CutSet(DemoConversations(shar_path, seed))
+
+
+class DemoConversations:
+    """Lazily rendered demo conversations (see `read_duplex_demo`); the layout is fixed at construction."""
+
+    def __init__(self, shar_path: str | Path, seed: int):
+        by_pair = {}
+        for cut in CutSet.from_shar(in_dir=str(shar_path)):
+            custom = cut.custom or {}
+            if custom.get("role") in ("user", "agent") and custom.get("pair_id"):
+                by_pair.setdefault(custom["pair_id"], {})[custom["role"]] = cut
+        pair_ids = sorted(p for p, roles in by_pair.items() if len(roles) == 2)
+        if not pair_ids:
+            raise ValueError(f"{shar_path} holds no question/answer pairs (cuts with custom pair_id and role "
+                             "user/agent); duplex_demo expects the demo qa_train/qa_val data")
+        rng = random.Random(seed)
+        rng.shuffle(pair_ids)
+        self.conversations = []  # (id, [(utterance cut, start seconds)], duration seconds)
+        first = 0
+        while first < len(pair_ids):
+            group = pair_ids[first : first + rng.choice(DEMO_PAIRS_PER_CONVERSATION)]
+            first += len(group)
+            placed, t = [], rng.uniform(*DEMO_LEAD_IN)
+            for pair_id in group:
+                question, answer = by_pair[pair_id]["user"], by_pair[pair_id]["agent"]
+                placed.append((question, t))
+                t += question.duration + rng.uniform(*DEMO_ANSWER_DELAY)
+                placed.append((answer, t))
+                t += answer.duration + rng.uniform(*DEMO_NEXT_DELAY)
+            self.conversations.append((f"conv-{group[0]}-{len(group)}", placed, t))
+
+    def __iter__(self):
+        for conversation_id, placed, duration in self.conversations:
+            yield _render_conversation(conversation_id, placed, duration)
+
+
+def _render_conversation(conversation_id: str, placed: list, duration: float) -> MonoCut:
+    """Place each utterance on its channel (user or agent) and return the conversation cut."""
+    sample_rate = placed[0][0].sampling_rate
+    num_samples = round(duration * sample_rate)
+    channels = {"user": np.zeros(num_samples, np.float32), "agent": np.zeros(num_samples, np.float32)}
+    supervisions = []
+    for i, (utterance, start) in enumerate(placed):
+        role = utterance.custom["role"]
+        samples = utterance.load_audio()[0]
+        offset = round(start * sample_rate)
+        channels[role][offset : offset + len(samples)] = samples[: num_samples - offset]
+        supervisions.append(SupervisionSegment(
+            id=f"{conversation_id}-{i}", recording_id=conversation_id, start=offset / sample_rate,
+            duration=len(samples) / sample_rate, text=utterance.supervisions[0].text, speaker=role,
+        ))
+    recording = _flac_recording(channels["user"], sample_rate, conversation_id)
+    target_audio = _flac_recording(channels["agent"], sample_rate, f"{conversation_id}-agent")
+    return MonoCut(conversation_id, start=0.0, duration=recording.duration, channel=0, recording=recording,
+                   supervisions=supervisions, custom={"target_audio": target_audio})
+
+
+def _flac_recording(samples: np.ndarray, sample_rate: int, recording_id: str) -> Recording:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, sample_rate, format="FLAC", subtype="PCM_16")
+    return Recording.from_bytes(buffer.getvalue(), recording_id=recording_id)
+
+
+def _clean_text(text: str) -> str:
+    return " ".join(TIMESTAMP_TOKEN.sub(" ", text or "").split())
+
+
+# `type: duplex_demo` (with `shar_path`: the demo QA utterances) joins the readers of `_read_group`.
+SUPPORTED_TYPES = SUPPORTED_TYPES + ("duplex_demo",)
+_read_single_source = _read_cuts
+
+
+def _read_cuts(entry, options, kind, skipped):  # noqa: F811  (extends the reader defined above)
+    if kind != "duplex_demo":
+        return _read_single_source(entry, options, kind, skipped)
+    if not entry.get("shar_path") or not Path(entry["shar_path"]).exists():
+        raise FileNotFoundError(f"duplex_demo: shar_path {entry.get('shar_path')} does not exist (the demo QA "
+                                "utterances, e.g. assets/demo/qa_train; scripts/make_demo_data.py writes them)")
+    return read_duplex_demo(entry["shar_path"], seed=options["seed"])

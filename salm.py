@@ -17,6 +17,7 @@ Parameter names, as `freeze_params` / `prevent_freeze_params` regexes see them (
     llm.model.embed_tokens.weight        token embedding. NeMo moves it out of the LLM to `embed_tokens.*`; here it
                                          stays inside, so `^llm\\.` covers it and `^embed_tokens\\.` matches nothing.
     llm.model.layers.0.self_attn.q_proj.weight, llm.model.norm.weight, llm.lm_head.weight
+                                         (with tied embeddings lm_head.weight is the embedding, listed once)
     llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight   (with `lora:`, peft's names)
     perception.preprocessor.*, perception.encoder.*, perception.modality_adapter.*, perception.proj.*
 
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from data import SALMDataset
 from perception import setup_perception
 
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that are not supervised
@@ -130,17 +132,24 @@ class SALM(nn.Module):
         return {"logits": out.logits, "cache": out.cache}
 
     def training_step(self, batch: dict) -> dict:
+        """loss = loss_sum / count; train.py sums both over micro-batches and ranks for an exact global mean."""
         self._frozen_modules_to_eval()
         inputs = self.prepare_inputs(batch)
         logits = self(inputs["input_embeds"], attention_mask=inputs["attention_mask"])["logits"]
-        loss_sum, num_supervised = _masked_cross_entropy_sum(logits, inputs["target_ids"])
+        loss_sum, count = _masked_cross_entropy_sum(logits, inputs["target_ids"])
         return {
-            "loss": loss_sum / num_supervised.clamp(min=1),
-            "loss_sum": loss_sum,  # for exact means over micro-batches and ranks
-            "num_supervised": int(num_supervised),
+            "loss": loss_sum / count.clamp(min=1),
+            "loss_sum": loss_sum,
+            "count": count,  # supervised tokens
             "num_tokens": int(inputs["attention_mask"].sum()),  # LLM input positions incl. audio frames
-            "audio_seconds": float(batch["audio_lens"].sum()) / self.sampling_rate,
         }
+
+    def make_dataset(self, data_cfg: dict) -> SALMDataset:
+        """The dataset that turns sampled conversations into this model's batches (see data.py)."""
+        train_cfg = data_cfg["train_ds"]
+        return SALMDataset(self.encode_dialog, self.text_pad_id, self.sampling_rate, self.audio_locator_tag,
+                           token_equivalent_duration=self.token_equivalent_duration,
+                           max_tokens=train_cfg.get("max_tokens"))
 
     @torch.no_grad()
     def validation_step(self, batch: dict, generate: bool = False) -> dict:

@@ -32,10 +32,11 @@ SCHEDULERS = ("CosineAnnealing",)
 MAX_BAD_STEPS = 10  # non-finite losses in a row before the run stops
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> torch.nn.Module | None:
+    """Run training as the command line says; returns the trained model (for tests and notebooks)."""
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        return
+        return None
     # 1. distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is rank 0 of 1
     rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
                                     (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
@@ -190,6 +191,7 @@ def main(argv: list[str]) -> None:
         dist.destroy_process_group()
     if bad_steps >= MAX_BAD_STEPS:
         sys.exit(f"error: {stop_reason}")
+    return model
 
 
 class TrainStep(torch.nn.Module):

@@ -6,6 +6,7 @@ that the fixtures write, so every test runs offline in seconds.
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from salm import SALM, replace_placeholders_and_build_targets
 
 TAG = "<|audioplaceholder|>"
 SAMPLE_RATE = 16000
+SHIPPED_LLM = Path(__file__).resolve().parents[1] / "assets" / "tiny-llm"
 # NeMo's tests/collections/speechlm2/test_salm.py::test_salm_dataset, decoded with TinyLlama's tokenizer
 NEMO_LLAMA2_PROMPT = "<s> [INST] Repeat after me: <|audioplaceholder|>  [/INST] Some text transcription. </s>"
 NEMO_TURNS = [
@@ -304,9 +306,8 @@ def test_training_and_validation_step_equal_hand_computation(llm, request):
         out = model.training_step(batch)
     assert torch.isfinite(out["loss"]) and out["loss"] > 0
     torch.testing.assert_close(out["loss"], loss, atol=1e-5, rtol=1e-5)
-    assert out["num_supervised"] == count
+    assert out["count"] == count
     assert out["num_tokens"] == positions
-    assert out["audio_seconds"] == pytest.approx((8000 + 6000 + 3500 + 10000) / SAMPLE_RATE)
 
     val = model.validation_step(batch)
     assert val["count"] == count and val["correct"] == correct
@@ -453,5 +454,23 @@ def test_text_only_batches_and_any_llm_directory(sentencepiece_llm_dir):
             batch, loss, _, count, _ = reference_loss_and_accuracy(model, conversations)
             out = model.training_step(batch)
         torch.testing.assert_close(out["loss"], loss, atol=1e-5, rtol=1e-5)
-        assert out["num_supervised"] == count
+        assert out["count"] == count
         assert math.isfinite(model.validation_step(batch)["loss_sum"])
+
+
+@pytest.mark.skipif(not (SHIPPED_LLM / "config.json").exists(), reason="assets/tiny-llm not generated")
+@pytest.mark.parametrize("prompt_format", ["llama2", "chat_template"])
+def test_shipped_tiny_llm(prompt_format):
+    model = make_model(SHIPPED_LLM, prompt_format=prompt_format)
+    assert model.audio_locator_tag_id < model.text_vocab_size and model.text_pad_id is not None
+    for turns, _ in CONVERSATIONS:
+        encoded = model.encode_dialog(turns)
+        ids, mask = encoded["input_ids"].tolist(), encoded["mask"].tolist()
+        starts = [i for i in range(len(ids)) if mask[i] and (i == 0 or not mask[i - 1])]
+        ends = [i + 1 for i in range(len(ids)) if mask[i] and (i + 1 == len(ids) or not mask[i + 1])]
+        runs = [ids[a:b] for a, b in zip(starts, ends)]  # one run per assistant turn, each closed by EOS
+        assert [model.tokenizer.decode(r, skip_special_tokens=True).strip() for r in runs] == (
+            [t["content"] for t in turns if t["role"] == "assistant"])
+        assert all(r[-1] == model.text_eos_id for r in runs)
+    out = model.training_step(make_batch(model))
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0

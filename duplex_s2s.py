@@ -1,0 +1,650 @@
+"""Full-duplex speech-to-speech: NeMo speechlm2's DuplexS2SModel and DuplexS2SSpeechDecoderModel in plain PyTorch.
+
+Every 80 ms frame the model hears the user and emits the agent's next text token and next audio-codec frame.
+The user channel is continuous (perception embeddings, one per frame); the agent has a text channel (pad, BOS at
+a turn start, its tokens one per frame, pads, EOS where its speech ends; data.py) and a codec channel (K codes
+per frame from a frozen codec) that runs one frame behind the text. At frame t the LLM reads
+
+    user_emb[t] * duplex_user_channel_weight + E_text(text[t]) + sum_k E_k(codes[t-1, k])      (codes[-1] = delay)
+
+and predicts text[t+1] and codes[t]. The speech vocabulary is the codebook plus three control codes: speech
+BOS / EOS replace the codes of the frames where the text channel has BOS / EOS, and the delay code starts a
+session. DuplexS2SSpeechDecoderModel feeds the LLM text + user only and predicts the codes with a separate
+causal transformer (speech_decoder.py) that reads the LLM's last hidden state of each frame and the previous
+frame's codes.
+
+    model = DuplexS2SModel(cfg["model"])
+    out = model.offline_inference(audio_16k, audio_lens)   # greedy, frame by frame, with KV caches
+    out["text"], out["audio"]                              # agent text per session, agent speech at the codec rate
+
+    python duplex_s2s.py --model runs/s2s_duplex/checkpoints/last.ckpt --audio question.wav --out answer/
+
+Parameter names (for `freeze_params`): llm.model.* and llm.lm_head.* (the Hugging Face LLM, as in SALM),
+perception.*, embed_audio_tokens.{k}.*, audio_head.* (speech_decoder.* instead of those two in the speech-decoder
+model) and audio_codec.model.* (the codec: always frozen, fp32, in eval mode).
+
+Where this differs from NeMo, on purpose:
+* The loss covers each session's frames only; NeMo also sums the cross-entropy over the padding of shorter
+  sessions (and divides by the true frame count), so its loss depends on how sessions are batched.
+* The codec must run at the model's frame rate and the data's target sample rate; NeMo truncates mismatched
+  streams silently. The check runs at start-up and names the key to change.
+* Control codes are replaced by the codec's codes of silence before decoding (NeMo uses frame 0 of the batch).
+* The speech-decoder model has no unused `embed_audio_tokens` / `audio_head`.
+* BLEU is corpus BLEU over all sessions, for ASR-BLEU too (NeMo's ASR-BLEU passes its references wrongly).
+* Generated text is decoded turn by turn (split at BOS) and the turns joined with spaces.
+"""
+
+import argparse
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, DynamicCache
+
+from perception import setup_perception
+from salm import apply_freezing, install_lora, load_llm, load_tokenizer
+from speech_decoder import DecoderCache, SpeechDecoder, sample_codes
+
+NUM_CONTROL_CODES = 3  # speech BOS, EOS and delay ids follow the codebook ids
+SUPPORTED_CODECS = ("mimi", "encodec", "dac")
+CODEC_SEED = 1234  # a codec directory without weights is built from its config with this seed
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class DuplexS2SModel(nn.Module):
+    """LLM + streaming perception + frozen audio codec. `cfg` is the `model` section of the config."""
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg["pretrained_llm"], None)
+        self.llm = load_llm(cfg["pretrained_llm"], cfg.get("pretrained_weights", True))
+        if cfg.get("lora") is not None:
+            self.llm = install_lora(self.llm, cfg["lora"])
+        hidden_size = self.embed_tokens.embedding_dim
+        self.perception = setup_perception(cfg, output_dim=hidden_size)
+        self.audio_codec = load_audio_codec(cfg["pretrained_audio_codec"])
+        self.text_loss_weight = float(cfg.get("text_loss_weight", 1.0))
+        self.audio_loss_weight = float(cfg.get("audio_loss_weight", 1.0))
+        self.user_channel_weight = float(cfg.get("duplex_user_channel_weight", 1.0))
+        if self.text_pad_id in (self.text_bos_id, self.text_eos_id):
+            raise ValueError(f"the tokenizer of {cfg['pretrained_llm']} has no pad or unk token distinct from "
+                             "BOS/EOS; the text channel needs one for silent frames")
+        codec_frame = 1 / self.audio_codec.frame_rate
+        if not math.isclose(codec_frame, self.perception.token_equivalent_duration, rel_tol=1e-3):
+            raise ValueError(
+                f"pretrained_audio_codec {cfg['pretrained_audio_codec']} makes a frame every {codec_frame:.4f} s "
+                f"but the perception encoder every {self.perception.token_equivalent_duration:.4f} s; the two "
+                "streams must run at the same rate (change the codec or perception's subsampling)")
+        self._build_audio_output(hidden_size)
+        apply_freezing(self, cfg.get("freeze_params") or [], cfg.get("prevent_freeze_params") or [])
+        self._scorer = None  # the scoring ASR, loaded on first use and kept out of the state dict
+
+    def _build_audio_output(self, hidden_size: int) -> None:
+        """Channel fusion input (one embedding table per codebook) and the K-codebook output head."""
+        K, V = self.num_codebooks, self.speech_vocab_size
+        self.embed_audio_tokens = nn.ModuleList(nn.Embedding(V, hidden_size) for _ in range(K))
+        self.audio_head = nn.Linear(hidden_size, K * V)
+
+    # ---- vocabulary ---------------------------------------------------------------------------------------
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.llm.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.llm.get_output_embeddings()
+
+    @property
+    def text_pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @property
+    def text_bos_id(self) -> int:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def text_eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.audio_codec.num_codebooks
+
+    @property
+    def speech_vocab_size(self) -> int:
+        return self.audio_codec.codebook_size + NUM_CONTROL_CODES
+
+    @property
+    def speech_bos_id(self) -> int:
+        return self.audio_codec.codebook_size
+
+    @property
+    def speech_eos_id(self) -> int:
+        return self.audio_codec.codebook_size + 1
+
+    @property
+    def speech_delay_id(self) -> int:
+        return self.audio_codec.codebook_size + 2
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    # ---- data ---------------------------------------------------------------------------------------------
+
+    def make_dataset(self, data_cfg: dict):
+        """The duplex dataset for the `data` section, after checking that it fits the codec and perception."""
+        from data import DuplexS2SDataset
+
+        check_data_config(data_cfg, self.audio_codec, self.perception, self.cfg["pretrained_audio_codec"])
+        return DuplexS2SDataset(self.tokenizer, self.text_pad_id, data_cfg["frame_length"],
+                                data_cfg["source_sample_rate"], data_cfg["target_sample_rate"],
+                                data_cfg["input_roles"], data_cfg["output_roles"])
+
+    def prepare_inputs(self, batch: dict) -> dict:
+        """Batch -> per-frame inputs and labels, shifted by one frame (text[t], codes[t-1] in; text[t+1], codes[t] out)."""
+        user_embeds, user_lens = self.perception(batch["source_audio"], batch["source_audio_lens"])  # (B, T, H)
+        codes, code_lens = self.audio_codec.encode(batch["target_audio"], batch["target_audio_lens"])  # (B, Tc, K)
+        text = batch["target_tokens"]
+        T = min(user_embeds.size(1), codes.size(1))  # equal rates: they differ by a rounding frame at most
+        text = F.pad(text, (0, max(0, T - text.size(1))), value=self.text_pad_id)[:, :T]  # (B, T)
+        user_embeds, codes = user_embeds[:, :T], codes[:, :T]
+        lens = torch.minimum(user_lens, code_lens).clamp(max=T)
+        codes = torch.where(text[..., None] == self.text_bos_id, self.speech_bos_id, codes)
+        codes = torch.where(text[..., None] == self.text_eos_id, self.speech_eos_id, codes)
+        delay = torch.full_like(codes[:, :1], self.speech_delay_id)
+        codes = torch.cat([delay, codes[:, :-1]], dim=1)  # audio one frame behind text; (B, T, K)
+        return {
+            "user_embeds": user_embeds[:, :-1],  # (B, T-1, H)
+            "text_inputs": text[:, :-1],  # (B, T-1)
+            "audio_inputs": codes[:, :-1],  # (B, T-1, K)
+            "text_labels": text[:, 1:],
+            "audio_labels": codes[:, 1:],
+            "frame_lens": (lens - 1).clamp(min=0),  # (B,) supervised frames per session
+        }
+
+    # ---- model --------------------------------------------------------------------------------------------
+
+    def forward(self, user_embeds: Tensor, text_ids: Tensor, audio_ids: Tensor, state: "DuplexState | None" = None):
+        """user_embeds (B, T, H), text_ids (B, T), audio_ids (B, T, K) -> text logits (B, T, V_text) and audio
+        logits (B, T, K, V_speech). With a state, the T frames continue the session it holds."""
+        embeds = self._fuse(user_embeds, text_ids) + sum(
+            emb(audio_ids[..., k]) for k, emb in enumerate(self.embed_audio_tokens))
+        hidden = self._llm_hidden(embeds, state)
+        B, T, _ = hidden.shape
+        return self.lm_head(hidden), self.audio_head(hidden).view(B, T, self.num_codebooks, self.speech_vocab_size)
+
+    def _fuse(self, user_embeds: Tensor, text_ids: Tensor) -> Tensor:
+        return user_embeds * self.user_channel_weight + self.embed_tokens(text_ids)
+
+    def _llm_hidden(self, embeds: Tensor, state: "DuplexState | None") -> Tensor:
+        """The LLM's last hidden states (B, T, H); causal attention, right padding only, so no mask is needed."""
+        cache = state.llm_cache if state is not None else None
+        out = self.llm.get_decoder()(inputs_embeds=embeds, cache=cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+    # ---- training and validation --------------------------------------------------------------------------
+
+    def training_step(self, batch: dict) -> dict:
+        self._frozen_modules_to_eval()
+        inputs = self.prepare_inputs(batch)
+        text_logits, audio_logits = self(inputs["user_embeds"], inputs["text_inputs"], inputs["audio_inputs"])
+        text_sum, audio_sum, num_frames = self.loss_sums(text_logits, audio_logits, inputs)
+        loss_sum = self.text_loss_weight * text_sum + self.audio_loss_weight * audio_sum / self.num_codebooks
+        n = max(num_frames, 1)
+        return {
+            "loss": loss_sum / n,
+            "loss_sum": loss_sum,  # loss_sum / count is NeMo's weighted loss, exactly over micro-batches and ranks
+            "count": num_frames,
+            "num_tokens": num_frames,
+            "log": {"text_loss": text_sum.item() / n, "audio_loss": audio_sum.item() / (n * self.num_codebooks)},
+        }
+
+    def loss_sums(self, text_logits: Tensor, audio_logits: Tensor, inputs: dict) -> tuple[Tensor, Tensor, int]:
+        """Summed text CE, summed audio CE (over frames and codebooks) and the number of frames, in fp32."""
+        frames = torch.arange(text_logits.size(1), device=text_logits.device)
+        mask = frames < inputs["frame_lens"][:, None]  # (B, T-1)
+        text_sum = F.cross_entropy(text_logits[mask].float(), inputs["text_labels"][mask], reduction="sum")
+        audio_sum = F.cross_entropy(audio_logits[mask].flatten(0, 1).float(), inputs["audio_labels"][mask].flatten(),
+                                    reduction="sum")
+        return text_sum, audio_sum, int(mask.sum())
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, generate: bool = False) -> dict:
+        """Summed teacher-forced losses; with generate=True also the sessions answered by `offline_inference`:
+        "pairs" (reference agent text, generated text) and, with a scoring ASR, "asr_pairs" (reference, transcript
+        of the generated speech)."""
+        inputs = self.prepare_inputs(batch)
+        text_logits, audio_logits = self(inputs["user_embeds"], inputs["text_inputs"], inputs["audio_inputs"])
+        text_sum, audio_sum, num_frames = self.loss_sums(text_logits, audio_logits, inputs)
+        out = {"text_loss_sum": float(text_sum), "audio_loss_sum": float(audio_sum) / self.num_codebooks,
+               "num_frames": num_frames}
+        if generate:
+            scorer = self._scoring_asr()
+            results = self.offline_inference(batch["source_audio"], batch["source_audio_lens"],
+                                             decode_audio=scorer is not None)
+            out["pairs"] = list(zip(batch["target_texts"], results["text"]))
+            if scorer is not None:
+                clips = [a[:n] for a, n in zip(results["audio"], results["audio_len"])]
+                out["asr_pairs"] = list(zip(batch["target_texts"], scorer.transcribe(clips, self.audio_codec.sample_rate)))
+        return out
+
+    def validation_summary(self, totals: dict) -> dict:
+        """Summed `validation_step` outputs of one validation set -> losses and BLEU scores."""
+        n = max(totals["num_frames"], 1)
+        text_loss, audio_loss = totals["text_loss_sum"] / n, totals["audio_loss_sum"] / n
+        summary = {"text_loss": text_loss, "audio_loss": audio_loss,
+                   "loss": self.text_loss_weight * text_loss + self.audio_loss_weight * audio_loss}
+        if totals.get("pairs"):
+            summary["txt_bleu"] = corpus_bleu(totals["pairs"])
+        if totals.get("asr_pairs"):
+            summary["asr_bleu"] = corpus_bleu(totals["asr_pairs"])
+        return summary
+
+    def _scoring_asr(self) -> "ScoringASR | None":
+        if self._scorer is None:
+            name = self.cfg.get("scoring_asr")
+            if not name:
+                print("validation: model.scoring_asr is not set, so ASR-BLEU is skipped (text BLEU only)")
+                self._scorer = False
+            else:
+                self._scorer = ScoringASR(name, self.device)
+        return self._scorer or None
+
+    def _frozen_modules_to_eval(self) -> None:
+        """Modules without trainable parameters run in eval mode (no dropout, no dither), as NeMo does."""
+        for module in (self.llm, *self.perception.children()):
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+    # ---- inference ----------------------------------------------------------------------------------------
+
+    def new_state(self, batch_size: int) -> "DuplexState":
+        """The state of `batch_size` fresh sessions: empty caches, and the inputs of the first frame (text pad,
+        the delay code)."""
+        return DuplexState(
+            llm_cache=DynamicCache(config=self.llm.config),
+            text=torch.full((batch_size,), self.text_pad_id, dtype=torch.long, device=self.device),
+            codes=torch.full((batch_size, self.num_codebooks), self.speech_delay_id, dtype=torch.long, device=self.device),
+        )
+
+    @torch.no_grad()
+    def step(self, state: "DuplexState", user_frame: Tensor, temperature: float = 0.0, top_k: int | None = None):
+        """Feed one frame of user embeddings (B, 1, H); returns the agent's next text token (B,) and codec frame
+        (B, K) and advances `state`. Codes are greedy unless a temperature is given (then sampled, top-k)."""
+        text_logits, audio_logits = self(user_frame, state.text[:, None], state.codes[:, None], state)
+        state.text = text_logits[:, -1].argmax(-1)
+        state.codes = sample_codes(audio_logits[:, -1], temperature, top_k)
+        return state.text, state.codes
+
+    @torch.no_grad()
+    def offline_inference(self, audio: Tensor, audio_lens: Tensor, decode_audio: bool = True,
+                          temperature: float = 0.0, top_k: int | None = None) -> dict:
+        """Answer whole recordings frame by frame, as a live session would (the perception runs once over the
+        whole input; with a causal encoder each frame still sees only the past and its chunk).
+
+        audio: (B, T_samples) at the perception's sample rate, audio_lens (B,). Returns "text" (list of str),
+        "tokens_text" (B, T), "tokens_audio" (B, T, K), "tokens_len" (B,), and with decode_audio "audio"
+        (B, T_out) float32 at the codec's rate and "audio_len" (B,).
+        """
+        user_embeds, lens = self.perception(audio.to(self.device), torch.as_tensor(audio_lens, device=self.device))
+        B, T, _ = user_embeds.shape
+        state = self.new_state(B)
+        tokens_text = torch.full((B, T), self.text_pad_id, dtype=torch.long, device=self.device)
+        tokens_audio = torch.zeros(B, T, self.num_codebooks, dtype=torch.long, device=self.device)
+        for t in range(T):
+            tokens_text[:, t], tokens_audio[:, t] = self.step(state, user_embeds[:, t : t + 1], temperature, top_k)
+        out = {"text": [self.decode_text(ids[:n]) for ids, n in zip(tokens_text, lens)],
+               "tokens_text": tokens_text, "tokens_audio": tokens_audio, "tokens_len": lens}
+        if decode_audio:
+            codes = torch.where(tokens_audio >= self.audio_codec.codebook_size, self.audio_codec.silence_codes,
+                                tokens_audio)
+            out["audio"], out["audio_len"] = self.audio_codec.decode(codes, lens)
+        return out
+
+    def decode_text(self, ids: Tensor) -> str:
+        """Text channel -> the agent's words: each turn (from a BOS) decoded on its own, turns joined by spaces."""
+        ids = ids.tolist()
+        starts = [0] + [i for i, t in enumerate(ids) if t == self.text_bos_id] + [len(ids)]
+        turns = [self.tokenizer.decode(ids[a:b], skip_special_tokens=True).strip() for a, b in zip(starts, starts[1:])]
+        return " ".join(t for t in turns if t)
+
+
+class DuplexS2SSpeechDecoderModel(DuplexS2SModel):
+    """DuplexS2SModel whose codec frames come from an autoregressive speech decoder (`speech_decoder` section):
+    the LLM reads text + user only; the decoder reads the LLM's last hidden state and the previous frame's codes."""
+
+    def _build_audio_output(self, hidden_size: int) -> None:
+        self.speech_decoder = SpeechDecoder(self.cfg["speech_decoder"], hidden_size, self.num_codebooks,
+                                            self.speech_vocab_size)
+
+    def forward(self, user_embeds: Tensor, text_ids: Tensor, audio_ids: Tensor, state: "DuplexState | None" = None):
+        hidden = self._llm_hidden(self._fuse(user_embeds, text_ids), state)
+        cache = state.decoder_cache if state is not None else None
+        return self.lm_head(hidden), self.speech_decoder(hidden, audio_ids, cache=cache)
+
+    def new_state(self, batch_size: int) -> "DuplexState":
+        state = super().new_state(batch_size)
+        state.decoder_cache = self.speech_decoder.new_cache()
+        return state
+
+
+@dataclass
+class DuplexState:
+    """What a session carries from frame to frame: the KV caches and the last frame's outputs (the next inputs)."""
+    llm_cache: DynamicCache
+    text: Tensor  # (B,)
+    codes: Tensor  # (B, K)
+    decoder_cache: DecoderCache | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# audio codec
+
+class AudioCodec(nn.Module):
+    """A frozen transformers codec (Mimi, Encodec or DAC): audio (B, T) <-> codes (B, T_frames, K), in fp32."""
+
+    keep_fp32 = True  # train.py keeps this module in fp32 under bf16-true
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval().float()
+        for p in self.model.parameters():
+            p.requires_grad = False
+        config = model.config
+        self.kind = config.model_type
+        self.sample_rate = int(config.sampling_rate)
+        self.codebook_size = int(config.codebook_size)
+        if self.kind == "mimi":
+            self.samples_per_frame = round(config.sampling_rate / config.frame_rate)
+        elif self.kind == "encodec":
+            self.samples_per_frame = int(np.prod(config.upsampling_ratios))
+        else:
+            self.samples_per_frame = int(config.hop_length)
+        self.frame_rate = self.sample_rate / self.samples_per_frame
+        self.register_buffer("silence_codes", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._refresh()
+        self.num_codebooks = len(self.silence_codes)
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module._refresh())
+
+    def train(self, mode: bool = True) -> "AudioCodec":
+        return super().train(False)  # always frozen
+
+    @torch.no_grad()
+    def encode(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """audio (B, T) at `sample_rate` -> codes (B, T_frames, K) int64 and their lengths (B,)."""
+        with torch.autocast(audio.device.type, enabled=False):
+            self._forget_codebook_caches()
+            x = audio.float()[:, None]  # (B, 1, T)
+            if self.kind == "encodec":
+                codes = self.model.encode(x, bandwidth=max(self.model.config.target_bandwidths)).audio_codes[0]
+            else:
+                codes = self.model.encode(x).audio_codes  # (B, K, T_frames)
+        lens = torch.div(audio_lens + self.samples_per_frame - 1, self.samples_per_frame, rounding_mode="floor")
+        return codes.transpose(1, 2).long(), lens.clamp(max=codes.size(-1))
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor, code_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """codes (B, T_frames, K) -> audio (B, T_frames * samples_per_frame) float32 and lengths (B,)."""
+        with torch.autocast(codes.device.type, enabled=False):
+            self._forget_codebook_caches()
+            codes = codes.transpose(1, 2)  # (B, K, T_frames)
+            if self.kind == "encodec":
+                audio = self.model.decode(codes[None], [None]).audio_values
+            elif self.kind == "dac":
+                audio = self.model.decode(audio_codes=codes).audio_values
+            else:
+                audio = self.model.decode(codes).audio_values
+        audio = audio.reshape(codes.size(0), -1)[:, : codes.size(-1) * self.samples_per_frame].float()
+        return audio, code_lens * self.samples_per_frame
+
+    def _refresh(self) -> None:
+        """(Re)compute what derives from the weights: the codes of one frame of silence (steady state)."""
+        silence = torch.zeros(1, self.sample_rate, device=self.silence_codes.device)
+        codes, _ = self.encode(silence, torch.tensor([self.sample_rate], device=silence.device))
+        self.silence_codes = codes[0, -1]
+
+    def _forget_codebook_caches(self) -> None:
+        # Mimi/Encodec codebooks cache `embed_sum / cluster_usage` on first use; recompute it after any load or move
+        for module in self.model.modules():
+            if hasattr(module, "_embed") and hasattr(module, "embed_sum"):
+                module._embed = None
+
+
+def load_audio_codec(name_or_path: str) -> AudioCodec:
+    """A local directory or hub name of a codec transformers loads. A local directory without weights (the
+    offline default, assets/tiny-mimi) must hold a Mimi config: it is built with a fixed seed and seeded
+    codebooks (a fresh Mimi's codebooks are all zero, which would make every code 0)."""
+    supported = ("a transformers MimiModel (24 kHz, 12.5 frames/s: the 80 ms frame), or an EncodecModel / "
+                 "DacModel whose frame rate is 1 / data.frame_length")
+    if str(name_or_path).endswith(".nemo"):
+        raise ValueError(f"pretrained_audio_codec {name_or_path}: NeMo codec checkpoints (.nemo) are not supported; "
+                         f"use a local directory or hub name of {supported}")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FileNotFoundError(f"cannot load pretrained_audio_codec '{name_or_path}': {reason}") from None
+    if config.model_type not in SUPPORTED_CODECS:
+        raise ValueError(f"pretrained_audio_codec {name_or_path} is a '{config.model_type}' model; use {supported}")
+    path = Path(name_or_path)
+    if path.is_dir() and not any((path / f).exists() for f in WEIGHT_FILES):
+        if config.model_type != "mimi":
+            raise ValueError(f"pretrained_audio_codec {path} holds no weights; only a Mimi config can be used "
+                             "without them (scripts/make_tiny_codec.py)")
+        with torch.random.fork_rng():
+            torch.manual_seed(CODEC_SEED)
+            model = AutoModel.from_config(config, dtype=torch.float32).eval()
+            seed_mimi_codebooks(model, torch.Generator().manual_seed(CODEC_SEED))
+    else:
+        model = AutoModel.from_pretrained(name_or_path, dtype=torch.float32)
+    return AudioCodec(model)
+
+
+@torch.no_grad()
+def seed_mimi_codebooks(model: nn.Module, generator: torch.Generator, seconds: float = 20.0) -> None:
+    """Give a randomly initialised Mimi codebooks that spread over what its encoder outputs.
+
+    A seeded probe signal (noise bursts of random loudness between silences) is encoded; each residual
+    quantizer's codebook is drawn from the residuals that reach it, plus a little noise. Random codebooks
+    alone sit far from the encoder's outputs and map nearly every frame to the same few codes.
+    """
+    frame = round(model.config.sampling_rate / model.config.frame_rate)
+    num_frames = int(seconds * model.config.frame_rate)
+    loudness = torch.rand(num_frames, 1, generator=generator) ** 3 * (torch.rand(num_frames, 1, generator=generator) > 0.3)
+    probe = (0.5 * loudness * torch.randn(num_frames, frame, generator=generator)).reshape(1, 1, -1)
+    latents = model.encoder(probe).latents  # (1, D, T)
+    quantizer = model.quantizer
+    for rvq in (quantizer.semantic_residual_vector_quantizer, quantizer.acoustic_residual_vector_quantizer):
+        residual = (rvq.input_proj(latents) if rvq.input_proj is not None else latents)[0].T  # (T, D_q)
+        for layer in rvq.layers:
+            codebook = layer.codebook
+            picks = torch.randint(len(residual), (codebook.codebook_size,), generator=generator)
+            noise = torch.randn(codebook.codebook_size, residual.size(1), generator=generator)
+            embed = residual[picks] + 0.1 * residual.std(0) * noise
+            codebook.embed_sum.copy_(embed * codebook.cluster_usage[:, None])
+            codebook.initialized.fill_(1)
+            codebook._embed = None
+            residual = residual - embed[torch.cdist(residual, embed).argmin(-1)]
+
+
+def check_data_config(data_cfg: dict, codec: AudioCodec, perception, codec_name: str) -> None:
+    """The data must match the codec's frame and sample rates and the perception's sample rate."""
+    frame_length = float(data_cfg["frame_length"])
+    if not math.isclose(codec.frame_rate * frame_length, 1.0, rel_tol=1e-3):
+        raise ValueError(
+            f"pretrained_audio_codec {codec_name} runs at {codec.frame_rate:g} frames/s but data.frame_length is "
+            f"{frame_length:g} s ({1 / frame_length:g} frames/s): set data.frame_length to {1 / codec.frame_rate:g} "
+            "or use a codec with that frame rate")
+    if int(data_cfg["target_sample_rate"]) != codec.sample_rate:
+        raise ValueError(f"pretrained_audio_codec {codec_name} works at {codec.sample_rate} Hz but "
+                         f"data.target_sample_rate is {data_cfg['target_sample_rate']}: set data.target_sample_rate "
+                         f"to {codec.sample_rate}")
+    if int(data_cfg["source_sample_rate"]) != perception.sample_rate:
+        raise ValueError(f"the perception's preprocessor works at {perception.sample_rate} Hz but "
+                         f"data.source_sample_rate is {data_cfg['source_sample_rate']}: set data.source_sample_rate "
+                         f"to {perception.sample_rate}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring
+
+def corpus_bleu(pairs: list[tuple[str, str]]) -> float:
+    """sacreBLEU corpus BLEU of (reference, hypothesis) pairs, lower-cased without punctuation on both sides."""
+    import sacrebleu
+
+    references = [normalize_text(r) for r, _ in pairs]
+    hypotheses = [normalize_text(h) for _, h in pairs]
+    return sacrebleu.corpus_bleu(hypotheses, [references]).score
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+
+
+class ScoringASR:
+    """Transcribes generated agent speech for ASR-BLEU, in fp32. `name_or_path`: a SALM checkpoint of this
+    project (a train.py .ckpt file or run directory) or a transformers speech-recognition model (directory or
+    hub name)."""
+
+    def __init__(self, name_or_path: str, device: torch.device):
+        self.salm = self.pipeline = None
+        checkpoint = find_checkpoint(name_or_path)
+        if checkpoint is not None:
+            from salm import SALM
+
+            config, state = load_checkpoint(checkpoint)
+            self.salm = SALM({**config["model"], "pretrained_weights": False}).float()
+            self.salm.load_state_dict(state)
+            self.salm.eval().to(device)
+            context = _find_value(config.get("data", {}).get("train_ds", {}), "context")
+            self.prompt = f"{context} {self.salm.audio_locator_tag}" if context else self.salm.audio_locator_tag
+            self.sample_rate = self.salm.sampling_rate
+        else:
+            from transformers import pipeline
+
+            try:
+                self.pipeline = pipeline("automatic-speech-recognition", model=str(name_or_path), device=device,
+                                         dtype=torch.float32)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"model.scoring_asr '{name_or_path}' is neither a SALM checkpoint of this project "
+                                 f"nor a transformers speech-recognition model: {str(e).splitlines()[0]}") from None
+            self.sample_rate = self.pipeline.feature_extractor.sampling_rate
+
+    @torch.no_grad()
+    def transcribe(self, clips: list[Tensor], sample_rate: int) -> list[str]:
+        clips = [resample(c.float().cpu().numpy(), sample_rate, self.sample_rate) for c in clips]
+        if self.pipeline is not None:
+            return [out["text"].strip() for out in self.pipeline([{"raw": c, "sampling_rate": self.sample_rate}
+                                                                  for c in clips])]
+        audios = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(c) for c in clips], batch_first=True)
+        lens = torch.tensor([len(c) for c in clips])
+        prompts = [[{"role": "user", "content": self.prompt}] for _ in clips]
+        ids = self.salm.generate(prompts, audios=audios.to(self.salm.device), audio_lens=lens, max_new_tokens=128)
+        return [t.strip() for t in self.salm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def resample(samples: np.ndarray, rate: int, new_rate: int) -> np.ndarray:
+    from scipy.signal import resample_poly
+
+    if rate == new_rate:
+        return samples.astype(np.float32)
+    g = math.gcd(rate, new_rate)
+    return resample_poly(samples, new_rate // g, rate // g).astype(np.float32)
+
+
+def _find_value(node, key: str):
+    """The first value of `key` anywhere in a nested dict/list (e.g. the `context` tag of SALM's training data)."""
+    if isinstance(node, dict):
+        if isinstance(node.get(key), str):
+            return node[key]
+        node = list(node.values())
+    if isinstance(node, list):
+        for item in node:
+            found = _find_value(item, key)
+            if found:
+                return found
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints and the command line
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A train.py checkpoint: the file itself, or a run directory's checkpoints/last.ckpt (or its last.ckpt)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".ckpt":
+        return path
+    for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(full config, model state_dict) of a train.py checkpoint."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
+    return state["config"], state["model"]
+
+
+def load_model(path: str | Path) -> DuplexS2SModel:
+    """A duplex model from a train.py checkpoint (.ckpt file or run directory), in eval mode."""
+    checkpoint = find_checkpoint(path)
+    if checkpoint is None:
+        raise FileNotFoundError(f"--model {path}: no checkpoint there (a .ckpt file written by train.py, or its run "
+                                "directory holding checkpoints/last.ckpt)")
+    config, state = load_checkpoint(checkpoint)
+    model_cfg = {**config["model"], "pretrained_weights": False}  # every weight comes from the checkpoint
+    cls = DuplexS2SSpeechDecoderModel if model_cfg.get("speech_decoder") else DuplexS2SModel
+    model = cls(model_cfg)
+    model.load_state_dict(state)
+    if "data" in config:
+        check_data_config(config["data"], model.audio_codec, model.perception, model_cfg["pretrained_audio_codec"])
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Answer a recording with a trained duplex model: writes the "
+                                                 "agent's speech (agent.wav) and text (agent.txt).")
+    parser.add_argument("--model", required=True, help="train.py checkpoint (.ckpt) or run directory")
+    parser.add_argument("--audio", required=True, help="the user's side of the conversation (any sample rate)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    import soundfile
+
+    from salm import load_audio_files
+
+    model = load_model(args.model).to(args.device)
+    audio, audio_lens = load_audio_files([args.audio], model.perception.sample_rate)
+    start = time.perf_counter()
+    result = model.offline_inference(audio, audio_lens)
+    elapsed = time.perf_counter() - start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    agent = result["audio"][0, : int(result["audio_len"][0])].cpu().numpy()
+    soundfile.write(out / "agent.wav", agent, model.audio_codec.sample_rate)
+    (out / "agent.txt").write_text(result["text"][0] + "\n")
+    frames = int(result["tokens_len"][0])
+    print(f"{frames} frames in {elapsed:.2f} s ({1000 * elapsed / max(frames, 1):.1f} ms per frame)")
+    print(f"agent: {result['text'][0]}")
+    print(f"wrote {out / 'agent.wav'} and {out / 'agent.txt'}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
