@@ -158,7 +158,7 @@ class DuplexS2SModel(nn.Module):
         T = min(user_embeds.size(1), codes.size(1))  # equal rates: they differ by a rounding frame at most
         text = F.pad(text, (0, max(0, T - text.size(1))), value=self.text_pad_id)[:, :T]  # (B, T)
         user_embeds, codes = user_embeds[:, :T], codes[:, :T]
-        lens = torch.minimum(user_lens, code_lens).clamp(max=T)
+        lens = torch.minimum(torch.minimum(user_lens, code_lens), batch["target_token_lens"]).clamp(max=T)
         codes = torch.where(text[..., None] == self.text_bos_id, self.speech_bos_id, codes)
         codes = torch.where(text[..., None] == self.text_eos_id, self.speech_eos_id, codes)
         delay = torch.full_like(codes[:, :1], self.speech_delay_id)

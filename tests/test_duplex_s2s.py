@@ -1,0 +1,439 @@
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from lhotse import CutSet, Recording, SupervisionSegment
+from lhotse.cut import MonoCut
+from lhotse.testing.dummies import dummy_recording
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import EncodecConfig, EncodecModel, LlamaConfig, PreTrainedTokenizerFast
+
+import duplex_s2s
+from data import DuplexS2SDataset, build_token_channel, read_duplex_demo, read_inputs
+from duplex_s2s import (
+    AudioCodec,
+    DuplexS2SModel,
+    DuplexS2SSpeechDecoderModel,
+    check_data_config,
+    corpus_bleu,
+    load_audio_codec,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MIMI = ROOT / "assets" / "tiny-mimi"
+WORDS = ("what is two plus three five comes after four the sky blue color hello okay hi ok yes no one six seven eight "
+         "nine ten red green").split()
+DATA_CFG = dict(frame_length=0.08, source_sample_rate=16000, target_sample_rate=24000, input_roles=["user"],
+                output_roles=["agent", "assistant"])
+SPEECH_DECODER = dict(d_model=32, n_layers=1, n_heads=4, d_kv=8, d_ff=64, max_seq_len=512, dropout=0.0,
+                      layernorm_epsilon=1e-5, activation_function="gelu_new", init_method_std=0.02, use_cache=True)
+NO_DROPOUT = dict(dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0, dropout_att=0.0)
+CAUSAL = dict(causal_downsampling=True, att_context_size=[70, 1], att_context_style="chunked_limited",
+              conv_context_size="causal", conv_norm_type="layer_norm")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread start-up costs more than it saves
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def llm_dir(tmp_path_factory):
+    """A tiny Llama with a byte-level BPE tokenizer (<unk> 0, <s> 1, </s> 2, <pad> 3)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([" ".join(WORDS)] * 3, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+    path = tmp_path_factory.mktemp("llm")
+    fast.save_pretrained(path)
+    LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3).save_pretrained(path)
+    return path
+
+
+def model_cfg(llm_dir, speech_decoder=False, causal=True, **overrides) -> dict:
+    encoder = dict(feat_in=80, n_layers=1, d_model=32, n_heads=4, subsampling="dw_striding", subsampling_factor=8,
+                   subsampling_conv_channels=16, ff_expansion_factor=2, conv_kernel_size=9, **NO_DROPOUT)
+    adapter = dict(_target_="nemo.collections.asr.modules.ConformerEncoder", feat_in=32, n_layers=1, d_model=32,
+                   n_heads=4, subsampling_factor=1, ff_expansion_factor=2, conv_kernel_size=9, **NO_DROPOUT)
+    if causal:
+        encoder, adapter = dict(encoder, **CAUSAL), dict(adapter, **CAUSAL)
+    cfg = {
+        "pretrained_llm": str(llm_dir), "pretrained_audio_codec": str(TINY_MIMI), "pretrained_weights": False,
+        "freeze_params": ["^audio_codec\\..+$"], "audio_loss_weight": 1, "text_loss_weight": 3,
+        "perception": {"preprocessor": dict(features=80, normalize="NA", dither=0.0), "encoder": encoder,
+                       "modality_adapter": adapter},
+    }
+    if speech_decoder:
+        cfg["speech_decoder"] = dict(SPEECH_DECODER)
+    return {**cfg, **overrides}
+
+
+def build(llm_dir, speech_decoder=False, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cls = DuplexS2SSpeechDecoderModel if speech_decoder else DuplexS2SModel
+    return cls(model_cfg(llm_dir, speech_decoder, **overrides)).eval()
+
+
+def tones(text: str, sample_rate: int = 16000, seconds_per_word: float = 0.2) -> np.ndarray:
+    """Stand-in speech: one tone per word, its pitch set by the word."""
+    t = np.arange(int(seconds_per_word * sample_rate)) / sample_rate
+    return np.concatenate([0.3 * np.sin(2 * np.pi * (200 + 40 * WORDS.index(w)) * t) for w in text.split()])
+
+
+def memory_cut(cut_id: str, samples: np.ndarray, sample_rate: int = 16000) -> MonoCut:
+    buffer = sf.SoundFile  # noqa: F841  (keeps the import used by name in a readable way)
+    import io
+
+    data = io.BytesIO()
+    sf.write(data, samples.astype(np.float32), sample_rate, format="FLAC", subtype="PCM_16")
+    return Recording.from_bytes(data.getvalue(), recording_id=cut_id).to_cut()
+
+
+QA = [("what is two plus three", "two plus three is five"), ("what comes after four", "five comes after four"),
+      ("what color is the sky", "the sky is blue"), ("what is one plus one", "one plus one is two"),
+      ("what is six plus two", "six plus two is eight"), ("what comes after nine", "ten comes after nine")]
+
+
+@pytest.fixture(scope="session")
+def qa_shar(tmp_path_factory):
+    """Question/answer utterances laid out as the demo data: custom pair_id and role, speaker = role."""
+    cuts = []
+    for i, (question, answer) in enumerate(QA):
+        for role, text in (("user", question), ("agent", answer)):
+            cut = memory_cut(f"qa-{i}-{role}", tones(text))
+            cut.supervisions = [SupervisionSegment(cut.id, cut.id, 0.0, cut.duration, text=text, speaker=role)]
+            cut.custom = {"pair_id": f"qa-{i}", "role": role}
+            cuts.append(cut)
+    path = tmp_path_factory.mktemp("qa")
+    CutSet.from_cuts(cuts).to_shar(path, fields={"recording": "flac"}, shard_size=100)
+    return path
+
+
+@pytest.fixture(scope="session")
+def conversations(qa_shar):
+    return list(read_duplex_demo(qa_shar, seed=0))
+
+
+def make_batch(model, cuts):
+    return model.make_dataset(DATA_CFG)[CutSet.from_cuts(cuts)]
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+def nemo_example_cut() -> MonoCut:
+    """NeMo's test_s2s_dataset cut: 1 s, user "hi" 0-0.1, assistant "hello" 0.3-0.4, user "ok" 0.5-0.6,
+    assistant "okay" 0.6-1.0."""
+    recording = dummy_recording(0, duration=1.0, with_data=True)
+    turns = [("user", "hi", 0.0, 0.1), ("assistant", "hello", 0.3, 0.1), ("user", "ok", 0.5, 0.1),
+             ("assistant", "okay", 0.6, 0.4)]
+    supervisions = [SupervisionSegment(f"s{i}", recording.id, start, duration, text=text, speaker=role)
+                    for i, (role, text, start, duration) in enumerate(turns)]
+    return MonoCut("example", 0.0, 1.0, 0, recording=recording, supervisions=supervisions,
+                   custom={"target_audio": dummy_recording(1, duration=1.0, with_data=True)})
+
+
+# NeMo's vectors for that cut with TinyLlama's tokenizer (pad 0, BOS 1, EOS 2; "hello" and "ok" one token each).
+NEMO_TARGET_TOKENS = [0, 0, 0, 0, 1, 2, 0, 0, 1, 20759, 0, 0, 0]
+NEMO_SOURCE_TOKENS = [1, 2, 0, 0, 0, 0, 1, 3431, 2, 0, 0, 0, 0]
+
+
+def test_text_channel_of_nemo_example(llm_dir):
+    model = build(llm_dir)
+    tok, pad, bos, eos = model.tokenizer, model.text_pad_id, model.text_bos_id, model.text_eos_id
+    batch = model.make_dataset(dict(DATA_CFG, output_roles=["assistant"]))[CutSet.from_cuts([nemo_example_cut()])]
+    target, source = batch["target_tokens"][0].tolist(), batch["source_tokens"][0].tolist()
+    marks = lambda row, b, e: [("B" if t == b else "E" if t == e else ".") for t in row]
+    # BOS and EOS on the same frames as NeMo's
+    assert marks(target, bos, eos) == marks(NEMO_TARGET_TOKENS, 1, 2)
+    assert marks(source, bos, eos) == marks(NEMO_SOURCE_TOKENS, 1, 2)
+    # by hand: text right after each BOS, one token per frame; EOS at the end-of-speech frame over "hello"'s
+    # first token; this tokenizer splits some words, so their later pieces take NeMo's pad frames
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    expected = [pad] * 13
+    expected[4 : 5 + len(ids("hello"))] = [bos] + ids("hello")
+    expected[5] = eos
+    expected[8 : 9 + len(ids("okay"))] = [bos] + ids("okay")
+    assert target == expected
+    nemo_pads = [i for i, t in enumerate(NEMO_TARGET_TOKENS) if t == 0]
+    spill = set(range(6, 5 + len(ids("hello")))) | set(range(10, 9 + len(ids("okay"))))
+    assert all(target[i] == pad for i in nemo_pads if i not in spill)
+    assert batch["target_texts"] == ["hello okay"]
+    assert batch["source_audio"].shape == (1, 16000) and batch["target_audio"].shape == (1, 24000)
+    assert batch["target_token_lens"].tolist() == [13]
+
+
+def test_duplex_demo_conversations(qa_shar, conversations):
+    again = list(read_duplex_demo(qa_shar, seed=0))
+    assert [c.id for c in again] == [c.id for c in conversations]
+    assert [s.start for c in again for s in c.supervisions] == [s.start for c in conversations for s in c.supervisions]
+    assert sorted(s.text for c in conversations for s in c.supervisions) == sorted(t for qa in QA for t in qa)
+    for cut in conversations:
+        user = cut.load_audio()[0]
+        agent = cut.custom["target_audio"].load_audio()[0]
+        sups = sorted(cut.supervisions, key=lambda s: s.start)
+        assert 1 <= len(sups) // 2 <= 3 and [s.speaker for s in sups] == ["user", "agent"] * (len(sups) // 2)
+        assert all(a.end < b.start for a, b in zip(sups, sups[1:]))  # turns alternate with pauses between
+        for sup in sups:
+            span = slice(round(sup.start * 16000), round(sup.end * 16000))
+            speaking, silent = (user, agent) if sup.speaker == "user" else (agent, user)
+            assert np.abs(speaking[span]).max() > 0.1 and np.abs(silent[span]).max() == 0.0
+            assert np.allclose(speaking[span], tones(sup.text), atol=1e-3)
+
+
+def test_duplex_data_round_trips_through_shar(llm_dir, conversations, tmp_path):
+    model = build(llm_dir)
+    CutSet.from_cuts(conversations[:3]).to_shar(tmp_path, fields={"recording": "flac", "target_audio": "flac"},
+                                                shard_size=10)
+    from_shar = list(read_inputs({"input_cfg": [{"type": "lhotse_shar", "shar_path": str(tmp_path)}]}, train=False))
+    direct, stored = make_batch(model, conversations[:3]), make_batch(model, from_shar)
+    for key in ("source_audio", "target_audio", "target_tokens", "source_tokens", "target_audio_lens"):
+        assert torch.allclose(direct[key].float(), stored[key].float(), atol=1e-4), key
+    assert direct["target_texts"] == stored["target_texts"]
+
+
+# ---- model --------------------------------------------------------------------------------------------------
+
+def test_alignment_of_inputs_and_labels(llm_dir, conversations):
+    model = build(llm_dir)
+    batch = make_batch(model, conversations[:2])
+    inputs = model.prepare_inputs(batch)
+    codes, _ = model.audio_codec.encode(batch["target_audio"], batch["target_audio_lens"])  # (B, Tc, K)
+    T = inputs["text_inputs"].size(1) + 1  # the shorter of the perception and codec streams
+    assert T == codes.size(1) and T >= batch["target_tokens"].size(1)
+    text = torch.nn.functional.pad(batch["target_tokens"], (0, T - batch["target_tokens"].size(1)),
+                                   value=model.text_pad_id)
+    K, bos, eos = model.num_codebooks, model.text_bos_id, model.text_eos_id
+    # text: fed text[t], predicts text[t+1]
+    assert torch.equal(inputs["text_inputs"], text[:, :-1]) and torch.equal(inputs["text_labels"], text[:, 1:])
+    # audio: fed codes[t-1] (the delay code first), predicts codes[t]; speech BOS/EOS where the text has BOS/EOS
+    assert (inputs["audio_inputs"][:, 0] == model.speech_delay_id).all()
+    expected = torch.where(text[..., None] == bos, model.speech_bos_id, codes)
+    expected = torch.where(text[..., None] == eos, model.speech_eos_id, expected)
+    assert torch.equal(inputs["audio_labels"], expected[:, :-1])
+    assert torch.equal(inputs["audio_inputs"][:, 1:], expected[:, :-2])
+    # the text BOS is predicted one step before the speech BOS codes
+    for special, speech in ((bos, model.speech_bos_id), (eos, model.speech_eos_id)):
+        text_steps = (inputs["text_labels"] == special).nonzero().tolist()
+        speech_steps = (inputs["audio_labels"] == speech).all(-1).nonzero().tolist()
+        assert text_steps and [[b, t + 1] for b, t in text_steps if t + 1 < T - 1] == speech_steps
+    assert not (inputs["audio_labels"] == model.speech_delay_id).any()
+    assert inputs["frame_lens"].tolist() == [n - 1 for n in batch["target_token_lens"].tolist()]
+
+
+def test_loss_matches_hand_computation(llm_dir, monkeypatch):
+    model = build(llm_dir)
+    K, V_t, V_s = model.num_codebooks, 5, 4
+    g = torch.Generator().manual_seed(0)
+    text_logits = torch.randn(2, 3, V_t, generator=g)
+    audio_logits = torch.randn(2, 3, K, V_s, generator=g)
+    text_labels = torch.randint(V_t, (2, 3), generator=g)
+    audio_labels = torch.randint(V_s, (2, 3, K), generator=g)
+    inputs = {"user_embeds": None, "text_inputs": None, "audio_inputs": None, "text_labels": text_labels,
+              "audio_labels": audio_labels, "frame_lens": torch.tensor([3, 1])}
+    monkeypatch.setattr(model, "prepare_inputs", lambda batch: inputs)
+    monkeypatch.setattr(model, "forward", lambda *args: (text_logits, audio_logits))
+    out = model.training_step({})
+
+    def nll(logits, label):  # -log softmax, by hand
+        return math.log(sum(math.exp(v) for v in logits.tolist())) - logits[label].item()
+
+    frames = [(0, 0), (0, 1), (0, 2), (1, 0)]  # the second session has one frame; its padding is not scored
+    text_loss = sum(nll(text_logits[b, t], text_labels[b, t]) for b, t in frames) / 4
+    audio_loss = sum(nll(audio_logits[b, t, k], audio_labels[b, t, k]) for b, t in frames for k in range(K)) / (4 * K)
+    assert out["count"] == 4
+    assert out["log"]["text_loss"] == pytest.approx(text_loss, rel=1e-5)
+    assert out["log"]["audio_loss"] == pytest.approx(audio_loss, rel=1e-5)
+    assert (out["loss_sum"] / out["count"]).item() == pytest.approx(3 * text_loss + 1 * audio_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("speech_decoder", [False, True], ids=["duplex", "speech_decoder"])
+def test_training_steps_drive_both_losses_down(llm_dir, conversations, speech_decoder):
+    model = build(llm_dir, speech_decoder)
+    batch = make_batch(model, conversations[:2])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(25):
+        out = model.training_step(batch)
+        (out["loss_sum"] / out["count"]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out["log"])
+    assert losses[-1]["text_loss"] < 0.5 * losses[0]["text_loss"]
+    assert losses[-1]["audio_loss"] < 0.8 * losses[0]["audio_loss"]
+    assert not any(p.grad is not None for p in model.audio_codec.parameters())
+
+
+@pytest.mark.parametrize("speech_decoder", [False, True], ids=["duplex", "speech_decoder"])
+def test_offline_inference_on_one_second(llm_dir, speech_decoder):
+    model = build(llm_dir, speech_decoder)
+    out = model.offline_inference(torch.randn(1, 16000), torch.tensor([16000]))
+    K = model.num_codebooks
+    assert set(out) == {"text", "tokens_text", "tokens_audio", "tokens_len", "audio", "audio_len"}
+    assert out["tokens_text"].shape == (1, 14) and out["tokens_audio"].shape == (1, 14, K)  # causal encoder
+    assert 0 <= out["tokens_text"].min() and out["tokens_text"].max() < model.lm_head.out_features
+    assert 0 <= out["tokens_audio"].min() and out["tokens_audio"].max() < model.speech_vocab_size
+    assert out["audio"].dtype == torch.float32 and out["audio"].shape == (1, 14 * 1920)
+    assert out["audio_len"].tolist() == [14 * 1920] and isinstance(out["text"][0], str)
+    assert build(llm_dir, speech_decoder, causal=False).offline_inference(
+        torch.randn(1, 16000), torch.tensor([16000]))["tokens_audio"].shape == (1, 13, K)
+
+
+@pytest.mark.parametrize("speech_decoder", [False, True], ids=["duplex", "speech_decoder"])
+def test_cached_loop_equals_full_forward_over_its_outputs(llm_dir, conversations, speech_decoder):
+    model = build(llm_dir, speech_decoder, seed=1)
+    with torch.no_grad():  # make the outputs vary: a random model answers with the same token every frame
+        model.lm_head.weight.mul_(30)
+        (model.audio_head if not speech_decoder else model.speech_decoder.head).weight.mul_(30)
+    audio = make_batch(model, conversations[:1])["source_audio"][:, :40000]
+    out = model.offline_inference(audio, torch.tensor([audio.size(1)]), decode_audio=False)
+    text, codes = out["tokens_text"], out["tokens_audio"]  # (1, T), (1, T, K)
+    assert len(text.unique()) >= 3 and len(codes.unique()) >= 3
+    text_in = torch.cat([torch.full_like(text[:, :1], model.text_pad_id), text[:, :-1]], 1)
+    codes_in = torch.cat([torch.full_like(codes[:, :1], model.speech_delay_id), codes[:, :-1]], 1)
+    with torch.no_grad():
+        user, _ = model.perception(audio, torch.tensor([audio.size(1)]))
+        text_logits, audio_logits = model(user, text_in, codes_in)
+    assert torch.equal(text_logits.argmax(-1), text) and torch.equal(audio_logits.argmax(-1), codes)
+
+
+def test_batched_inference_equals_one_by_one(llm_dir):
+    model = build(llm_dir)
+    audio = torch.randn(2, 24000)
+    lens = torch.tensor([24000, 16000])
+    batched = model.offline_inference(audio, lens)
+    for i, n in enumerate(lens.tolist()):
+        alone = model.offline_inference(audio[i : i + 1, :n], lens[i : i + 1])
+        frames = int(alone["tokens_len"][0])
+        assert int(batched["tokens_len"][i]) == frames
+        assert torch.equal(batched["tokens_text"][i, :frames], alone["tokens_text"][0])
+        assert torch.equal(batched["tokens_audio"][i, :frames], alone["tokens_audio"][0])
+
+
+def test_validation_scores_and_bleu(llm_dir, conversations):
+    model = build(llm_dir)
+    batch = make_batch(model, conversations[:2])
+    out = model.validation_step(batch, generate=True)
+    assert [ref for ref, _ in out["pairs"]] == batch["target_texts"]
+    summary = model.validation_summary(out)
+    assert summary["loss"] == pytest.approx(3 * summary["text_loss"] + summary["audio_loss"])
+    assert 0.0 <= summary["txt_bleu"] <= 100.0 and "asr_bleu" not in summary
+
+    class Echo:  # a perfect scoring ASR: transcribes each clip as its reference
+        def transcribe(self, clips, sample_rate):
+            assert sample_rate == 24000 and [len(c) for c in clips] == (out2["tokens_len"] * 1920).tolist()
+            return list(batch["target_texts"])
+
+    model._scorer = Echo()
+    out2 = model.offline_inference(batch["source_audio"], batch["source_audio_lens"], decode_audio=False)
+    out = model.validation_step(batch, generate=True)
+    assert model.validation_summary(out)["asr_bleu"] == pytest.approx(100.0)
+    # corpus BLEU over all sessions (one reference stream), case and punctuation ignored
+    assert corpus_bleu([("The cat sat on the mat.", "the cat sat on the mat"), ("a b c d", "a b c d")]) == 100.0
+    assert corpus_bleu([("a b c d", "e f g h")]) == 0.0
+
+
+def test_decode_text_joins_turns():
+    class Tok:
+        def decode(self, ids, skip_special_tokens):
+            return "".join(chr(96 + i) for i in ids if i > 3)
+
+    model = DuplexS2SModel.__new__(DuplexS2SModel)
+    torch.nn.Module.__init__(model)
+    model.tokenizer = type("T", (), {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "decode": Tok.decode})()
+    assert model.decode_text(torch.tensor([3, 1, 8, 9, 3, 2, 3, 1, 15, 11, 3])) == "hi ok"
+
+
+# ---- codec and start-up checks ------------------------------------------------------------------------------
+
+def test_tiny_codec_is_seeded_and_not_degenerate(conversations):
+    codec, again = load_audio_codec(str(TINY_MIMI)), load_audio_codec(str(TINY_MIMI))
+    assert all(torch.equal(a, b) for a, b in zip(codec.state_dict().values(), again.state_dict().values()))
+    assert (codec.sample_rate, codec.frame_rate, codec.num_codebooks, codec.codebook_size) == (24000, 12.5, 8, 256)
+    audio = torch.from_numpy(conversations[0].custom["target_audio"].resample(24000).load_audio())
+    codes, lens = codec.encode(audio, torch.tensor([audio.size(1)]))
+    assert codes.shape == (1, math.ceil(audio.size(1) / 1920), 8) and lens.tolist() == [codes.size(1)]
+    assert all(len(codes[0, :, k].unique()) >= 8 for k in range(8))  # a fresh Mimi gives code 0 everywhere
+    decoded, decoded_lens = codec.decode(codes, lens)
+    assert decoded.shape == (1, codes.size(1) * 1920) and decoded.abs().max() > 0
+    assert codec.silence_codes.shape == (8,)
+    codec.train()
+    assert not codec.training and not any(p.requires_grad for p in codec.parameters())
+
+
+def test_frame_rate_and_sample_rate_mismatch_fail_with_the_key(llm_dir, tmp_path):
+    model = build(llm_dir)
+    with pytest.raises(ValueError, match=r"set data\.frame_length to 0\.08"):
+        model.make_dataset(dict(DATA_CFG, frame_length=0.04))
+    with pytest.raises(ValueError, match=r"set data\.target_sample_rate to 24000"):
+        model.make_dataset(dict(DATA_CFG, target_sample_rate=22050))
+    with pytest.raises(ValueError, match=r"set data\.source_sample_rate to 16000"):
+        model.make_dataset(dict(DATA_CFG, source_sample_rate=8000))
+    # a real transformers codec at another rate: Encodec's 75 frames/s
+    torch.manual_seed(0)
+    config = EncodecConfig(sampling_rate=24000, num_filters=4, hidden_size=16, codebook_dim=16, codebook_size=32,
+                           upsampling_ratios=[8, 5, 4, 2], target_bandwidths=[1.5])
+    EncodecModel(config).save_pretrained(tmp_path)
+    encodec = load_audio_codec(str(tmp_path))
+    assert encodec.frame_rate == 75.0
+    codes, lens = encodec.encode(torch.randn(1, 24000), torch.tensor([24000]))
+    assert codes.shape == (1, 75, encodec.num_codebooks) and encodec.decode(codes, lens)[0].shape == (1, 24000)
+    with pytest.raises(ValueError, match=r"runs at 75 frames/s but data\.frame_length is 0\.08"):
+        check_data_config(DATA_CFG, encodec, model.perception, str(tmp_path))
+    with pytest.raises(ValueError, match="every 0.0133 s but the perception encoder every 0.0800 s"):
+        build(llm_dir, pretrained_audio_codec=str(tmp_path))
+
+
+def test_nemo_codec_path_names_supported_kinds():
+    with pytest.raises(ValueError, match=r"\.nemo.*not supported.*MimiModel.*EncodecModel / DacModel"):
+        load_audio_codec("/models/low-frame-rate-speech-codec-22khz.nemo")
+    with pytest.raises(FileNotFoundError, match="pretrained_audio_codec"):
+        load_audio_codec("/no/such/codec")
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("speech_decoder", [False, True], ids=["duplex", "speech_decoder"])
+def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, speech_decoder):
+    model = build(llm_dir, speech_decoder)
+    config = {"model": model_cfg(llm_dir, speech_decoder), "data": DATA_CFG}
+    torch.save({"model": model.state_dict(), "config": config, "step": 0}, tmp_path / "last.ckpt")
+    sf.write(tmp_path / "in.wav", 0.1 * np.random.default_rng(0).standard_normal(8000), 8000)  # resampled to 16 kHz
+    duplex_s2s.main(["--model", str(tmp_path / "last.ckpt"), "--audio", str(tmp_path / "in.wav"),
+                     "--out", str(tmp_path / "out")])
+    agent, sample_rate = sf.read(tmp_path / "out" / "agent.wav")
+    expected = model.offline_inference(torch.from_numpy(
+        duplex_s2s.resample(0.1 * np.random.default_rng(0).standard_normal(8000), 8000, 16000))[None],
+        torch.tensor([16000]))
+    assert sample_rate == 24000 and len(agent) == int(expected["audio_len"][0]) == 14 * 1920
+    assert (tmp_path / "out" / "agent.txt").read_text().strip() == expected["text"][0]
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["s2s_duplex.yaml", "s2s_duplex_speech_decoder.yaml"])
+def test_train_script_lowers_both_losses(config, tmp_path):
+    cmd = [sys.executable, "train.py", f"configs/{config}", "trainer.max_steps=60", "trainer.log_every_n_steps=10",
+           "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", f"exp_manager.explicit_log_dir={tmp_path}"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    logged = re.findall(r"text_loss ([\d.]+) \| audio_loss ([\d.]+)", run.stdout)
+    first, last = [float(v) for v in logged[0]], [float(v) for v in logged[-1]]
+    assert last[0] < 0.5 * first[0] and last[1] < 0.8 * first[1], run.stdout
+    assert "val_txt_bleu" in run.stdout and (tmp_path / "checkpoints" / "last.ckpt").is_file()
