@@ -182,6 +182,7 @@ class TrainBatches:
             self.dataset, sampler=_Epochs(sampler, self._skip), batch_size=None,
             num_workers=self.ds_cfg.get("num_workers") or 0, pin_memory=bool(self.ds_cfg.get("pin_memory")),
             persistent_workers=bool(self.ds_cfg.get("num_workers")),
+            generator=torch.Generator().manual_seed(0),  # worker seeds must not draw on the global RNG (resume)
         )
         for batch in loader:
             self.num_batches += 1
@@ -206,7 +207,8 @@ def make_val_loaders(val_cfg: dict, dataset, rank: int = 0, world_size: int = 1)
         cuts = read_inputs(ds_cfg, train=False)
         sampler = make_sampler(cuts, ds_cfg, train=False, rank=rank, world_size=world_size)
         loaders[name] = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None,
-                                                    num_workers=ds_cfg.get("num_workers") or 0)
+                                                    num_workers=ds_cfg.get("num_workers") or 0,
+                                                    generator=torch.Generator().manual_seed(0))
     return loaders
 
 
@@ -515,12 +517,10 @@ class DuplexS2SDataset(torch.utils.data.Dataset):
             kept.append(cut)
         if not kept:
             return {"skipped": skipped, "empty": True}
-        channel = lambda roles: [build_token_channel(c, self.tokenizer, self.pad_id, self.frame_length, roles)
-                                 for c in kept]
         source_audio, source_audio_lens = right_pad(sources, 0.0)
         target_audio, target_audio_lens = right_pad(targets, 0.0)
-        target_tokens, target_token_lens = right_pad(channel(self.output_roles), self.pad_id)
-        source_tokens, source_token_lens = right_pad(channel(self.input_roles), self.pad_id)
+        target_tokens, target_token_lens = right_pad(self._channels(kept, self.output_roles), self.pad_id)
+        source_tokens, source_token_lens = right_pad(self._channels(kept, self.input_roles), self.pad_id)
         return {
             "source_audio": source_audio,  # (B, T_source)
             "source_audio_lens": source_audio_lens,
@@ -535,6 +535,9 @@ class DuplexS2SDataset(torch.utils.data.Dataset):
             "audio_seconds": float(source_audio_lens.sum()) / self.source_sample_rate,
             "skipped": skipped,
         }
+
+    def _channels(self, cuts: list[Cut], roles: list[str]) -> list[torch.Tensor]:
+        return [build_token_channel(c, self.tokenizer, self.pad_id, self.frame_length, roles) for c in cuts]
 
 
 def build_token_channel(cut: Cut, tokenizer, pad_id: int, frame_length: float, roles: list[str]) -> torch.Tensor:

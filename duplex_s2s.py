@@ -17,6 +17,9 @@ frame's codes.
     out = model.offline_inference(audio_16k, audio_lens)   # greedy, frame by frame, with KV caches
     out["text"], out["audio"]                              # agent text per session, agent speech at the codec rate
 
+    state = model.new_state(batch_size=1)                  # live use: one call per 80 ms of user audio
+    text_id, codes = model.step(state, user_frame)         # user_frame (1, 1, H): that frame's perception output
+
     python duplex_s2s.py --model runs/s2s_duplex/checkpoints/last.ckpt --audio question.wav --out answer/
 
 Parameter names (for `freeze_params`): llm.model.* and llm.lm_head.* (the Hugging Face LLM, as in SALM),
@@ -151,7 +154,8 @@ class DuplexS2SModel(nn.Module):
                                 data_cfg["input_roles"], data_cfg["output_roles"])
 
     def prepare_inputs(self, batch: dict) -> dict:
-        """Batch -> per-frame inputs and labels, shifted by one frame (text[t], codes[t-1] in; text[t+1], codes[t] out)."""
+        """Batch -> per-frame inputs and labels, one frame apart: text[t] and codes[t-1] in, text[t+1] and
+        codes[t] out."""
         user_embeds, user_lens = self.perception(batch["source_audio"], batch["source_audio_lens"])  # (B, T, H)
         codes, code_lens = self.audio_codec.encode(batch["target_audio"], batch["target_audio_lens"])  # (B, Tc, K)
         text = batch["target_tokens"]
@@ -235,7 +239,8 @@ class DuplexS2SModel(nn.Module):
             out["pairs"] = list(zip(batch["target_texts"], results["text"]))
             if scorer is not None:
                 clips = [a[:n] for a, n in zip(results["audio"], results["audio_len"])]
-                out["asr_pairs"] = list(zip(batch["target_texts"], scorer.transcribe(clips, self.audio_codec.sample_rate)))
+                transcripts = scorer.transcribe(clips, self.audio_codec.sample_rate)
+                out["asr_pairs"] = list(zip(batch["target_texts"], transcripts))
         return out
 
     def validation_summary(self, totals: dict) -> dict:
@@ -271,10 +276,11 @@ class DuplexS2SModel(nn.Module):
     def new_state(self, batch_size: int) -> "DuplexState":
         """The state of `batch_size` fresh sessions: empty caches, and the inputs of the first frame (text pad,
         the delay code)."""
+        long = dict(dtype=torch.long, device=self.device)
         return DuplexState(
             llm_cache=DynamicCache(config=self.llm.config),
-            text=torch.full((batch_size,), self.text_pad_id, dtype=torch.long, device=self.device),
-            codes=torch.full((batch_size, self.num_codebooks), self.speech_delay_id, dtype=torch.long, device=self.device),
+            text=torch.full((batch_size,), self.text_pad_id, **long),
+            codes=torch.full((batch_size, self.num_codebooks), self.speech_delay_id, **long),
         )
 
     @torch.no_grad()
@@ -405,7 +411,7 @@ class AudioCodec(nn.Module):
             else:
                 audio = self.model.decode(codes).audio_values
         audio = audio.reshape(codes.size(0), -1)[:, : codes.size(-1) * self.samples_per_frame].float()
-        return audio, code_lens * self.samples_per_frame
+        return audio, (code_lens * self.samples_per_frame).clamp(max=audio.size(1))
 
     def _refresh(self) -> None:
         """(Re)compute what derives from the weights: the codes of one frame of silence (steady state)."""
@@ -460,7 +466,8 @@ def seed_mimi_codebooks(model: nn.Module, generator: torch.Generator, seconds: f
     """
     frame = round(model.config.sampling_rate / model.config.frame_rate)
     num_frames = int(seconds * model.config.frame_rate)
-    loudness = torch.rand(num_frames, 1, generator=generator) ** 3 * (torch.rand(num_frames, 1, generator=generator) > 0.3)
+    silent = torch.rand(num_frames, 1, generator=generator) < 0.3
+    loudness = torch.rand(num_frames, 1, generator=generator) ** 3 * ~silent
     probe = (0.5 * loudness * torch.randn(num_frames, frame, generator=generator)).reshape(1, 1, -1)
     latents = model.encoder(probe).latents  # (1, D, T)
     quantizer = model.quantizer
@@ -544,8 +551,7 @@ class ScoringASR:
     def transcribe(self, clips: list[Tensor], sample_rate: int) -> list[str]:
         clips = [resample(c.float().cpu().numpy(), sample_rate, self.sample_rate) for c in clips]
         if self.pipeline is not None:
-            return [out["text"].strip() for out in self.pipeline([{"raw": c, "sampling_rate": self.sample_rate}
-                                                                  for c in clips])]
+            return [out["text"].strip() for out in self.pipeline(clips)]
         audios = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(c) for c in clips], batch_first=True)
         lens = torch.tensor([len(c) for c in clips])
         prompts = [[{"role": "user", "content": self.prompt}] for _ in clips]

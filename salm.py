@@ -12,6 +12,8 @@ divided by their count.
     answer_ids = model.generate([[{"role": "user", "content": f"Transcribe: {tag}", "audio": "clip.wav"}]],
                                 max_new_tokens=64)                 # (B, new tokens)
     print(model.tokenizer.batch_decode(answer_ids, skip_special_tokens=True))
+    model.save_pretrained("exports/salm")                          # config.json + model.safetensors + llm/
+    model = SALM.from_pretrained("exports/salm")                   # offline, weights loaded strictly
 
 Parameter names, as `freeze_params` / `prevent_freeze_params` regexes see them (`re.match`):
     llm.model.embed_tokens.weight        token embedding. NeMo moves it out of the LLM to `embed_tokens.*`; here it
@@ -31,12 +33,15 @@ Where this differs from NeMo, on purpose:
 """
 
 import copy
+import json
 import re
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -46,9 +51,66 @@ from perception import setup_perception
 
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that are not supervised
 ROLES = ("system", "user", "assistant")
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"  # an export directory, as Hugging Face lays it out
+LLM_DIR, CODEC_DIR = "llm", "codec"  # the export's copies of the tokenizer + LLM config, and of the audio codec
 
 
-class SALM(nn.Module):
+class PretrainedMixin:
+    """`save_pretrained(dir)` / `from_pretrained(dir)` for the models of this project (NeMo's HFHubMixin, offline).
+
+    An export directory holds everything needed to rebuild the model without the training setup or a network:
+      config.json        the resolved model config; pretrained_llm (and pretrained_audio_codec) point at the copies
+                         below, pretrained_weights is false (every weight comes from model.safetensors)
+      model.safetensors  all weights except the codec's
+      llm/               the tokenizer (audio locator tag included) and the LLM's config.json
+      codec/             duplex models: the frozen audio codec as a transformers model directory
+    The model needs `cfg`, `tokenizer`, `llm` and, for a codec, `audio_codec.model` (a transformers model).
+    """
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write the export directory; `dtype` casts the weights (modules marked keep_fp32 stay fp32)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = copy.deepcopy(self.cfg)
+        # the ASR checkpoint's config is already in cfg["perception"], and its weights are in model.safetensors
+        cfg.update(pretrained_llm=LLM_DIR, pretrained_weights=False, pretrained_asr=None)
+        self.tokenizer.save_pretrained(path / LLM_DIR)
+        self.llm.config.save_pretrained(path / LLM_DIR)
+        codec = getattr(self, "audio_codec", None)
+        if codec is not None:
+            codec.model.save_pretrained(path / CODEC_DIR)
+            cfg["pretrained_audio_codec"] = CODEC_DIR
+        keep_fp32 = tuple(f"{n}." for n, m in self.named_modules() if getattr(m, "keep_fp32", False))
+        aliases = _tied_aliases(self)
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if name in aliases or (codec is not None and name.startswith("audio_codec.")):
+                continue
+            if dtype is not None and tensor.is_floating_point() and not name.startswith(keep_fp32):
+                tensor = tensor.to(dtype)
+            state[name] = tensor.contiguous()
+        saved_dtype = str(dtype or next(p.dtype for n, p in self.named_parameters() if n.startswith("llm.")))
+        save_file(state, path / WEIGHTS_NAME, metadata={"format": "pt", "dtype": saved_dtype.removeprefix("torch.")})
+        (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None):
+        """Rebuild from an export directory (no downloads) and load its weights strictly, in eval mode.
+        The weights keep the dtype they were saved in unless `dtype` is given."""
+        model = cls(pretrained_config(path))
+        load_pretrained_weights(model, path, dtype)
+        return model.eval()
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the LLM's weights (peft merge_and_unload): a plain LLM, loadable without
+        peft, that computes what the adapted one did."""
+        if self.cfg.get("lora") is None:
+            raise ValueError("this model has no LoRA adapters to merge (its config has no 'lora' section)")
+        self.llm = self.llm.merge_and_unload()
+        self.cfg = {k: v for k, v in self.cfg.items() if k != "lora"}
+
+
+class SALM(PretrainedMixin, nn.Module):
     """LLM + audio perception. `cfg` is the `model` section of the config as a plain dict."""
 
     def __init__(self, cfg: dict) -> None:
@@ -243,8 +305,11 @@ class SALM(nn.Module):
             _left_pad(prompts, self.text_pad_id), batch["audios"], batch["audio_lens"], max_new_tokens=max_new_tokens
         )
         hypotheses = [h.strip() for h in self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)]
-        errors, words = word_errors(references, hypotheses)
-        return {"pairs": list(zip(references, hypotheses)), "word_errors": errors, "ref_words": words}
+        from infer import word_errors  # the project's one WER, after its one text normalizer
+
+        counts = word_errors(references, hypotheses)
+        return {"pairs": list(zip(references, hypotheses)), "ref_words": counts["ref_words"],
+                "word_errors": counts["substitutions"] + counts["deletions"] + counts["insertions"]}
 
     def _embed(self, input_ids: Tensor, audios: Tensor | None, audio_lens: Tensor | None, target_ids=None):
         """Token ids (B, L) + audios -> (input_embeds (B, T, H), target_ids (B, T) | None, attention_mask (B, T))."""
@@ -413,6 +478,60 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(~attention_mask.bool(), 0)
 
 
+def pretrained_config(path: str | Path) -> dict:
+    """The model config of an export directory, its relative asset paths resolved, pretrained_weights false."""
+    path = Path(path)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not an exported model: it has no {name} (write one with "
+                                    "model.save_pretrained(dir) or `python infer.py export`)")
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    for key in ("pretrained_llm", "pretrained_audio_codec"):
+        if cfg.get(key) and (path / cfg[key]).exists():
+            cfg[key] = str(path / cfg[key])
+    cfg["pretrained_weights"] = False
+    return cfg
+
+
+def load_pretrained_weights(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Load an export's model.safetensors into `model`, strictly: every tensor must fit, and only tied aliases
+    and the codec (loaded from codec/) may be absent. Then cast to `dtype` (default: the saved dtype)."""
+    file = Path(path) / WEIGHTS_NAME
+    with safe_open(file, framework="pt") as f:
+        state = {name: f.get_tensor(name) for name in f.keys()}
+        saved_dtype = (f.metadata() or {}).get("dtype", "float32")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{file} does not fit the model its config.json builds: {str(e).splitlines()[-1]}") from None
+    aliases = _tied_aliases(model)
+    missing = [k for k in result.missing_keys if k not in aliases and not k.startswith("audio_codec.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{file} does not fit the model its config.json builds: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    cast_model(model, dtype or getattr(torch, saved_dtype))
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype), except modules marked keep_fp32 (the mel frontend, the codec), which keep fp32 numerics."""
+    model.to(dtype)
+    for module in model.modules():
+        if getattr(module, "keep_fp32", False):
+            module.float()
+    return model
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """State-dict names whose tensor is the same as an earlier name's (tied embeddings): saved once."""
+    seen, aliases = set(), set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in seen:
+            aliases.add(name)
+        seen.add(key)
+    return aliases
+
+
 def load_tokenizer(pretrained_llm: str, audio_locator_tag: str | None):
     """HF tokenizer with the audio locator tag as a special token; a missing pad token falls back to unk, then eos."""
     try:
@@ -493,19 +612,6 @@ def load_audio_files(paths: list[str | Path], sample_rate: int) -> tuple[Tensor,
         clips.append(torch.from_numpy(samples).float().mean(0))
     audio_lens = torch.tensor([len(c) for c in clips])
     return pad_sequence(clips, batch_first=True), audio_lens
-
-
-def word_errors(references: list[str], hypotheses: list[str]) -> tuple[int, int]:
-    """(substitutions + deletions + insertions, reference words), compared lower-cased without punctuation."""
-    import jiwer
-
-    references, hypotheses = [_normalize_text(r) for r in references], [_normalize_text(h) for h in hypotheses]
-    result = jiwer.process_words(references, hypotheses)
-    return result.substitutions + result.deletions + result.insertions, sum(len(r.split()) for r in references)
-
-
-def _normalize_text(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
 
 
 def _masked_cross_entropy_sum(logits: Tensor, target_ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return None
+    sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also when piped to a file
     # 1. distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is rank 0 of 1
     rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
                                     (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
@@ -421,11 +422,12 @@ def seed_everything(seed: int) -> None:
 
 
 def gather_rank_states(batches_drawn: int, world_size: int) -> list:
-    """Each rank's RNG states and data position, so that a resumed run continues exactly where it stopped."""
-    state = {"batches": batches_drawn,
-             "python": list(random.getstate()[1]), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
-             "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)}
+    """Each rank's RNG states and data position, so that a resumed run continues exactly where it stopped.
+    Plain lists of ints: they pickle across ranks and load with weights_only=True."""
+    state = {"batches": batches_drawn, "python": list(random.getstate()[1]),
+             "numpy": [*np.random.get_state()[1].tolist(), np.random.get_state()[2]],
+             "torch": torch.get_rng_state().tolist(),
+             "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else []}
     if world_size == 1 or not dist.is_initialized():
         return [state]
     states = [None] * world_size
@@ -435,10 +437,10 @@ def gather_rank_states(batches_drawn: int, world_size: int) -> list:
 
 def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy(), 624, 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and len(state["cuda"]):
-        torch.cuda.set_rng_state(state["cuda"])
+    np.random.set_state(("MT19937", np.array(state["numpy"][:-1], dtype=np.uint32), state["numpy"][-1], 0, 0.0))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 class Meter:

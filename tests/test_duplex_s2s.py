@@ -1,4 +1,7 @@
+import io
+import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -95,9 +98,6 @@ def tones(text: str, sample_rate: int = 16000, seconds_per_word: float = 0.2) ->
 
 
 def memory_cut(cut_id: str, samples: np.ndarray, sample_rate: int = 16000) -> MonoCut:
-    buffer = sf.SoundFile  # noqa: F841  (keeps the import used by name in a readable way)
-    import io
-
     data = io.BytesIO()
     sf.write(data, samples.astype(np.float32), sample_rate, format="FLAC", subtype="PCM_16")
     return Recording.from_bytes(data.getvalue(), recording_id=cut_id).to_cut()
@@ -343,8 +343,54 @@ def test_validation_scores_and_bleu(llm_dir, conversations):
     out = model.validation_step(batch, generate=True)
     assert model.validation_summary(out)["asr_bleu"] == pytest.approx(100.0)
     # corpus BLEU over all sessions (one reference stream), case and punctuation ignored
-    assert corpus_bleu([("The cat sat on the mat.", "the cat sat on the mat"), ("a b c d", "a b c d")]) == 100.0
+    pairs = [("The cat sat on the mat.", "the cat sat on the mat"), ("a b c d", "a b c d")]
+    assert corpus_bleu(pairs) == pytest.approx(100)
     assert corpus_bleu([("a b c d", "e f g h")]) == 0.0
+
+
+def test_scoring_asr_from_a_salm_checkpoint(llm_dir, tmp_path):
+    from salm import SALM
+
+    cfg = dict(model_cfg(llm_dir, causal=False), audio_locator_tag="<|audio|>", prompt_format="llama2",
+               freeze_params=[])
+    del cfg["pretrained_audio_codec"]
+    torch.manual_seed(0)
+    salm = SALM(cfg).eval()
+    data = {"train_ds": {"input_cfg": [{"type": "lhotse_as_conversation", "tags": {"context": "Repeat after me"}}]}}
+    torch.save({"model": salm.state_dict(), "config": {"model": cfg, "data": data}}, tmp_path / "last.ckpt")
+    scorer = duplex_s2s.ScoringASR(str(tmp_path), torch.device("cpu"))
+    clip = 0.1 * torch.randn(24000)
+    # by hand: the clip at 16 kHz, prompted as SALM was trained (its context tag, then the audio)
+    clip_16k = torch.from_numpy(duplex_s2s.resample(clip.numpy(), 24000, 16000))
+    ids = salm.generate([[{"role": "user", "content": "Repeat after me <|audio|>"}]], audios=clip_16k[None],
+                        audio_lens=torch.tensor([16000]), max_new_tokens=128)
+    expected = salm.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    assert scorer.transcribe([clip], 24000) == [expected]
+
+
+def test_scoring_asr_from_a_transformers_model(tmp_path):
+    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
+                              Wav2Vec2Processor)
+
+    vocab = {"<pad>": 0, "|": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    processor = Wav2Vec2Processor(
+        feature_extractor=Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=False),
+        tokenizer=Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"), word_delimiter_token="|"))
+    processor.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    asr = Wav2Vec2ForCTC(Wav2Vec2Config(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, pad_token_id=0)).eval()
+    asr.save_pretrained(tmp_path)
+    scorer = duplex_s2s.ScoringASR(str(tmp_path), torch.device("cpu"))
+    clip = 0.1 * torch.randn(12000)
+    clip_16k = duplex_s2s.resample(clip.numpy(), 24000, 16000)
+    with torch.no_grad():  # by hand: CTC greedy decoding of the 16 kHz clip
+        logits = asr(**processor(clip_16k, sampling_rate=16000, return_tensors="pt")).logits
+    expected = processor.batch_decode(logits.argmax(-1))[0].strip()
+    assert len(clip_16k) == 8000 and scorer.transcribe([clip], 24000) == [expected]
 
 
 def test_decode_text_joins_turns():
@@ -368,6 +414,12 @@ def test_tiny_codec_is_seeded_and_not_degenerate(conversations):
     codes, lens = codec.encode(audio, torch.tensor([audio.size(1)]))
     assert codes.shape == (1, math.ceil(audio.size(1) / 1920), 8) and lens.tolist() == [codes.size(1)]
     assert all(len(codes[0, :, k].unique()) >= 8 for k in range(8))  # a fresh Mimi gives code 0 everywhere
+    # a causal codec: right padding in a batch leaves a clip's complete frames as they are alone
+    short = audio[:, :30000]  # 15.6 frames
+    batch_codes, batch_lens = codec.encode(torch.cat([audio[:, :60000], torch.nn.functional.pad(short, (0, 30000))]),
+                                           torch.tensor([60000, 30000]))
+    alone = codec.encode(short, torch.tensor([30000]))[0][0]
+    assert batch_lens.tolist() == [32, 16] and torch.equal(batch_codes[1, :15], alone[:15])
     decoded, decoded_lens = codec.decode(codes, lens)
     assert decoded.shape == (1, codes.size(1) * 1920) and decoded.abs().max() > 0
     assert codec.silence_codes.shape == (8,)
@@ -429,9 +481,10 @@ def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, speech_deco
 @pytest.mark.parametrize("config", ["s2s_duplex.yaml", "s2s_duplex_speech_decoder.yaml"])
 def test_train_script_lowers_both_losses(config, tmp_path):
     cmd = [sys.executable, "train.py", f"configs/{config}", "trainer.max_steps=60", "trainer.log_every_n_steps=10",
-           "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", f"exp_manager.explicit_log_dir={tmp_path}"]
+           "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
+           f"exp_manager.explicit_log_dir={tmp_path}"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     logged = re.findall(r"text_loss ([\d.]+) \| audio_loss ([\d.]+)", run.stdout)
     first, last = [float(v) for v in logged[0]], [float(v) for v in logged[-1]]

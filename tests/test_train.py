@@ -65,3 +65,19 @@ def test_time_budget_and_validation_interval():
     assert validation_interval({"val_check_interval": 250, "limit_train_batches": 1.0, "max_steps": 1000}) == 250
     assert validation_interval({"val_check_interval": 0.5, "limit_train_batches": 100, "max_steps": 1000}) == 50
     assert validation_interval({"val_check_interval": 1.0, "limit_train_batches": 1.0, "max_steps": 700}) == 700
+
+
+def test_rank_state_round_trip_restores_every_rng():
+    import random
+
+    import numpy as np
+
+    from train import gather_rank_states, set_rng_state
+    np.random.seed(3), random.seed(4), torch.manual_seed(5)
+    np.random.rand(7), random.random(), torch.rand(3)  # move every stream off its seed
+    state = gather_rank_states(batches_drawn=11, world_size=1)[0]
+    expected = (np.random.rand(), random.random(), torch.rand(1).item())
+    np.random.seed(0), random.seed(0), torch.manual_seed(0)
+    set_rng_state(state)
+    assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected
+    assert state["batches"] == 11

@@ -27,10 +27,15 @@ SMALL = [
 pytestmark = pytest.mark.slow
 
 
-def run_train(args, env_extra=None, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "train.py", "configs/salm.yaml", *SMALL, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, **kwargs)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models; and two busy threads per process stall a shared CPU
+
+
+def run_python(args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def run_train(args):
+    return run_python(["train.py", "configs/salm.yaml", *SMALL, *args])
 
 
 def test_train_saves_config_and_checkpoints(tmp_path):
@@ -48,8 +53,7 @@ def test_train_saves_config_and_checkpoints(tmp_path):
 def test_kill_after_checkpoint_then_rerun_resumes(tmp_path):
     args = [f"exp_manager.explicit_log_dir={tmp_path}", "trainer.max_steps=40", "trainer.val_check_interval=3",
             "exp_manager.checkpoint_callback_params.every_n_train_steps=3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", "configs/salm.yaml", *SMALL, *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "train.py", "configs/salm.yaml", *SMALL, *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last = tmp_path / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
@@ -76,16 +80,14 @@ def test_gradient_accumulation_equals_a_double_batch(tmp_path):
               "torch.save(m.state_dict(), sys.argv[1])")
     for name, extra in (("accumulated", ["data.train_ds.batch_size=4", "trainer.accumulate_grad_batches=2"]),
                         ("double", ["data.train_ds.batch_size=8"])):
-        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{name}.pt"), "configs/salm.yaml", *SMALL,
-                              *common, *extra, f"exp_manager.explicit_log_dir={tmp_path / name}"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        out = run_python(["-c", script, str(tmp_path / f"{name}.pt"), "configs/salm.yaml", *SMALL, *common, *extra,
+                          f"exp_manager.explicit_log_dir={tmp_path / name}"])
         assert out.returncode == 0, out.stderr[-3000:]
     a, b = torch.load(tmp_path / "accumulated.pt"), torch.load(tmp_path / "double.pt")
-    initial = subprocess.run([sys.executable, "-c", "import sys, torch, train, yaml; from config import load_config; "
-                              "from train import build_model, seed_everything; cfg = load_config(sys.argv[2], sys.argv[3:], None); "
-                              "seed_everything(42); torch.save(build_model(cfg['model']).state_dict(), sys.argv[1])",
-                              str(tmp_path / "init.pt"), "configs/salm.yaml", *SMALL], cwd=ROOT, capture_output=True,
-                             text=True, timeout=600)
+    initial = run_python(["-c", "import sys, torch; from config import load_config; "
+                          "from train import build_model, seed_everything; cfg = load_config(sys.argv[2], sys.argv[3:], None); "
+                          "seed_everything(42); torch.save(build_model(cfg['model']).state_dict(), sys.argv[1])",
+                          str(tmp_path / "init.pt"), "configs/salm.yaml", *SMALL])
     assert initial.returncode == 0, initial.stderr[-3000:]
     init = torch.load(tmp_path / "init.pt")
     moved = 0
@@ -101,10 +103,9 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
     script.write_text("import os, sys, torch\nsys.path.insert(0, os.getcwd())\nimport train\n"
                       "model = train.main(sys.argv[2:])\n"
                       "torch.save(model.state_dict(), f\"{sys.argv[1]}/rank{os.environ['RANK']}.pt\")\n")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                          str(tmp_path), "configs/salm.yaml", *SMALL, "trainer.max_steps=3", "trainer.devices=2",
-                          "trainer.val_check_interval=3", f"exp_manager.explicit_log_dir={tmp_path / 'run'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path),
+                      "configs/salm.yaml", *SMALL, "trainer.max_steps=3", "trainer.devices=2",
+                      "trainer.val_check_interval=3", f"exp_manager.explicit_log_dir={tmp_path / 'run'}"])
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for key in rank0:
