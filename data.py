@@ -8,16 +8,25 @@ Readers (the `type` of an `input_cfg` entry, or a loader section's own `shar_pat
   lhotse_as_conversation    any of the above, each cut read as [system?] [user context?] [user audio]
                             [assistant transcript]; `tags` (e.g. `context`, `system_prompt`) are attached to cuts
   multimodal_conversation   `manifest_filepath`: NeMo's multimodal conversation JSON lines
+  duplex_demo               `shar_path`: demo question/answer utterances, joined into duplex conversations
   group                     a nested `input_cfg`; entries are mixed by `weight` when training
 Every item the readers yield has a `.duration`, so lhotse's samplers batch cuts and conversations alike.
+
+Duplex data (DuplexS2SModel, DuplexS2SSpeechDecoderModel) is one cut per conversation: the cut's recording is
+the user channel, the custom field `target_audio` (a Recording as long as the cut) the agent channel, and
+supervisions whose `speaker` is in input_roles or output_roles give the turns (start, duration, text); from
+Shar (fields recording + target_audio), cut manifests, or `duplex_demo`.
 
 Sampling runs in the main process (workers only load audio), so a run can be resumed exactly: the stream is a
 deterministic function of `seed`, the epoch and the rank, and `TrainBatches(skip=N)` replays the first N batches'
 sampling without loading their audio. For the same reason every rank sees the same shard order and takes every
 world_size-th batch of it; `shard_seed` "trng"/"randomized" therefore derive the shard order from `seed`.
 """
+import io
 import json
 import math
+import random
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,13 +34,21 @@ from itertools import count
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import torch
 from lhotse import CutSet, Recording, SupervisionSegment
 from lhotse.cut import Cut, MonoCut
 from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
+from lhotse.utils import compute_num_frames
 
-SUPPORTED_TYPES = ("lhotse_shar", "lhotse", "nemo", "lhotse_as_conversation", "multimodal_conversation", "group")
+SUPPORTED_TYPES = ("lhotse_shar", "lhotse", "nemo", "lhotse_as_conversation", "multimodal_conversation", "duplex_demo",
+                   "group")
 MAX_WARNINGS = 5  # unreadable-audio warnings printed per process; after that they are only counted
+TIMESTAMP_TOKEN = re.compile(r"<\|\d+\|>")  # "<|12|>" frame timestamps some duplex corpora put in the text
+DEMO_PAIRS_PER_CONVERSATION = (1, 2, 3)  # question/answer exchanges in one demo conversation
+DEMO_LEAD_IN = (0.1, 0.5)  # seconds of silence before the first question
+DEMO_ANSWER_DELAY = (0.3, 0.7)  # from the end of a question to the start of its answer
+DEMO_NEXT_DELAY = (0.4, 0.9)  # from the end of an answer to the next question (or the end of the conversation)
 
 
 @dataclass
@@ -247,247 +264,6 @@ def read_inputs(ds_cfg: dict, train: bool, skipped: Counter | None = None) -> Cu
     return _read_group(entries, defaults, train, skipped)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# helpers
-
-def left_pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
-    """Stack 1-D tensors into (B, L), padding on the left (decoder-only LLMs continue from the right edge)."""
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=rows[0].dtype)
-    for i, row in enumerate(rows):
-        out[i, out.shape[1] - len(row):] = row
-    return out
-
-
-class _Epochs:
-    """Iterates a sampler epoch after epoch, forever, first skipping `skip` batches (sampling only)."""
-
-    def __init__(self, sampler, skip: int):
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        to_skip = self.skip
-        for epoch in count():
-            self.sampler.set_epoch(epoch)
-            drawn = 0
-            for batch in self.sampler:
-                drawn += 1
-                if to_skip:
-                    to_skip -= 1
-                    continue
-                yield batch
-            if drawn == 0:
-                raise ValueError("the training data yields no batch (empty data, or everything filtered out)")
-
-
-class _DurationFilter:
-    def __init__(self, low, high, counter):
-        self.low, self.high, self.counter = low, high, counter
-
-    def __call__(self, item) -> bool:
-        if self.low is not None and item.duration < self.low:
-            self.counter["shorter than min_duration"] += 1
-            return False
-        if self.high is not None and item.duration > self.high:
-            self.counter["longer than max_duration"] += 1
-            return False
-        return True
-
-
-def _duration_filter(cuts, ds_cfg, counter):
-    low, high = ds_cfg.get("min_duration"), ds_cfg.get("max_duration")
-    low = None if low is None or low < 0 else low
-    return cuts if low is None and high is None else cuts.filter(_DurationFilter(low, high, counter))
-
-
-def _read_group(entries, defaults, train, skipped):
-    parts, weights = [], []
-    for entry in entries:
-        kind = entry.get("type") or _guess_type(entry)
-        if kind not in SUPPORTED_TYPES:
-            raise ValueError(f"input_cfg type '{kind}' is not supported; use one of {', '.join(SUPPORTED_TYPES)}")
-        options = {**defaults, **{k: v for k, v in entry.items() if v is not None}}
-        if kind == "group":
-            items = _read_group(entry.get("input_cfg") or [], options, train, skipped)
-        elif kind == "multimodal_conversation":
-            items = CutSet(_MultimodalJsonl(entry["manifest_filepath"], skipped))
-        else:
-            items = _read_cuts(entry, options, kind, skipped)
-        if entry.get("tags"):
-            items = items.map(_AttachTags(entry["tags"]), apply_fn=None)
-        if kind == "lhotse_as_conversation":
-            items = items.map(cut_to_conversation, apply_fn=None)
-        parts.append(items)
-        weights.append(float(entry.get("weight", 1.0)))
-    if len(parts) == 1:
-        return parts[0]
-    if train:
-        return CutSet.mux(*parts, weights=weights, seed=defaults["seed"])
-    return CutSet(_Chain(parts))
-
-
-def _guess_type(entry):
-    if entry.get("shar_path"):
-        return "lhotse_shar"
-    if entry.get("cuts_path"):
-        return "lhotse"
-    if entry.get("manifest_filepath"):
-        return "nemo"
-    if entry.get("input_cfg"):
-        return "group"
-    raise ValueError(f"input_cfg entry {entry} has no type and no shar_path/cuts_path/manifest_filepath")
-
-
-def _read_cuts(entry, options, kind, skipped):
-    for key in ("shar_path", "cuts_path", "manifest_filepath"):
-        path = entry.get(key)
-        if path and not Path(path).exists():
-            raise FileNotFoundError(f"{key} {path} does not exist")
-    if entry.get("shar_path"):
-        shard_seed = options.get("shard_seed")
-        seed = shard_seed if isinstance(shard_seed, int) else options["seed"]
-        return CutSet.from_shar(in_dir=entry["shar_path"], shuffle_shards=options["shuffle"], seed=seed)
-    if entry.get("cuts_path"):
-        return CutSet.from_file(entry["cuts_path"])
-    if entry.get("manifest_filepath"):
-        return CutSet(_NeMoAsrManifest(entry["manifest_filepath"], skipped))
-    raise ValueError(f"input_cfg entry of type '{kind}' needs shar_path, cuts_path or manifest_filepath")
-
-
-class _AttachTags:
-    def __init__(self, tags):
-        self.tags = dict(tags)
-
-    def __call__(self, item):
-        if isinstance(item, Conversation):
-            item.custom.update(self.tags)
-        else:
-            item.custom = {**(item.custom or {}), **self.tags}
-        return item
-
-
-class _Chain:
-    def __init__(self, parts):
-        self.parts = parts
-
-    def __iter__(self):
-        for part in self.parts:
-            yield from part
-
-
-class _NeMoAsrManifest:
-    """NeMo's ASR manifest: JSON lines with audio_filepath, duration, text (offset optional)."""
-
-    def __init__(self, path, skipped):
-        self.path, self.skipped = Path(path), skipped
-
-    def __iter__(self):
-        for i, row in _json_lines(self.path):
-            try:
-                cut = _audio_cut(f"{self.path.stem}-{i}", _resolve_path(row["audio_filepath"], self.path),
-                                 row.get("duration"), row.get("offset", 0.0))
-            except AudioError as e:
-                _skip(self.skipped, e)
-                continue
-            cut.supervisions = [SupervisionSegment(id=cut.id, recording_id=cut.recording_id, start=0.0,
-                                                   duration=cut.duration, text=row.get("text", ""))]
-            yield cut
-
-
-class _MultimodalJsonl:
-    """NeMo's multimodal conversation JSON lines: {"id", "conversations": [{"from", "type", "value"}, ...]}."""
-
-    def __init__(self, path, skipped):
-        self.path, self.skipped = Path(path), skipped
-
-    def __iter__(self):
-        for i, row in _json_lines(self.path):
-            if (row.get("custom") or {}).get("_skipme"):
-                continue
-            example_id = str(row.get("id", f"{self.path.stem}-{i}"))
-            try:
-                turns = [self._turn(turn, f"{example_id}-{j}") for j, turn in enumerate(row["conversations"])]
-            except AudioError as e:
-                _skip(self.skipped, e)
-                continue
-            yield Conversation(example_id, turns, dict(row.get("custom") or {}))
-
-    def _turn(self, turn, cut_id):
-        role = turn["from"].lower()
-        if turn.get("type", "text") != "audio":
-            return Turn(role, text=turn["value"])
-        path = _resolve_path(turn["value"], self.path)
-        return Turn(role, audio=_audio_cut(cut_id, path, turn.get("duration"), turn.get("offset", 0.0)))
-
-
-def _json_lines(path):
-    for i, line in enumerate(path.read_text().splitlines()):
-        if line.strip():
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {i + 1} is not valid JSON: {e.msg}") from None
-
-
-_warnings_printed = Counter()
-
-
-def _skip(counter, error):
-    """Count an item dropped for unreadable audio, and say so for the first few."""
-    counter["unreadable audio"] += 1
-    _warnings_printed["audio"] += 1
-    if _warnings_printed["audio"] <= MAX_WARNINGS:
-        print(f"warning: skipped {error}" + ("" if _warnings_printed["audio"] < MAX_WARNINGS else
-              " (further unreadable files are only counted)"), file=sys.stderr)
-
-
-def _audio_cut(cut_id, path, duration, offset):
-    """A cut over (part of) an audio file; the file header gives its true sampling rate and length."""
-    try:
-        recording = Recording.from_file(path, recording_id=cut_id)
-    except Exception as e:
-        raise AudioError(f"cannot read audio file {path}: {' '.join(str(e).split())[:200]}") from None
-    duration = recording.duration - offset if duration is None else min(duration, recording.duration - offset)
-    return MonoCut(cut_id, start=offset, duration=duration, channel=0, recording=recording)
-
-
-def _resolve_path(value, manifest_path):
-    path = Path(value)
-    if not path.is_absolute() and (manifest_path.parent / path).exists():
-        return manifest_path.parent / path
-    return path
-
-
-def _audio_source(cut):
-    try:
-        source = cut.recording.sources[0]
-        return source.source if source.type == "file" else f"{source.type} audio"
-    except (AttributeError, IndexError):
-        return "no recording"
-
-
-# ==========================================================================================================
-# Duplex speech-to-speech data (DuplexS2SModel, DuplexS2SSpeechDecoderModel)
-#
-# One cut per conversation: the cut's recording is the user channel, the custom field `target_audio` (a
-# Recording as long as the cut) the agent channel, and supervisions whose `speaker` is in input_roles or
-# output_roles give the turns (start, duration, text). Such cuts come from Shar (fields recording +
-# target_audio) or cut manifests through the readers above; `type: duplex_demo` builds them on the fly from
-# the demo question/answer utterances.
-
-import io  # noqa: E402  (this section's own imports)
-import random  # noqa: E402
-import re  # noqa: E402
-
-import soundfile  # noqa: E402
-from lhotse.utils import compute_num_frames  # noqa: E402
-
-TIMESTAMP_TOKEN = re.compile(r"<\|\d+\|>")  # "<|12|>" frame timestamps some duplex corpora put in the text
-DEMO_PAIRS_PER_CONVERSATION = (1, 2, 3)  # question/answer exchanges in one demo conversation
-DEMO_LEAD_IN = (0.1, 0.5)  # seconds of silence before the first question
-DEMO_ANSWER_DELAY = (0.3, 0.7)  # from the end of a question to the start of its answer
-DEMO_NEXT_DELAY = (0.4, 0.9)  # from the end of an answer to the next question (or the end of the conversation)
-
-
 class DuplexS2SDataset(torch.utils.data.Dataset):
     """Conversation cuts -> the duplex batch: both audio channels and per-frame text channels.
 
@@ -613,6 +389,226 @@ def read_duplex_demo(shar_path: str | Path, seed: int = 0) -> CutSet:
     return CutSet(DemoConversations(shar_path, seed))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+def left_pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    """Stack 1-D tensors into (B, L), padding on the left (decoder-only LLMs continue from the right edge)."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=rows[0].dtype)
+    for i, row in enumerate(rows):
+        out[i, out.shape[1] - len(row):] = row
+    return out
+
+
+class _Epochs:
+    """Iterates a sampler epoch after epoch, forever, first skipping `skip` batches (sampling only)."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        to_skip = self.skip
+        for epoch in count():
+            self.sampler.set_epoch(epoch)
+            drawn = 0
+            for batch in self.sampler:
+                drawn += 1
+                if to_skip:
+                    to_skip -= 1
+                    continue
+                yield batch
+            if drawn == 0:
+                raise ValueError("the training data yields no batch (empty data, or everything filtered out)")
+
+
+class _DurationFilter:
+    def __init__(self, low, high, counter):
+        self.low, self.high, self.counter = low, high, counter
+
+    def __call__(self, item) -> bool:
+        if self.low is not None and item.duration < self.low:
+            self.counter["shorter than min_duration"] += 1
+            return False
+        if self.high is not None and item.duration > self.high:
+            self.counter["longer than max_duration"] += 1
+            return False
+        return True
+
+
+def _duration_filter(cuts, ds_cfg, counter):
+    low, high = ds_cfg.get("min_duration"), ds_cfg.get("max_duration")
+    low = None if low is None or low < 0 else low
+    return cuts if low is None and high is None else cuts.filter(_DurationFilter(low, high, counter))
+
+
+def _read_group(entries, defaults, train, skipped):
+    parts, weights = [], []
+    for entry in entries:
+        kind = entry.get("type") or _guess_type(entry)
+        if kind not in SUPPORTED_TYPES:
+            raise ValueError(f"input_cfg type '{kind}' is not supported; use one of {', '.join(SUPPORTED_TYPES)}")
+        options = {**defaults, **{k: v for k, v in entry.items() if v is not None}}
+        if kind == "group":
+            items = _read_group(entry.get("input_cfg") or [], options, train, skipped)
+        elif kind == "multimodal_conversation":
+            items = CutSet(_MultimodalJsonl(entry["manifest_filepath"], skipped))
+        else:
+            items = _read_cuts(entry, options, kind, skipped)
+        if entry.get("tags"):
+            items = items.map(_AttachTags(entry["tags"]), apply_fn=None)
+        if kind == "lhotse_as_conversation":
+            items = items.map(cut_to_conversation, apply_fn=None)
+        parts.append(items)
+        weights.append(float(entry.get("weight", 1.0)))
+    if len(parts) == 1:
+        return parts[0]
+    if train:
+        return CutSet.mux(*parts, weights=weights, seed=defaults["seed"])
+    return CutSet(_Chain(parts))
+
+
+def _guess_type(entry):
+    if entry.get("shar_path"):
+        return "lhotse_shar"
+    if entry.get("cuts_path"):
+        return "lhotse"
+    if entry.get("manifest_filepath"):
+        return "nemo"
+    if entry.get("input_cfg"):
+        return "group"
+    raise ValueError(f"input_cfg entry {entry} has no type and no shar_path/cuts_path/manifest_filepath")
+
+
+def _read_cuts(entry, options, kind, skipped):
+    for key in ("shar_path", "cuts_path", "manifest_filepath"):
+        path = entry.get(key)
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{key} {path} does not exist")
+    if kind == "duplex_demo":
+        return read_duplex_demo(entry["shar_path"], seed=options["seed"])
+    if entry.get("shar_path"):
+        shard_seed = options.get("shard_seed")
+        seed = shard_seed if isinstance(shard_seed, int) else options["seed"]
+        return CutSet.from_shar(in_dir=entry["shar_path"], shuffle_shards=options["shuffle"], seed=seed)
+    if entry.get("cuts_path"):
+        return CutSet.from_file(entry["cuts_path"])
+    if entry.get("manifest_filepath"):
+        return CutSet(_NeMoAsrManifest(entry["manifest_filepath"], skipped))
+    raise ValueError(f"input_cfg entry of type '{kind}' needs shar_path, cuts_path or manifest_filepath")
+
+
+class _AttachTags:
+    def __init__(self, tags):
+        self.tags = dict(tags)
+
+    def __call__(self, item):
+        if isinstance(item, Conversation):
+            item.custom.update(self.tags)
+        else:
+            item.custom = {**(item.custom or {}), **self.tags}
+        return item
+
+
+class _Chain:
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __iter__(self):
+        for part in self.parts:
+            yield from part
+
+
+class _NeMoAsrManifest:
+    """NeMo's ASR manifest: JSON lines with audio_filepath, duration, text (offset optional)."""
+
+    def __init__(self, path, skipped):
+        self.path, self.skipped = Path(path), skipped
+
+    def __iter__(self):
+        for i, row in _json_lines(self.path):
+            try:
+                cut = _audio_cut(f"{self.path.stem}-{i}", _resolve_path(row["audio_filepath"], self.path),
+                                 row.get("duration"), row.get("offset", 0.0))
+            except AudioError as e:
+                _skip(self.skipped, e)
+                continue
+            cut.supervisions = [SupervisionSegment(id=cut.id, recording_id=cut.recording_id, start=0.0,
+                                                   duration=cut.duration, text=row.get("text", ""))]
+            yield cut
+
+
+class _MultimodalJsonl:
+    """NeMo's multimodal conversation JSON lines: {"id", "conversations": [{"from", "type", "value"}, ...]}."""
+
+    def __init__(self, path, skipped):
+        self.path, self.skipped = Path(path), skipped
+
+    def __iter__(self):
+        for i, row in _json_lines(self.path):
+            if (row.get("custom") or {}).get("_skipme"):
+                continue
+            example_id = str(row.get("id", f"{self.path.stem}-{i}"))
+            try:
+                turns = [self._turn(turn, f"{example_id}-{j}") for j, turn in enumerate(row["conversations"])]
+            except AudioError as e:
+                _skip(self.skipped, e)
+                continue
+            yield Conversation(example_id, turns, dict(row.get("custom") or {}))
+
+    def _turn(self, turn, cut_id):
+        role = turn["from"].lower()
+        if turn.get("type", "text") != "audio":
+            return Turn(role, text=turn["value"])
+        path = _resolve_path(turn["value"], self.path)
+        return Turn(role, audio=_audio_cut(cut_id, path, turn.get("duration"), turn.get("offset", 0.0)))
+
+
+def _json_lines(path):
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i + 1} is not valid JSON: {e.msg}") from None
+
+
+_warnings_printed = Counter()
+
+
+def _skip(counter, error):
+    """Count an item dropped for unreadable audio, and say so for the first few."""
+    counter["unreadable audio"] += 1
+    _warnings_printed["audio"] += 1
+    if _warnings_printed["audio"] <= MAX_WARNINGS:
+        print(f"warning: skipped {error}" + ("" if _warnings_printed["audio"] < MAX_WARNINGS else
+              " (further unreadable files are only counted)"), file=sys.stderr)
+
+
+def _audio_cut(cut_id, path, duration, offset):
+    """A cut over (part of) an audio file; the file header gives its true sampling rate and length."""
+    try:
+        recording = Recording.from_file(path, recording_id=cut_id)
+    except Exception as e:
+        raise AudioError(f"cannot read audio file {path}: {' '.join(str(e).split())[:200]}") from None
+    duration = recording.duration - offset if duration is None else min(duration, recording.duration - offset)
+    return MonoCut(cut_id, start=offset, duration=duration, channel=0, recording=recording)
+
+
+def _resolve_path(value, manifest_path):
+    path = Path(value)
+    if not path.is_absolute() and (manifest_path.parent / path).exists():
+        return manifest_path.parent / path
+    return path
+
+
+def _audio_source(cut):
+    try:
+        source = cut.recording.sources[0]
+        return source.source if source.type == "file" else f"{source.type} audio"
+    except (AttributeError, IndexError):
+        return "no recording"
+
+
 class DemoConversations:
     """Lazily rendered demo conversations (see `read_duplex_demo`); the layout is fixed at construction."""
 
@@ -676,17 +672,3 @@ def _flac_recording(samples: np.ndarray, sample_rate: int, recording_id: str) ->
 
 def _clean_text(text: str) -> str:
     return " ".join(TIMESTAMP_TOKEN.sub(" ", text or "").split())
-
-
-# `type: duplex_demo` (with `shar_path`: the demo QA utterances) joins the readers of `_read_group`.
-SUPPORTED_TYPES = SUPPORTED_TYPES + ("duplex_demo",)
-_read_single_source = _read_cuts
-
-
-def _read_cuts(entry, options, kind, skipped):  # noqa: F811  (extends the reader defined above)
-    if kind != "duplex_demo":
-        return _read_single_source(entry, options, kind, skipped)
-    if not entry.get("shar_path") or not Path(entry["shar_path"]).exists():
-        raise FileNotFoundError(f"duplex_demo: shar_path {entry.get('shar_path')} does not exist (the demo QA "
-                                "utterances, e.g. assets/demo/qa_train; scripts/make_demo_data.py writes them)")
-    return read_duplex_demo(entry["shar_path"], seed=options["seed"])
