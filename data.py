@@ -40,6 +40,7 @@ from lhotse import CutSet, Recording, SupervisionSegment
 from lhotse.cut import Cut, MonoCut
 from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
 from lhotse.utils import compute_num_frames
+from torch.nn.utils.rnn import pad_sequence
 
 SUPPORTED_TYPES = ("lhotse_shar", "lhotse", "nemo", "lhotse_as_conversation", "multimodal_conversation", "duplex_demo",
                    "group")
@@ -103,21 +104,19 @@ class AudioError(ValueError):
 
 def load_audio(cut: Cut, sample_rate: int) -> np.ndarray:
     """Mono float32 samples of a cut at `sample_rate`, or AudioError with a one-line reason."""
-    where = _audio_source(cut)
-    try:
-        if cut.sampling_rate != sample_rate:
-            cut = cut.resample(sample_rate)
-        samples = cut.load_audio()
-    except Exception as e:  # lhotse/soundfile raise many types for missing, truncated or corrupt files
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise AudioError(f"cannot read audio of {cut.id} ({where}): {reason}") from None
-    samples = np.asarray(samples, dtype=np.float32)
-    samples = samples.mean(axis=0) if samples.ndim == 2 else samples
-    if samples.size == 0:
-        raise AudioError(f"audio of {cut.id} ({where}) is empty")
-    if not np.isfinite(samples).all():
-        raise AudioError(f"audio of {cut.id} ({where}) holds NaN or inf samples")
-    return samples
+    return _load_mono(cut, sample_rate, f"audio of {cut.id} ({_audio_source(cut)})")
+
+
+def load_audio_files(paths: list[str | Path], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Audio files -> (audios (B, T) float32 zero-padded, audio_lens (B,)), mono, resampled to sample_rate."""
+    return right_pad([torch.from_numpy(load_audio(audio_file_cut(path), sample_rate)) for path in paths], 0.0)
+
+
+def audio_file_cut(path: str | Path) -> Cut:
+    """A cut over a whole audio file (all its channels); FileNotFoundError or AudioError if it cannot be read."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"audio file not found: {path}")
+    return _read_recording(path).to_cut()
 
 
 class SALMDataset(torch.utils.data.Dataset):
@@ -125,7 +124,7 @@ class SALMDataset(torch.utils.data.Dataset):
 
     `encode_dialog(turns) -> {"input_ids", "mask"}` is the model's prompt formatter. Conversations whose audio
     cannot be read, whose answer is empty or whose length exceeds `max_tokens` are skipped and counted in
-    batch["skipped"]; a batch with nothing left is None.
+    batch["skipped"]; a batch with nothing left is {"skipped", "empty": True}.
     """
 
     def __init__(self, encode_dialog, pad_id: int, sample_rate: int, audio_locator_tag: str,
@@ -137,7 +136,7 @@ class SALMDataset(torch.utils.data.Dataset):
         self.token_equivalent_duration = token_equivalent_duration
         self.max_tokens = max_tokens
 
-    def __getitem__(self, items: CutSet) -> dict | None:
+    def __getitem__(self, items: CutSet) -> dict:
         audios, conversations, token_ids, masks, skipped = [], [], [], [], Counter()
         for item in items:
             conversation = item if isinstance(item, Conversation) else cut_to_conversation(item)
@@ -162,10 +161,7 @@ class SALMDataset(torch.utils.data.Dataset):
             masks.append(encoded["mask"])
         if not conversations:
             return {"skipped": skipped, "empty": True}
-        audio_lens = torch.tensor([len(a) for a in audios], dtype=torch.long)
-        audio = torch.zeros(len(audios), int(audio_lens.max()) if audios else 0)  # (B_audio, T)
-        for i, samples in enumerate(audios):
-            audio[i, : len(samples)] = torch.from_numpy(samples)
+        audio, audio_lens = right_pad([torch.from_numpy(a) for a in audios], 0.0)  # (B_audio, T)
         return {
             "audios": audio,
             "audio_lens": audio_lens,
@@ -260,7 +256,7 @@ def read_inputs(ds_cfg: dict, train: bool, skipped: Counter | None = None) -> Cu
                              "manifest_filepath")
         entries = [entry]
     defaults = {"seed": int(ds_cfg.get("seed") or 0), "shard_seed": ds_cfg.get("shard_seed"),
-                "shuffle": bool(train and ds_cfg.get("shuffle")), "audio_locator_tag": ds_cfg.get("audio_locator_tag")}
+                "shuffle": bool(train and ds_cfg.get("shuffle"))}
     return _read_group(entries, defaults, train, skipped)
 
 
@@ -354,27 +350,8 @@ def load_target_audio(cut: Cut, sample_rate: int) -> np.ndarray:
     if not (cut.custom or {}).get("target_audio"):
         raise ValueError(f"cut {cut.id} has no 'target_audio' field: duplex data needs the agent channel as a "
                          "Recording in cut.custom['target_audio'] (Shar field target_audio)")
-    recording = cut.custom["target_audio"]
-    try:
-        if recording.sampling_rate != sample_rate:
-            recording = recording.resample(sample_rate)
-        samples = recording.load_audio(offset=cut.start, duration=cut.duration)
-    except Exception as e:  # see load_audio
-        raise AudioError(f"cannot read target_audio of {cut.id}: {' '.join(str(e).split())[:200]}") from None
-    samples = np.asarray(samples, dtype=np.float32)
-    samples = samples.mean(axis=0) if samples.ndim == 2 else samples
-    if samples.size == 0 or not np.isfinite(samples).all():
-        raise AudioError(f"target_audio of {cut.id} is empty or holds NaN/inf samples")
-    return samples
-
-
-def right_pad(rows: list[torch.Tensor], value) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D tensors into (B, L), padding on the right; also their lengths (B,)."""
-    lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    out = torch.full((len(rows), int(lens.max())), value, dtype=rows[0].dtype)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return out, lens
+    return _load_mono(cut.custom["target_audio"], sample_rate, f"target_audio of {cut.id}", offset=cut.start,
+                      duration=cut.duration)
 
 
 def read_duplex_demo(shar_path: str | Path, seed: int = 0) -> CutSet:
@@ -392,12 +369,18 @@ def read_duplex_demo(shar_path: str | Path, seed: int = 0) -> CutSet:
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 
-def left_pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
-    """Stack 1-D tensors into (B, L), padding on the left (decoder-only LLMs continue from the right edge)."""
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=rows[0].dtype)
-    for i, row in enumerate(rows):
-        out[i, out.shape[1] - len(row):] = row
-    return out
+def left_pad(rows: list[torch.Tensor], value) -> torch.Tensor:
+    """Stack (L_i, ...) tensors into (B, L, ...), padding on the left (decoder-only LLMs continue from the right
+    edge)."""
+    return pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")
+
+
+def right_pad(rows: list[torch.Tensor], value) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D tensors into (B, L), padding on the right; also their lengths (B,). No rows: (0, 0) and (0,)."""
+    lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    if not rows:
+        return torch.zeros(0, 0), lens
+    return pad_sequence(rows, batch_first=True, padding_value=value), lens
 
 
 class _Epochs:
@@ -586,12 +569,37 @@ def _skip(counter, error):
 
 def _audio_cut(cut_id, path, duration, offset):
     """A cut over (part of) an audio file; the file header gives its true sampling rate and length."""
-    try:
-        recording = Recording.from_file(path, recording_id=cut_id)
-    except Exception as e:
-        raise AudioError(f"cannot read audio file {path}: {' '.join(str(e).split())[:200]}") from None
+    recording = _read_recording(path, cut_id)
     duration = recording.duration - offset if duration is None else min(duration, recording.duration - offset)
     return MonoCut(cut_id, start=offset, duration=duration, channel=0, recording=recording)
+
+
+def _read_recording(path, recording_id=None) -> Recording:
+    try:
+        return Recording.from_file(path, recording_id=recording_id)
+    except Exception as e:  # soundfile and lhotse raise many types for unreadable files
+        raise AudioError(f"cannot read audio file {path}: {_reason(e)}") from None
+
+
+def _load_mono(audio: Cut | Recording, sample_rate: int, what: str, **span) -> np.ndarray:
+    """Mono float32 samples of a cut or recording at `sample_rate` (`span`: offset= and duration= of a
+    recording); AudioError naming `what` when they cannot be read, are empty or are not finite."""
+    try:
+        if audio.sampling_rate != sample_rate:
+            audio = audio.resample(sample_rate)
+        samples = np.asarray(audio.load_audio(**span), dtype=np.float32)
+    except Exception as e:  # lhotse/soundfile raise many types for missing, truncated or corrupt files
+        raise AudioError(f"cannot read {what}: {_reason(e)}") from None
+    samples = samples.mean(axis=0) if samples.ndim == 2 else samples
+    if samples.size == 0:
+        raise AudioError(f"{what} is empty")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{what} holds NaN or inf samples")
+    return samples
+
+
+def _reason(error: Exception) -> str:
+    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def _resolve_path(value, manifest_path):

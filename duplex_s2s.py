@@ -20,6 +20,9 @@ frame's codes.
     state = model.new_state(batch_size=1)                  # live use: one call per 80 ms of user audio
     text_id, codes = model.step(state, user_frame)         # user_frame (1, 1, H): that frame's perception output
 
+    model.save_pretrained("exports/s2s_duplex")            # or: python infer.py export --model runs/s2s_duplex ...
+    model = DuplexS2SModel.from_pretrained("exports/s2s_duplex")  # infer.load_model(dir) picks the class itself
+
     python duplex_s2s.py --model runs/s2s_duplex/checkpoints/last.ckpt --audio question.wav --out answer/
 
 Parameter names (for `freeze_params`): llm.model.* and llm.lm_head.* (the Hugging Face LLM, as in SALM),
@@ -33,26 +36,30 @@ Where this differs from NeMo, on purpose:
   streams silently. The check runs at start-up and names the key to change.
 * Control codes are replaced by the codec's codes of silence before decoding (NeMo uses frame 0 of the batch).
 * The speech-decoder model has no unused `embed_audio_tokens` / `audio_head`.
-* BLEU is corpus BLEU over all sessions, for ASR-BLEU too (NeMo's ASR-BLEU passes its references wrongly).
+* BLEU is corpus BLEU over all sessions, for ASR-BLEU too (NeMo's ASR-BLEU passes its references wrongly), after
+  infer.py's text normalizer.
 * Generated text is decoded turn by turn (split at BOS) and the turns joined with spaces.
 """
 
 import argparse
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, DynamicCache
 
+from data import DuplexS2SDataset, load_audio_files
+from infer import (CONFIG_NAME, DEFAULT_ASR_PROMPT, PretrainedMixin, Transcriber, bleu, find_checkpoint, load_model,
+                   read_checkpoint)
 from perception import setup_perception
-from salm import apply_freezing, install_lora, load_llm, load_tokenizer
+from salm import SALM, apply_freezing, frozen_modules_to_eval, load_llm, load_tokenizer
 from speech_decoder import DecoderCache, SpeechDecoder, sample_codes
 
 NUM_CONTROL_CODES = 3  # speech BOS, EOS and delay ids follow the codebook ids
@@ -61,16 +68,14 @@ CODEC_SEED = 1234  # a codec directory without weights is built from its config 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-class DuplexS2SModel(nn.Module):
+class DuplexS2SModel(PretrainedMixin, nn.Module):
     """LLM + streaming perception + frozen audio codec. `cfg` is the `model` section of the config."""
 
     def __init__(self, cfg: dict) -> None:
         super().__init__()
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg["pretrained_llm"], None)
-        self.llm = load_llm(cfg["pretrained_llm"], cfg.get("pretrained_weights", True))
-        if cfg.get("lora") is not None:
-            self.llm = install_lora(self.llm, cfg["lora"])
+        self.llm = load_llm(cfg["pretrained_llm"], cfg.get("pretrained_weights", True), cfg.get("lora"))
         hidden_size = self.embed_tokens.embedding_dim
         self.perception = setup_perception(cfg, output_dim=hidden_size)
         self.audio_codec = load_audio_codec(cfg["pretrained_audio_codec"])
@@ -144,10 +149,8 @@ class DuplexS2SModel(nn.Module):
 
     # ---- data ---------------------------------------------------------------------------------------------
 
-    def make_dataset(self, data_cfg: dict):
+    def make_dataset(self, data_cfg: dict) -> DuplexS2SDataset:
         """The duplex dataset for the `data` section, after checking that it fits the codec and perception."""
-        from data import DuplexS2SDataset
-
         check_data_config(data_cfg, self.audio_codec, self.perception, self.cfg["pretrained_audio_codec"])
         return DuplexS2SDataset(self.tokenizer, self.text_pad_id, data_cfg["frame_length"],
                                 data_cfg["source_sample_rate"], data_cfg["target_sample_rate"],
@@ -199,7 +202,7 @@ class DuplexS2SModel(nn.Module):
     # ---- training and validation --------------------------------------------------------------------------
 
     def training_step(self, batch: dict) -> dict:
-        self._frozen_modules_to_eval()
+        frozen_modules_to_eval([self.llm, *self.perception.children()])
         inputs = self.prepare_inputs(batch)
         text_logits, audio_logits = self(inputs["user_embeds"], inputs["text_inputs"], inputs["audio_inputs"])
         text_sum, audio_sum, num_frames = self.loss_sums(text_logits, audio_logits, inputs)
@@ -249,27 +252,20 @@ class DuplexS2SModel(nn.Module):
         text_loss, audio_loss = totals["text_loss_sum"] / n, totals["audio_loss_sum"] / n
         summary = {"text_loss": text_loss, "audio_loss": audio_loss,
                    "loss": self.text_loss_weight * text_loss + self.audio_loss_weight * audio_loss}
-        if totals.get("pairs"):
-            summary["txt_bleu"] = corpus_bleu(totals["pairs"])
-        if totals.get("asr_pairs"):
-            summary["asr_bleu"] = corpus_bleu(totals["asr_pairs"])
+        for key, pairs in (("txt_bleu", totals.get("pairs")), ("asr_bleu", totals.get("asr_pairs"))):
+            if pairs:
+                summary[key] = bleu([ref for ref, _ in pairs], [hyp for _, hyp in pairs])
         return summary
 
-    def _scoring_asr(self) -> "ScoringASR | None":
+    def _scoring_asr(self) -> Transcriber | None:
         if self._scorer is None:
             name = self.cfg.get("scoring_asr")
             if not name:
                 print("validation: model.scoring_asr is not set, so ASR-BLEU is skipped (text BLEU only)")
                 self._scorer = False
             else:
-                self._scorer = ScoringASR(name, self.device)
+                self._scorer = Transcriber(name, self.device, prompt=scoring_asr_prompt(name))
         return self._scorer or None
-
-    def _frozen_modules_to_eval(self) -> None:
-        """Modules without trainable parameters run in eval mode (no dropout, no dither), as NeMo does."""
-        for module in (self.llm, *self.perception.children()):
-            if not any(p.requires_grad for p in module.parameters()):
-                module.eval()
 
     # ---- inference ----------------------------------------------------------------------------------------
 
@@ -503,69 +499,16 @@ def check_data_config(data_cfg: dict, codec: AudioCodec, perception, codec_name:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# scoring
+# ASR-BLEU and the command line
 
-def corpus_bleu(pairs: list[tuple[str, str]]) -> float:
-    """sacreBLEU corpus BLEU of (reference, hypothesis) pairs, lower-cased without punctuation on both sides."""
-    import sacrebleu
-
-    references = [normalize_text(r) for r, _ in pairs]
-    hypotheses = [normalize_text(h) for _, h in pairs]
-    return sacrebleu.corpus_bleu(hypotheses, [references]).score
-
-
-def normalize_text(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
-
-
-class ScoringASR:
-    """Transcribes generated agent speech for ASR-BLEU, in fp32. `name_or_path`: a SALM checkpoint of this
-    project (a train.py .ckpt file or run directory) or a transformers speech-recognition model (directory or
-    hub name)."""
-
-    def __init__(self, name_or_path: str, device: torch.device):
-        self.salm = self.pipeline = None
-        checkpoint = find_checkpoint(name_or_path)
-        if checkpoint is not None:
-            from salm import SALM
-
-            config, state = load_checkpoint(checkpoint)
-            self.salm = SALM({**config["model"], "pretrained_weights": False}).float()
-            self.salm.load_state_dict(state)
-            self.salm.eval().to(device)
-            context = _find_value(config.get("data", {}).get("train_ds", {}), "context")
-            self.prompt = f"{context} {self.salm.audio_locator_tag}" if context else self.salm.audio_locator_tag
-            self.sample_rate = self.salm.sampling_rate
-        else:
-            from transformers import pipeline
-
-            try:
-                self.pipeline = pipeline("automatic-speech-recognition", model=str(name_or_path), device=device,
-                                         dtype=torch.float32)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"model.scoring_asr '{name_or_path}' is neither a SALM checkpoint of this project "
-                                 f"nor a transformers speech-recognition model: {str(e).splitlines()[0]}") from None
-            self.sample_rate = self.pipeline.feature_extractor.sampling_rate
-
-    @torch.no_grad()
-    def transcribe(self, clips: list[Tensor], sample_rate: int) -> list[str]:
-        clips = [resample(c.float().cpu().numpy(), sample_rate, self.sample_rate) for c in clips]
-        if self.pipeline is not None:
-            return [out["text"].strip() for out in self.pipeline(clips)]
-        audios = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(c) for c in clips], batch_first=True)
-        lens = torch.tensor([len(c) for c in clips])
-        prompts = [[{"role": "user", "content": self.prompt}] for _ in clips]
-        ids = self.salm.generate(prompts, audios=audios.to(self.salm.device), audio_lens=lens, max_new_tokens=128)
-        return [t.strip() for t in self.salm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-
-def resample(samples: np.ndarray, rate: int, new_rate: int) -> np.ndarray:
-    from scipy.signal import resample_poly
-
-    if rate == new_rate:
-        return samples.astype(np.float32)
-    g = math.gcd(rate, new_rate)
-    return resample_poly(samples, new_rate // g, rate // g).astype(np.float32)
+def scoring_asr_prompt(name_or_path: str | Path) -> str:
+    """What a SALM checkpoint as scoring ASR is asked: the `context` its training data carried ('' for none, the
+    audio alone). Export directories and transformers models get infer's default ASR prompt."""
+    checkpoint = None if (Path(name_or_path) / CONFIG_NAME).is_file() else find_checkpoint(name_or_path)
+    if checkpoint is None:
+        return DEFAULT_ASR_PROMPT
+    config = read_checkpoint(checkpoint)["config"]
+    return _find_value(config.get("data", {}).get("train_ds", {}), "context") or ""
 
 
 def _find_value(node, key: str):
@@ -582,57 +525,18 @@ def _find_value(node, key: str):
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoints and the command line
-
-def find_checkpoint(path: str | Path) -> Path | None:
-    """A train.py checkpoint: the file itself, or a run directory's checkpoints/last.ckpt (or its last.ckpt)."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".ckpt":
-        return path
-    for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def load_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(full config, model state_dict) of a train.py checkpoint."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
-    return state["config"], state["model"]
-
-
-def load_model(path: str | Path) -> DuplexS2SModel:
-    """A duplex model from a train.py checkpoint (.ckpt file or run directory), in eval mode."""
-    checkpoint = find_checkpoint(path)
-    if checkpoint is None:
-        raise FileNotFoundError(f"--model {path}: no checkpoint there (a .ckpt file written by train.py, or its run "
-                                "directory holding checkpoints/last.ckpt)")
-    config, state = load_checkpoint(checkpoint)
-    model_cfg = {**config["model"], "pretrained_weights": False}  # every weight comes from the checkpoint
-    cls = DuplexS2SSpeechDecoderModel if model_cfg.get("speech_decoder") else DuplexS2SModel
-    model = cls(model_cfg)
-    model.load_state_dict(state)
-    if "data" in config:
-        check_data_config(config["data"], model.audio_codec, model.perception, model_cfg["pretrained_audio_codec"])
-    return model.eval()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Answer a recording with a trained duplex model: writes the "
                                                  "agent's speech (agent.wav) and text (agent.txt).")
-    parser.add_argument("--model", required=True, help="train.py checkpoint (.ckpt) or run directory")
+    parser.add_argument("--model", required=True, help="train.py checkpoint (.ckpt or run directory) or export "
+                                                       "directory")
     parser.add_argument("--audio", required=True, help="the user's side of the conversation (any sample rate)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    import soundfile
-
-    from salm import load_audio_files
-
-    model = load_model(args.model).to(args.device)
+    model = load_model(args.model, args.device)
+    if isinstance(model, SALM):
+        raise ValueError(f"{args.model} is a SALM; answer with infer.py generate")
     audio, audio_lens = load_audio_files([args.audio], model.perception.sample_rate)
     start = time.perf_counter()
     result = model.offline_inference(audio, audio_lens)

@@ -19,6 +19,7 @@ keyed as NeMo logs them (`wer_{name}`, `wer`, `txt_bleu_{name}`, `txt_bleu`). AS
 `asr_bleu(references, audios, sample_rate, scoring_asr)`.
 """
 import argparse
+import copy
 import gzip
 import json
 import math
@@ -34,21 +35,24 @@ import numpy as np
 import sacrebleu
 import torch
 import yaml
-from lhotse import Recording
 from lhotse.cut import Cut
-from torch.nn.utils.rnn import pad_sequence
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 from tqdm import tqdm
 from transformers import GenerationConfig
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from data import AudioError, Conversation, Turn, cut_to_conversation, load_audio, read_inputs
-from salm import CONFIG_NAME, SALM, cast_model, load_pretrained_weights, pretrained_config
+from data import (AudioError, Conversation, Turn, audio_file_cut, cut_to_conversation, load_audio, read_inputs,
+                  right_pad)
 from train import build_model
 
 DEFAULT_ASR_PROMPT = "Repeat after me, typing in lowercase."  # NeMo salm_eval's; configs/salm.yaml trains with it
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".sph")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NORMALIZER = f"Whisper EnglishTextNormalizer (whisper-normalizer {version('whisper-normalizer')})"
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"  # an export directory, as Hugging Face lays it out
+LLM_DIR, CODEC_DIR = "llm", "codec"  # the export's copies of the tokenizer + LLM config, and of the audio codec
 _normalizer = EnglishTextNormalizer()
 
 
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.command == "export":
         export(args.model, args.out, dtype, args.merge_lora)
         return None
+    from salm import SALM  # not at the top: salm.py imports this module
+
     model = load_model(args.model, args.device, dtype)
     if not isinstance(model, SALM):
         raise ValueError(f"{args.model} is a {type(model).__name__}; generate and evaluate run SALM (duplex models "
@@ -97,6 +103,61 @@ def main(argv: list[str] | None = None) -> dict | None:
 # ---------------------------------------------------------------------------------------------------------------
 # loading and export
 
+class PretrainedMixin:
+    """`save_pretrained(dir)` / `from_pretrained(dir)` for the models of this project (NeMo's HFHubMixin, offline).
+
+    An export directory holds everything needed to rebuild the model without the training setup or a network:
+      config.json        the resolved model config; pretrained_llm (and pretrained_audio_codec) point at the copies
+                         below, pretrained_weights is false (every weight comes from model.safetensors)
+      model.safetensors  all weights except the codec's
+      llm/               the tokenizer (audio locator tag included) and the LLM's config.json
+      codec/             duplex models: the frozen audio codec as a transformers model directory
+    The model needs `cfg`, `tokenizer`, `llm` and, for a codec, `audio_codec.model` (a transformers model).
+    """
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write the export directory; `dtype` casts the weights (modules marked keep_fp32 stay fp32)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = copy.deepcopy(self.cfg)
+        # the ASR checkpoint's config is already in cfg["perception"], and its weights are in model.safetensors
+        cfg.update(pretrained_llm=LLM_DIR, pretrained_weights=False, pretrained_asr=None)
+        self.tokenizer.save_pretrained(path / LLM_DIR)
+        self.llm.config.save_pretrained(path / LLM_DIR)
+        codec = getattr(self, "audio_codec", None)
+        if codec is not None:
+            codec.model.save_pretrained(path / CODEC_DIR)
+            cfg["pretrained_audio_codec"] = CODEC_DIR
+        keep_fp32 = tuple(f"{n}." for n, m in self.named_modules() if getattr(m, "keep_fp32", False))
+        aliases = _tied_aliases(self)
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if name in aliases or (codec is not None and name.startswith("audio_codec.")):
+                continue
+            if dtype is not None and tensor.is_floating_point() and not name.startswith(keep_fp32):
+                tensor = tensor.to(dtype)
+            state[name] = tensor.contiguous()
+        saved_dtype = str(dtype or next(p.dtype for n, p in self.named_parameters() if n.startswith("llm.")))
+        save_file(state, path / WEIGHTS_NAME, metadata={"format": "pt", "dtype": saved_dtype.removeprefix("torch.")})
+        (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None):
+        """Rebuild from an export directory (no downloads) and load its weights strictly, in eval mode.
+        The weights keep the dtype they were saved in unless `dtype` is given."""
+        model = cls(pretrained_config(path))
+        load_pretrained_weights(model, path, dtype)
+        return model.eval()
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the LLM's weights (peft merge_and_unload): a plain LLM, loadable without
+        peft, that computes what the adapted one did."""
+        if self.cfg.get("lora") is None:
+            raise ValueError("this model has no LoRA adapters to merge (its config has no 'lora' section)")
+        self.llm = self.llm.merge_and_unload()
+        self.cfg = {k: v for k, v in self.cfg.items() if k != "lora"}
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Any of the three models, in eval mode, from an export directory or a train.py checkpoint (strict load;
     nothing is downloaded: pretrained_weights is forced false)."""
@@ -106,12 +167,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         load_pretrained_weights(model, path, dtype)
     else:
         checkpoint = find_checkpoint(path)
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError):
-            state = None
-        if not isinstance(state, dict) or "model" not in state or "config" not in state:
-            raise ValueError(f"{checkpoint} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
+        if checkpoint is None:
+            raise FileNotFoundError(f"--model {path}: neither an export directory (config.json + model.safetensors) "
+                                    "nor a train.py checkpoint (.ckpt file, or a run directory holding "
+                                    "checkpoints/last.ckpt)")
+        state = read_checkpoint(checkpoint)
         model = build_model({**state["config"]["model"], "pretrained_weights": False})
         model.load_state_dict(state["model"])
         if dtype is not None:
@@ -119,16 +179,26 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model.to(device).eval()
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A train.py checkpoint: the file itself, or a run directory's checkpoints/last.ckpt."""
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A train.py checkpoint: the file itself, or a run directory's checkpoints/last.ckpt (or last.ckpt)."""
     path = Path(path)
     if path.is_file():
         return path
     for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"--model {path}: neither an export directory (config.json + model.safetensors) nor a "
-                            "train.py checkpoint (.ckpt file, or a run directory holding checkpoints/last.ckpt)")
+    return None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A train.py checkpoint's contents: "model" (the state dict), "config" (the full config), ..."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
+        state = None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
+    return state
 
 
 def export(model_path: str | Path, out: str | Path, dtype: torch.dtype | None = None, merge_lora: bool = False):
@@ -143,6 +213,60 @@ def export(model_path: str | Path, out: str | Path, dtype: torch.dtype | None = 
     return model
 
 
+def pretrained_config(path: str | Path) -> dict:
+    """The model config of an export directory, its relative asset paths resolved, pretrained_weights false."""
+    path = Path(path)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not an exported model: it has no {name} (write one with "
+                                    "model.save_pretrained(dir) or `python infer.py export`)")
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    for key in ("pretrained_llm", "pretrained_audio_codec"):
+        if cfg.get(key) and (path / cfg[key]).exists():
+            cfg[key] = str(path / cfg[key])
+    cfg["pretrained_weights"] = False
+    return cfg
+
+
+def load_pretrained_weights(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Load an export's model.safetensors into `model`, strictly: every tensor must fit, and only tied aliases
+    and the codec (loaded from codec/) may be absent. Then cast to `dtype` (default: the saved dtype)."""
+    file = Path(path) / WEIGHTS_NAME
+    with safe_open(file, framework="pt") as f:
+        state = {name: f.get_tensor(name) for name in f.keys()}
+        saved_dtype = (f.metadata() or {}).get("dtype", "float32")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{file} does not fit the model its config.json builds: {str(e).splitlines()[-1]}") from None
+    aliases = _tied_aliases(model)
+    missing = [k for k in result.missing_keys if k not in aliases and not k.startswith("audio_codec.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{file} does not fit the model its config.json builds: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    cast_model(model, dtype or getattr(torch, saved_dtype))
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype), except modules marked keep_fp32 (the mel frontend, the codec), which keep fp32 numerics."""
+    model.to(dtype)
+    for module in model.modules():
+        if getattr(module, "keep_fp32", False):
+            module.float()
+    return model
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """State-dict names whose tensor is the same as an earlier name's (tied embeddings): saved once."""
+    seen, aliases = set(), set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in seen:
+            aliases.add(name)
+        seen.add(key)
+    return aliases
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # inputs
 
@@ -155,9 +279,9 @@ def read_datasets(inputs: list[str]) -> dict[str, list]:
             raise FileNotFoundError(f"--inputs {spec}: no such file or directory")
         if path.suffix.lower() in AUDIO_SUFFIXES:
             try:
-                datasets.setdefault("audio", []).append(Recording.from_file(path).to_cut())
-            except Exception as e:  # soundfile and lhotse raise many types for unreadable files
-                raise ValueError(f"--inputs {spec}: cannot read audio: {' '.join(str(e).split())[:200]}") from None
+                datasets.setdefault("audio", []).append(audio_file_cut(path))
+            except AudioError as e:
+                raise ValueError(f"--inputs {spec}: {e}") from None
             continue
         name = path.name.split(".")[0] or path.name
         name = name if name not in datasets else f"{name}_{len(datasets)}"
@@ -256,8 +380,7 @@ def generate(model, datasets: dict[str, list], output_dir: str | Path, system_pr
 def answer(model, prompts: list[list[dict]], audios: list[np.ndarray], max_new_tokens: int) -> tuple[list[str], int]:
     """Greedy answers of a SALM to prompts whose audio tags take `audios` in order; also the number of tokens
     generated (each answer up to and including its EOS)."""
-    audio_lens = torch.tensor([len(a) for a in audios], dtype=torch.long)
-    padded = pad_sequence([torch.from_numpy(a) for a in audios], batch_first=True) if audios else None  # (B_audio, T)
+    padded, audio_lens = right_pad([torch.from_numpy(a) for a in audios], 0.0) if audios else (None, None)
     config = GenerationConfig(max_new_tokens=max_new_tokens, bos_token_id=model.text_bos_id,
                               eos_token_id=model.text_eos_id, pad_token_id=model.text_pad_id, do_sample=False)
     ids = model.generate(prompts, audios=padded, audio_lens=audio_lens, generation_config=config).cpu()  # (B, T_new)
@@ -411,11 +534,12 @@ def _is_project_model(path: Path) -> bool:
     """An export directory or train.py checkpoint of this project (a transformers model has no pretrained_llm)."""
     if (path / CONFIG_NAME).is_file():
         return "pretrained_llm" in json.loads((path / CONFIG_NAME).read_text())
-    return path.suffix == ".ckpt" or (path / "checkpoints" / "last.ckpt").is_file()
+    return find_checkpoint(path) is not None
 
 
 def resample(samples: np.ndarray, rate: int, new_rate: int) -> np.ndarray:
-    from scipy.signal import resample_poly
+    """1-D samples at `rate` -> float32 at `new_rate` (polyphase filtering, as for generated speech of any rate)."""
+    from scipy.signal import resample_poly  # half a second to import, and only ASR-BLEU needs it
 
     if rate == new_rate:
         return samples.astype(np.float32)

@@ -33,81 +33,21 @@ Where this differs from NeMo, on purpose:
 """
 
 import copy
-import json
 import re
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from data import SALMDataset
+from data import SALMDataset, left_pad, load_audio_files
+from infer import PretrainedMixin, word_errors
 from perception import setup_perception
 
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that are not supervised
 ROLES = ("system", "user", "assistant")
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"  # an export directory, as Hugging Face lays it out
-LLM_DIR, CODEC_DIR = "llm", "codec"  # the export's copies of the tokenizer + LLM config, and of the audio codec
-
-
-class PretrainedMixin:
-    """`save_pretrained(dir)` / `from_pretrained(dir)` for the models of this project (NeMo's HFHubMixin, offline).
-
-    An export directory holds everything needed to rebuild the model without the training setup or a network:
-      config.json        the resolved model config; pretrained_llm (and pretrained_audio_codec) point at the copies
-                         below, pretrained_weights is false (every weight comes from model.safetensors)
-      model.safetensors  all weights except the codec's
-      llm/               the tokenizer (audio locator tag included) and the LLM's config.json
-      codec/             duplex models: the frozen audio codec as a transformers model directory
-    The model needs `cfg`, `tokenizer`, `llm` and, for a codec, `audio_codec.model` (a transformers model).
-    """
-
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write the export directory; `dtype` casts the weights (modules marked keep_fp32 stay fp32)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        cfg = copy.deepcopy(self.cfg)
-        # the ASR checkpoint's config is already in cfg["perception"], and its weights are in model.safetensors
-        cfg.update(pretrained_llm=LLM_DIR, pretrained_weights=False, pretrained_asr=None)
-        self.tokenizer.save_pretrained(path / LLM_DIR)
-        self.llm.config.save_pretrained(path / LLM_DIR)
-        codec = getattr(self, "audio_codec", None)
-        if codec is not None:
-            codec.model.save_pretrained(path / CODEC_DIR)
-            cfg["pretrained_audio_codec"] = CODEC_DIR
-        keep_fp32 = tuple(f"{n}." for n, m in self.named_modules() if getattr(m, "keep_fp32", False))
-        aliases = _tied_aliases(self)
-        state = {}
-        for name, tensor in self.state_dict().items():
-            if name in aliases or (codec is not None and name.startswith("audio_codec.")):
-                continue
-            if dtype is not None and tensor.is_floating_point() and not name.startswith(keep_fp32):
-                tensor = tensor.to(dtype)
-            state[name] = tensor.contiguous()
-        saved_dtype = str(dtype or next(p.dtype for n, p in self.named_parameters() if n.startswith("llm.")))
-        save_file(state, path / WEIGHTS_NAME, metadata={"format": "pt", "dtype": saved_dtype.removeprefix("torch.")})
-        (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None):
-        """Rebuild from an export directory (no downloads) and load its weights strictly, in eval mode.
-        The weights keep the dtype they were saved in unless `dtype` is given."""
-        model = cls(pretrained_config(path))
-        load_pretrained_weights(model, path, dtype)
-        return model.eval()
-
-    def merge_lora(self) -> None:
-        """Fold the LoRA adapters into the LLM's weights (peft merge_and_unload): a plain LLM, loadable without
-        peft, that computes what the adapted one did."""
-        if self.cfg.get("lora") is None:
-            raise ValueError("this model has no LoRA adapters to merge (its config has no 'lora' section)")
-        self.llm = self.llm.merge_and_unload()
-        self.cfg = {k: v for k, v in self.cfg.items() if k != "lora"}
 
 
 class SALM(PretrainedMixin, nn.Module):
@@ -118,9 +58,7 @@ class SALM(PretrainedMixin, nn.Module):
         self.cfg = cfg
         self.audio_locator_tag = cfg["audio_locator_tag"]
         self.tokenizer = load_tokenizer(cfg["pretrained_llm"], self.audio_locator_tag)
-        self.llm = load_llm(cfg["pretrained_llm"], cfg.get("pretrained_weights", True))
-        if cfg.get("lora") is not None:
-            self.llm = install_lora(self.llm, cfg["lora"])
+        self.llm = load_llm(cfg["pretrained_llm"], cfg.get("pretrained_weights", True), cfg.get("lora"))
         self.perception = setup_perception(cfg, output_dim=self.embed_tokens.embedding_dim)
         self.formatter = make_prompt_formatter(cfg.get("prompt_format", "llama2"), self.tokenizer)
         apply_freezing(self, cfg.get("freeze_params") or [], cfg.get("prevent_freeze_params") or [])
@@ -195,7 +133,7 @@ class SALM(PretrainedMixin, nn.Module):
 
     def training_step(self, batch: dict) -> dict:
         """loss = loss_sum / count; train.py sums both over micro-batches and ranks for an exact global mean."""
-        self._frozen_modules_to_eval()
+        frozen_modules_to_eval([self.llm, *self.perception.children()])
         inputs = self.prepare_inputs(batch)
         logits = self(inputs["input_embeds"], attention_mask=inputs["attention_mask"])["logits"]
         loss_sum, count = _masked_cross_entropy_sum(logits, inputs["target_ids"])
@@ -267,7 +205,7 @@ class SALM(PretrainedMixin, nn.Module):
             if paths:
                 audios, audio_lens = load_audio_files(paths, self.sampling_rate)
             rows = [self.encode_dialog(prompt)["input_ids"] for prompt in prompts]
-        input_ids = _left_pad(rows, self.text_pad_id).to(self.device)  # (B, L)
+        input_ids = left_pad(rows, self.text_pad_id).to(self.device)  # (B, L)
 
         num_tags = int((input_ids == self.audio_locator_tag_id).sum())
         num_audios = 0 if audios is None else len(audios)
@@ -302,11 +240,9 @@ class SALM(PretrainedMixin, nn.Module):
             references.append(self.tokenizer.decode(ids[start:], skip_special_tokens=True).strip())
         max_new_tokens = 2 * int(batch["loss_mask"].sum(1).max()) + 8
         answer_ids = self.generate(
-            _left_pad(prompts, self.text_pad_id), batch["audios"], batch["audio_lens"], max_new_tokens=max_new_tokens
+            left_pad(prompts, self.text_pad_id), batch["audios"], batch["audio_lens"], max_new_tokens=max_new_tokens
         )
         hypotheses = [h.strip() for h in self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)]
-        from infer import word_errors  # the project's one WER, after its one text normalizer
-
         counts = word_errors(references, hypotheses)
         return {"pairs": list(zip(references, hypotheses)), "ref_words": counts["ref_words"],
                 "word_errors": counts["substitutions"] + counts["deletions"] + counts["insertions"]}
@@ -323,13 +259,6 @@ class SALM(PretrainedMixin, nn.Module):
         return replace_placeholders_and_build_targets(
             input_ids, text_embeds, self.text_pad_id, tag_id, audio_embeds, target_ids
         )
-
-    def _frozen_modules_to_eval(self) -> None:
-        """A module without trainable parameters runs in eval mode: no dropout, no BatchNorm updates, and no dither
-        in the parameter-free mel preprocessor (as NeMo does for preprocessor, encoder and LLM every step)."""
-        for module in (self.llm, *self.perception.children()):
-            if not any(p.requires_grad for p in module.parameters()):
-                module.eval()
 
 
 class Llama2PromptFormatter:
@@ -466,9 +395,9 @@ def replace_placeholders_and_build_targets(
             prev = pos + 1
         row_embeds.append(torch.cat(emb_pieces + [emb[prev:]]))
         row_targets.append(torch.cat(tgt_pieces + [tgt[prev:]]))
-    out_embeds = _left_pad(row_embeds, 0.0)
-    out_targets = _left_pad(row_targets, IGNORE_INDEX)
-    attention_mask = _left_pad([torch.ones(len(r), dtype=torch.bool, device=r.device) for r in row_targets], False)
+    out_embeds = left_pad(row_embeds, 0.0)
+    out_targets = left_pad(row_targets, IGNORE_INDEX)
+    attention_mask = left_pad([torch.ones(len(r), dtype=torch.bool, device=r.device) for r in row_targets], False)
     return out_embeds, (None if target_ids is None else out_targets), attention_mask
 
 
@@ -478,58 +407,12 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(~attention_mask.bool(), 0)
 
 
-def pretrained_config(path: str | Path) -> dict:
-    """The model config of an export directory, its relative asset paths resolved, pretrained_weights false."""
-    path = Path(path)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not an exported model: it has no {name} (write one with "
-                                    "model.save_pretrained(dir) or `python infer.py export`)")
-    cfg = json.loads((path / CONFIG_NAME).read_text())
-    for key in ("pretrained_llm", "pretrained_audio_codec"):
-        if cfg.get(key) and (path / cfg[key]).exists():
-            cfg[key] = str(path / cfg[key])
-    cfg["pretrained_weights"] = False
-    return cfg
-
-
-def load_pretrained_weights(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Load an export's model.safetensors into `model`, strictly: every tensor must fit, and only tied aliases
-    and the codec (loaded from codec/) may be absent. Then cast to `dtype` (default: the saved dtype)."""
-    file = Path(path) / WEIGHTS_NAME
-    with safe_open(file, framework="pt") as f:
-        state = {name: f.get_tensor(name) for name in f.keys()}
-        saved_dtype = (f.metadata() or {}).get("dtype", "float32")
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"{file} does not fit the model its config.json builds: {str(e).splitlines()[-1]}") from None
-    aliases = _tied_aliases(model)
-    missing = [k for k in result.missing_keys if k not in aliases and not k.startswith("audio_codec.")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{file} does not fit the model its config.json builds: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
-    cast_model(model, dtype or getattr(torch, saved_dtype))
-
-
-def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """model.to(dtype), except modules marked keep_fp32 (the mel frontend, the codec), which keep fp32 numerics."""
-    model.to(dtype)
-    for module in model.modules():
-        if getattr(module, "keep_fp32", False):
-            module.float()
-    return model
-
-
-def _tied_aliases(model: nn.Module) -> set[str]:
-    """State-dict names whose tensor is the same as an earlier name's (tied embeddings): saved once."""
-    seen, aliases = set(), set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-        if tensor.numel() and key in seen:
-            aliases.add(name)
-        seen.add(key)
-    return aliases
+def frozen_modules_to_eval(modules: list[nn.Module]) -> None:
+    """A module without trainable parameters runs in eval mode: no dropout, no BatchNorm updates, and no dither
+    in the parameter-free mel preprocessor (as NeMo does for preprocessor, encoder and LLM every step)."""
+    for module in modules:
+        if not any(p.requires_grad for p in module.parameters()):
+            module.eval()
 
 
 def load_tokenizer(pretrained_llm: str, audio_locator_tag: str | None):
@@ -545,18 +428,19 @@ def load_tokenizer(pretrained_llm: str, audio_locator_tag: str | None):
     return tokenizer
 
 
-def load_llm(pretrained_llm: str, pretrained_weights: bool) -> AutoModelForCausalLM:
-    """A local directory or hub name, in fp32; pretrained_weights=False builds the same architecture, random init."""
+def load_llm(pretrained_llm: str, pretrained_weights: bool, lora_cfg: dict | None = None) -> nn.Module:
+    """A local directory or hub name, in fp32; pretrained_weights=False builds the same architecture, random init.
+    With `lora_cfg` (the config's `lora` section) it is wrapped with peft LoRA adapters (`LoraConfig(**lora_cfg)`),
+    which freeze its base weights."""
     try:
         if pretrained_weights:
-            return AutoModelForCausalLM.from_pretrained(pretrained_llm, dtype=torch.float32)
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained_llm), dtype=torch.float32)
+            llm = AutoModelForCausalLM.from_pretrained(pretrained_llm, dtype=torch.float32)
+        else:
+            llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained_llm), dtype=torch.float32)
     except OSError as e:
         raise _not_found(pretrained_llm, e) from None
-
-
-def install_lora(llm: nn.Module, lora_cfg: dict) -> nn.Module:
-    """Wrap the LLM with peft LoRA adapters (`LoraConfig(**lora_cfg)`); peft freezes the base weights."""
+    if lora_cfg is None:
+        return llm
     from peft import LoraConfig, get_peft_model
 
     try:
@@ -600,20 +484,6 @@ def apply_freezing(model: nn.Module, freeze_params: list[str], prevent_freeze_pa
     print(f"Parameters | trainable={trainable:,} ({100 * trainable / max(total, 1):.2f}%) | total={total:,}")
 
 
-def load_audio_files(paths: list[str | Path], sample_rate: int) -> tuple[Tensor, Tensor]:
-    """Audio files -> (audios (B, T) float32 zero-padded, audio_lens (B,)), mono, resampled to sample_rate."""
-    from lhotse import Recording
-
-    clips = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"audio file not found: {path}")
-        samples = Recording.from_file(path).resample(sample_rate).load_audio()  # (channels, T)
-        clips.append(torch.from_numpy(samples).float().mean(0))
-    audio_lens = torch.tensor([len(c) for c in clips])
-    return pad_sequence(clips, batch_first=True), audio_lens
-
-
 def _masked_cross_entropy_sum(logits: Tensor, target_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Sum of CE over supervised positions (in fp32 whatever the LLM dtype) and their count."""
     loss_sum = F.cross_entropy(
@@ -646,10 +516,6 @@ def _num_leading(row: Tensor, value: int) -> int:
 def _strip_padding(row: Tensor, pad_id: int) -> Tensor:
     kept = (row != pad_id).nonzero().flatten()
     return row[int(kept[0]) : int(kept[-1]) + 1] if len(kept) else row[:0]
-
-
-def _left_pad(rows: list[Tensor], value) -> Tensor:
-    return pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")
 
 
 def _not_found(name: str, error: OSError) -> FileNotFoundError:

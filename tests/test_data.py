@@ -7,8 +7,8 @@ import torch
 from lhotse import CutSet, Recording, SupervisionSegment
 from lhotse.cut import MonoCut
 
-from data import (Conversation, SALMDataset, TrainBatches, Turn, cut_to_conversation, left_pad, make_val_loaders,
-                  read_inputs)
+from data import (Conversation, SALMDataset, TrainBatches, Turn, cut_to_conversation, left_pad, load_audio_files,
+                  make_val_loaders, read_inputs, right_pad)
 
 TAG = "<|audioplaceholder|>"
 
@@ -187,9 +187,29 @@ def test_empty_transcript_and_max_tokens(tmp_path):
     assert long_batch["skipped"]["longer than max_tokens"] == 2
 
 
-def test_left_pad():
+def test_left_and_right_pad():
     out = left_pad([torch.tensor([1, 2, 3]), torch.tensor([4])], 0)
     assert out.tolist() == [[1, 2, 3], [0, 0, 4]]
+    embeds = left_pad([torch.ones(1, 2), torch.full((2, 2), 2.0)], 0.0)  # (L_i, H) rows -> (B, L, H)
+    assert embeds.tolist() == [[[0, 0], [1, 1]], [[2, 2], [2, 2]]]
+    out, lens = right_pad([torch.tensor([1, 2, 3]), torch.tensor([4])], 9)
+    assert out.tolist() == [[1, 2, 3], [4, 9, 9]] and lens.tolist() == [3, 1]
+    out, lens = right_pad([], 0.0)  # text-only batches have no audio
+    assert out.shape == (0, 0) and lens.tolist() == []
+
+
+def test_audio_files_are_mixed_to_mono_and_resampled(tmp_path):
+    t = np.arange(8000) / 8000
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t)
+    sf.write(tmp_path / "tone.wav", tone, 8000, subtype="FLOAT")
+    sf.write(tmp_path / "stereo.wav", np.stack([tone, 0.5 * tone], 1), 8000, subtype="FLOAT")
+    audios, audio_lens = load_audio_files([tmp_path / "tone.wav", tmp_path / "stereo.wav"], 16000)
+    assert audios.shape == (2, 16000) and audio_lens.tolist() == [16000, 16000]
+    expected = 0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    assert np.abs(audios[0, 200:-200].numpy() - expected[200:-200]).max() < 0.02
+    assert np.abs(audios[1, 200:-200].numpy() - 0.75 * expected[200:-200]).max() < 0.02  # the channels' mean
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        load_audio_files([tmp_path / "missing.wav"], 16000)
 
 
 def test_cut_to_conversation_without_tags(tmp_path):

@@ -17,7 +17,7 @@ from safetensors import safe_open
 import infer
 from config import load_config
 from infer import asr_bleu, bleu, metrics_by_dataset, normalize_text, wer, wer_details, word_errors
-from salm import SALM, PretrainedMixin
+from salm import SALM
 from train import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,11 +148,6 @@ def test_merged_lora_export_generates_the_same_tokens(tmp_path, cuts):
         infer.export(tmp_path / "merged", tmp_path / "again", merge_lora=True)
 
 
-def exportable(cls):
-    """The duplex class itself once it derives from PretrainedMixin; until then, with the mixin added."""
-    return cls if issubclass(cls, PretrainedMixin) else type(cls.__name__, (cls, PretrainedMixin), {})
-
-
 @pytest.mark.parametrize("config", ["s2s_duplex.yaml", "s2s_duplex_speech_decoder.yaml"])
 def test_duplex_round_trip_gives_identical_outputs(tmp_path, config):
     for name in ("tiny-llm", "tiny-mimi"):
@@ -161,11 +156,11 @@ def test_duplex_round_trip_gives_identical_outputs(tmp_path, config):
                                                        f"model.pretrained_audio_codec={tmp_path / 'tiny-mimi'}"], None)
     torch.manual_seed(0)
     model = build_model(cfg["model"]).eval()
-    PretrainedMixin.save_pretrained(model, tmp_path / "export")
+    model.save_pretrained(tmp_path / "export")
     shutil.rmtree(tmp_path / "tiny-llm")
     shutil.rmtree(tmp_path / "tiny-mimi")
     assert json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_audio_codec"] == "codec"
-    loaded = exportable(type(model)).from_pretrained(tmp_path / "export")
+    loaded = type(model).from_pretrained(tmp_path / "export")
 
     reference = model.state_dict()
     assert loaded.state_dict().keys() == reference.keys()
@@ -287,6 +282,9 @@ def test_wer_and_bleu_known_answers():
     assert wer(refs, refs) == 0.0 and bleu(refs, refs) == pytest.approx(100.0)
     assert wer(["a b c"], ["a b d"]) == pytest.approx(1 / 3)
     assert bleu(["a b c"], ["a b d"]) == 0.0  # NeMo's test pair: no 4-gram can match
+    # corpus BLEU over all items (one reference stream), case and punctuation ignored
+    assert bleu(["The cat sat on the mat.", "a b c d"], ["the cat sat on the mat", "a b c d"]) == pytest.approx(100)
+    assert bleu(["a b c d"], ["e f g h"]) == 0.0
     # hand-counted: 1 insertion ("down"), 2 deletions ("a b"), 1 substitution (red -> blue), 8 reference words
     details = wer_details(["The cat sat.", "a b", "the red box"], ["the cat, sat down", "", "the blue box"])
     assert details == {"wer": pytest.approx(4 / 8), "ins": 1 / 8, "del": 2 / 8, "sub": 1 / 8, "ref_words": 8}
@@ -329,13 +327,19 @@ def test_asr_bleu_with_a_transformers_asr_model(tmp_path):
     vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     tokenizer = Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"), unk_token="<unk>", pad_token="<pad>")
-    Wav2Vec2Processor(feature_extractor=Wav2Vec2FeatureExtractor(sampling_rate=16000), tokenizer=tokenizer) \
-        .save_pretrained(tmp_path)
+    processor = Wav2Vec2Processor(feature_extractor=Wav2Vec2FeatureExtractor(sampling_rate=16000), tokenizer=tokenizer)
+    processor.save_pretrained(tmp_path)
     torch.manual_seed(0)
-    Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8),
-                                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)).save_pretrained(tmp_path)
+    asr = Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=32, conv_dim=(16, 16),
+                                        conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                                        num_conv_pos_embedding_groups=2)).eval()
+    asr.save_pretrained(tmp_path)
     clips = [0.1 * torch.randn(24000), 0.1 * torch.randn(12000)]  # 1 s and 0.5 s at 24 kHz
     score, transcripts = asr_bleu(["hello there", "yes"], clips, 24000, str(tmp_path))
     assert len(transcripts) == 2 and all(isinstance(t, str) for t in transcripts)
     assert score == bleu(["hello there", "yes"], transcripts)
+    clip_16k = infer.resample(clips[0].numpy(), 24000, 16000)  # the longest clip: no padding in the batch
+    with torch.no_grad():  # by hand: CTC greedy decoding of the 16 kHz clip
+        logits = asr(**processor(clip_16k, sampling_rate=16000, return_tensors="pt")).logits
+    assert len(clip_16k) == 16000 and transcripts[0] == processor.batch_decode(logits.argmax(-1))[0].strip()

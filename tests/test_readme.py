@@ -35,7 +35,7 @@ def test_the_section_has_shell_and_python_snippets():
     assert "python infer.py export" in snippets("bash")[0] and "from_pretrained" in snippets("python")[0]
 
 
-@pytest.mark.slow  # a training run and three command-line runs over the demo validation set: ~50 s on 2 cores
+@pytest.mark.slow  # a training run and three command-line runs over the demo validation set: 30-60 s on 2 cores
 def test_readme_snippets_run(tmp_path, monkeypatch):
     for name in ("assets", "configs", *(p.name for p in ROOT.glob("*.py"))):  # the repository, minus its outputs
         (tmp_path / name).symlink_to(ROOT / name)

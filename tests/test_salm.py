@@ -367,15 +367,6 @@ def test_generate_from_paths_tensors_and_token_ids(llm_dir, tmp_path):
         model.generate([[{"role": "user", "content": TAG, "audio": str(tmp_path / "missing.wav")}]])
 
 
-def test_audio_files_are_resampled(tmp_path):
-    t = np.arange(8000) / 8000
-    write_audio(tmp_path / "tone.wav", 0.5 * np.sin(2 * np.pi * 440 * t), 8000, "FLOAT")
-    audios, audio_lens = salm.load_audio_files([tmp_path / "tone.wav"], SAMPLE_RATE)
-    assert audios.shape == (1, 16000) and audio_lens.tolist() == [16000]
-    expected = 0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
-    assert np.abs(audios[0, 200:-200].numpy() - expected[200:-200]).max() < 0.02
-
-
 @pytest.mark.parametrize("llm", ["llm_dir", "gpt2_dir"])
 def test_batched_generation_equals_one_by_one(llm, request):
     model = make_model(request.getfixturevalue(llm))
