@@ -91,7 +91,7 @@ SCHEMA = {
         pretrained_weights=True, audio_locator_tag=None, prompt_format=None,
         freeze_params=None, prevent_freeze_params=None, lora=ANY,
         perception=ANY, speech_decoder=ANY, optimizer=ANY, lr_scheduler=ANY,
-        audio_loss_weight=None, text_loss_weight=None, duplex_user_channel_weight=None,
+        audio_loss_weight=None, text_loss_weight=None, duplex_user_channel_weight=None, ctc_loss_weight=None,
         torch_dtype=IGNORED,
     ),
     "trainer": dict(

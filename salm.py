@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from data import SALMDataset, left_pad, load_audio_files
+from data import SALMDataset, left_pad, load_audio_files, right_pad
 from infer import PretrainedMixin, word_errors
 from perception import setup_perception
 
@@ -106,13 +106,14 @@ class SALM(PretrainedMixin, nn.Module):
     def prepare_inputs(self, batch: dict) -> dict[str, Tensor]:
         """Training batch -> LLM inputs and next-token targets, already shifted by one."""
         target_ids = batch["input_ids"].masked_fill(~batch["loss_mask"].bool(), IGNORE_INDEX)
-        input_embeds, target_ids, attention_mask = self._embed(
+        input_embeds, target_ids, attention_mask, audio_embeds = self._embed(
             batch["input_ids"], batch["audios"], batch["audio_lens"], target_ids
         )
         return {
             "input_embeds": input_embeds[:, :-1],  # (B, T, H)
             "attention_mask": attention_mask[:, :-1],  # (B, T)
             "target_ids": target_ids[:, 1:],  # (B, T)
+            "audio_embeds": audio_embeds,  # per clip (T_enc, H)
         }
 
     def forward(self, input_embeds: Tensor, attention_mask: Tensor | None = None, cache=None) -> dict:
@@ -137,12 +138,40 @@ class SALM(PretrainedMixin, nn.Module):
         inputs = self.prepare_inputs(batch)
         logits = self(inputs["input_embeds"], attention_mask=inputs["attention_mask"])["logits"]
         loss_sum, count = _masked_cross_entropy_sum(logits, inputs["target_ids"])
-        return {
-            "loss": loss_sum / count.clamp(min=1),
-            "loss_sum": loss_sum,
-            "count": count,  # supervised tokens
-            "num_tokens": int(inputs["attention_mask"].sum()),  # LLM input positions incl. audio frames
-        }
+        out = {"loss_sum": loss_sum, "count": count,  # supervised tokens
+               "num_tokens": int(inputs["attention_mask"].sum())}  # LLM input positions incl. audio frames
+        ctc_weight = self.cfg.get("ctc_loss_weight") or 0.0
+        if ctc_weight:
+            ctc_sum, num_targets = self._ctc_loss_sum(inputs["audio_embeds"], batch)
+            out["loss_sum"] = loss_sum + ctc_weight * ctc_sum * count / max(num_targets, 1)
+            out["log"] = {"ctc_loss": float(ctc_sum) / max(num_targets, 1)}
+        out["loss"] = out["loss_sum"] / count.clamp(min=1)
+        return out
+
+    def _ctc_loss_sum(self, audio_embeds: list[Tensor], batch: dict) -> tuple[Tensor, int]:
+        """CTC of the LLM's own output head over each clip's embeddings against its transcript (blank = pad id).
+
+        Not in NeMo: with `ctc_loss_weight` > 0 it trains a from-scratch encoder to put token-like embeddings in
+        the LLM's space. Without it a random-init SALM learns the text of its data and never starts to listen
+        (the encoder output collapses to one vector). Only conversations with exactly one clip take part: the
+        supervised tokens (EOS dropped) are that clip's transcript.
+        """
+        clips_per_row = (batch["input_ids"] == self.audio_locator_tag_id).sum(1).tolist()
+        first_clip = [sum(clips_per_row[:i]) for i in range(len(clips_per_row))]
+        clips, targets = [], []
+        for row, (ids, mask) in enumerate(zip(batch["input_ids"], batch["loss_mask"].bool())):
+            if clips_per_row[row] == 1:
+                clips.append(audio_embeds[first_clip[row]])
+                transcript = ids[mask]
+                targets.append(transcript[transcript != self.text_eos_id])
+        if not clips:
+            return torch.zeros((), device=self.device), 0
+        padded, clip_lens = right_pad(clips, 0.0)  # (B, T, H)
+        log_probs = self.llm.get_output_embeddings()(padded).float().log_softmax(-1)  # (B, T, V)
+        target_lens = torch.tensor([len(t) for t in targets])
+        ctc_sum = F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), clip_lens, target_lens,
+                             blank=self.text_pad_id, reduction="sum", zero_infinity=True)
+        return ctc_sum, int(target_lens.sum())
 
     def make_dataset(self, data_cfg: dict) -> SALMDataset:
         """The dataset that turns sampled conversations into this model's batches (see data.py)."""
@@ -213,7 +242,7 @@ class SALM(PretrainedMixin, nn.Module):
             raise ValueError(f"the prompts hold {num_tags} audio locator tags but {num_audios} audios were given")
         if audios is not None:
             audios, audio_lens = audios.to(self.device), torch.as_tensor(audio_lens, device=self.device)
-        input_embeds, _, attention_mask = self._embed(input_ids, audios, audio_lens)
+        input_embeds, _, attention_mask, _ = self._embed(input_ids, audios, audio_lens)
 
         if generation_config is None:
             generation_config = GenerationConfig(bos_token_id=self.text_bos_id, eos_token_id=self.text_eos_id)
@@ -248,7 +277,8 @@ class SALM(PretrainedMixin, nn.Module):
                 "word_errors": counts["substitutions"] + counts["deletions"] + counts["insertions"]}
 
     def _embed(self, input_ids: Tensor, audios: Tensor | None, audio_lens: Tensor | None, target_ids=None):
-        """Token ids (B, L) + audios -> (input_embeds (B, T, H), target_ids (B, T) | None, attention_mask (B, T))."""
+        """Token ids (B, L) + audios -> (input_embeds (B, T, H), target_ids (B, T) | None, attention_mask (B, T),
+        the clips' own embeddings [(T_enc, H)])."""
         audio_embeds = []
         if audios is not None and len(audios) > 0:
             embeds, embed_lens = self.perception(audios, audio_lens)  # (B_audio, T_enc, H)
@@ -256,9 +286,9 @@ class SALM(PretrainedMixin, nn.Module):
         tag_id = self.audio_locator_tag_id
         # The embedding is not resized for the tag (as in NeMo): its id is never looked up, its slot is replaced.
         text_embeds = self.embed_tokens(input_ids.masked_fill(input_ids == tag_id, 0))  # (B, L, H)
-        return replace_placeholders_and_build_targets(
+        return *replace_placeholders_and_build_targets(
             input_ids, text_embeds, self.text_pad_id, tag_id, audio_embeds, target_ids
-        )
+        ), audio_embeds
 
 
 class Llama2PromptFormatter:

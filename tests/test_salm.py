@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import DynamicCache, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
@@ -451,3 +452,27 @@ def test_shipped_tiny_llm(prompt_format):
         assert all(r[-1] == model.text_eos_id for r in runs)
     out = model.training_step(make_batch(model))
     assert torch.isfinite(out["loss"]) and out["loss"] > 0
+
+
+def test_ctc_loss_weight_adds_ctc_of_single_clip_conversations(llm_dir):
+    model = make_model(llm_dir, ctc_loss_weight=0.5)
+    with torch.no_grad():
+        batch, ce_loss, _, _, _ = reference_loss_and_accuracy(model)
+        out = model.training_step(batch)
+        ctc_sum, num_targets, clip = 0.0, 0, 0
+        for (turns, audio_lengths) in CONVERSATIONS:
+            clips = range(clip, clip + len(audio_lengths))
+            clip += len(audio_lengths)
+            if len(audio_lengths) != 1:
+                continue  # a transcript cannot be split between two clips
+            n = audio_lengths[0]
+            embeds, embed_lens = model.perception(batch["audios"][clips[0], :n][None], torch.tensor([n]))
+            log_probs = model.llm.get_output_embeddings()(embeds[0, : embed_lens[0]]).log_softmax(-1)
+            encoded = model.encode_dialog(turns)
+            target = encoded["input_ids"][encoded["mask"]]
+            target = target[target != model.text_eos_id]
+            ctc_sum += F.ctc_loss(log_probs[:, None], target[None], embed_lens, torch.tensor([len(target)]),
+                                  blank=model.text_pad_id, reduction="sum")
+            num_targets += len(target)
+    torch.testing.assert_close(out["loss"], ce_loss + 0.5 * ctc_sum / num_targets, atol=1e-4, rtol=1e-5)
+    assert out["log"]["ctc_loss"] == pytest.approx(float(ctc_sum) / num_targets, rel=1e-5)
