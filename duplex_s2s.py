@@ -56,10 +56,10 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, DynamicCache
 
 from data import DuplexS2SDataset, load_audio_files
-from infer import (CONFIG_NAME, DEFAULT_ASR_PROMPT, PretrainedMixin, Transcriber, bleu, find_checkpoint, load_model,
+from infer import (CONFIG_NAME, DEFAULT_ASR_PROMPT, Transcriber, bleu, find_checkpoint, load_model,
                    read_checkpoint)
 from perception import setup_perception
-from salm import SALM, apply_freezing, frozen_modules_to_eval, load_llm, load_tokenizer
+from salm import SALM, SpeechLLM, apply_freezing, frozen_modules_to_eval, load_llm, load_tokenizer
 from speech_decoder import DecoderCache, SpeechDecoder, sample_codes
 
 NUM_CONTROL_CODES = 3  # speech BOS, EOS and delay ids follow the codebook ids
@@ -68,7 +68,7 @@ CODEC_SEED = 1234  # a codec directory without weights is built from its config 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-class DuplexS2SModel(PretrainedMixin, nn.Module):
+class DuplexS2SModel(SpeechLLM):
     """LLM + streaming perception + frozen audio codec. `cfg` is the `model` section of the config."""
 
     def __init__(self, cfg: dict) -> None:
@@ -104,24 +104,8 @@ class DuplexS2SModel(PretrainedMixin, nn.Module):
     # ---- vocabulary ---------------------------------------------------------------------------------------
 
     @property
-    def embed_tokens(self) -> nn.Embedding:
-        return self.llm.get_input_embeddings()
-
-    @property
     def lm_head(self) -> nn.Linear:
         return self.llm.get_output_embeddings()
-
-    @property
-    def text_pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-    @property
-    def text_bos_id(self) -> int:
-        return self.tokenizer.bos_token_id
-
-    @property
-    def text_eos_id(self) -> int:
-        return self.tokenizer.eos_token_id
 
     @property
     def num_codebooks(self) -> int:
@@ -142,10 +126,6 @@ class DuplexS2SModel(PretrainedMixin, nn.Module):
     @property
     def speech_delay_id(self) -> int:
         return self.audio_codec.codebook_size + 2
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
 
     # ---- data ---------------------------------------------------------------------------------------------
 

@@ -50,7 +50,31 @@ IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that are not supe
 ROLES = ("system", "user", "assistant")
 
 
-class SALM(PretrainedMixin, nn.Module):
+class SpeechLLM(PretrainedMixin, nn.Module):
+    """What SALM and the duplex models share: a tokenizer (`self.tokenizer`) and a Hugging Face LLM (`self.llm`)."""
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.llm.get_input_embeddings()
+
+    @property
+    def text_pad_id(self) -> int:
+        return self.tokenizer.pad_token_id  # load_tokenizer falls back to unk, then eos
+
+    @property
+    def text_bos_id(self) -> int:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def text_eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+
+class SALM(SpeechLLM):
     """LLM + audio perception. `cfg` is the `model` section of the config as a plain dict."""
 
     def __init__(self, cfg: dict) -> None:
@@ -64,24 +88,8 @@ class SALM(PretrainedMixin, nn.Module):
         apply_freezing(self, cfg.get("freeze_params") or [], cfg.get("prevent_freeze_params") or [])
 
     @property
-    def embed_tokens(self) -> nn.Embedding:
-        return self.llm.get_input_embeddings()
-
-    @property
     def text_vocab_size(self) -> int:
         return self.embed_tokens.num_embeddings
-
-    @property
-    def text_pad_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
-    @property
-    def text_bos_id(self) -> int:
-        return self.tokenizer.bos_token_id
-
-    @property
-    def text_eos_id(self) -> int:
-        return self.tokenizer.eos_token_id
 
     @property
     def audio_locator_tag_id(self) -> int:
@@ -94,10 +102,6 @@ class SALM(PretrainedMixin, nn.Module):
     @property
     def sampling_rate(self) -> int:
         return self.perception.sample_rate
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
 
     def encode_dialog(self, turns: list[dict]) -> dict[str, Tensor]:
         """Turns -> {"input_ids": (L,), "mask": (L,) True on assistant tokens}, in the configured prompt format."""
