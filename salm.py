@@ -147,7 +147,7 @@ class SALM(SpeechLLM):
         ctc_weight = self.cfg.get("ctc_loss_weight") or 0.0
         if ctc_weight:
             ctc_sum, num_targets = self._ctc_loss_sum(inputs["audio_embeds"], batch)
-            out["loss_sum"] = loss_sum + ctc_weight * ctc_sum * count / max(num_targets, 1)
+            out["loss_sum"] = loss_sum + ctc_weight * ctc_sum  # a sum, so micro-batches and ranks add up exactly
             out["log"] = {"ctc_loss": float(ctc_sum) / max(num_targets, 1)}
         out["loss"] = out["loss_sum"] / count.clamp(min=1)
         return out
