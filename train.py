@@ -10,6 +10,7 @@ Any `key=value` after the config overrides it (see config.py). The model class f
 import contextlib
 import math
 import os
+import pickle
 import random
 import re
 import resource
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
     step, best = 0, []
     if resume_path:
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(resume_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -309,6 +310,15 @@ def save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, be
     if master:
         atomic_save(state, ckpt_dir / "last.ckpt")
     return best
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint as plain tensors and containers: pickled code in it is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and plain containers, so it is not loaded "
+                         f"(weights_only=True): {str(e).splitlines()[0]}") from None
 
 
 def atomic_save(state: dict, path: Path) -> None:

@@ -81,3 +81,20 @@ def test_rank_state_round_trip_restores_every_rng():
     set_rng_state(state)
     assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected
     assert state["batches"] == 11
+
+
+class _Payload:
+    """Pickles as a call to os.system: what a malicious checkpoint would carry."""
+
+    def __reduce__(self):
+        import os
+        return os.system, ("echo pwned > pwned.txt",)
+
+
+def test_a_pickled_payload_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
+    from train import load_checkpoint
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": {}, "step": 1, "extra": _Payload()}, tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match="not loaded"):
+        load_checkpoint(tmp_path / "last.ckpt")
+    assert not (tmp_path / "pwned.txt").exists()

@@ -117,3 +117,26 @@ def test_bad_config_key_is_one_line(tmp_path):
     out = run_train(["trainer.max_step=3"])
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "did you mean 'trainer.max_steps'" in out.stderr
+
+
+def test_a_failing_rank_ends_the_other_within_bounded_time(tmp_path):
+    script = tmp_path / "fail_rank1.py"
+    script.write_text(
+        "import os, sys\nsys.path.insert(0, os.getcwd())\nimport salm, train\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    step = salm.SALM.training_step\n"
+        "    calls = []\n"
+        "    def failing(self, batch):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 2:\n"
+        "            raise RuntimeError('injected failure on rank 1')\n"
+        "        return step(self, batch)\n"
+        "    salm.SALM.training_step = failing\n"
+        "train.main(sys.argv[1:])\n")
+    start = time.time()
+    out = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "configs/salm.yaml",
+                      *SMALL, "trainer.max_steps=50", "trainer.devices=2", "trainer.val_check_interval=1000",
+                      f"exp_manager.explicit_log_dir={tmp_path / 'run'}"])
+    assert out.returncode != 0
+    assert time.time() - start < 120  # rank 0, blocked in the gradient all-reduce, is stopped, not left hanging
+    assert "injected failure on rank 1" in out.stdout + out.stderr
