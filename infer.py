@@ -24,7 +24,6 @@ import gzip
 import json
 import math
 import os
-import pickle
 import sys
 import time
 from importlib.metadata import version
@@ -45,7 +44,7 @@ from whisper_normalizer.english import EnglishTextNormalizer
 
 from data import (AudioError, Conversation, Turn, audio_file_cut, cut_to_conversation, load_audio, read_inputs,
                   right_pad)
-from train import build_model
+from train import build_model, load_checkpoint
 
 DEFAULT_ASR_PROMPT = "Repeat after me, typing in lowercase."  # NeMo salm_eval's; configs/salm.yaml trains with it
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".sph")
@@ -192,10 +191,7 @@ def find_checkpoint(path: str | Path) -> Path | None:
 
 def read_checkpoint(path: str | Path) -> dict:
     """A train.py checkpoint's contents: "model" (the state dict), "config" (the full config), ..."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError):
-        state = None
+    state = load_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
     return state

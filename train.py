@@ -12,7 +12,6 @@ import math
 import os
 import pickle
 import random
-import re
 import resource
 import sys
 import time
@@ -317,8 +316,11 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds more than tensors and plain containers, so it is not loaded "
-                         f"(weights_only=True): {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path} is not loaded: it is not a torch.save file of tensors and plain containers "
+                         "(pickled objects are refused, weights_only=True)") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {str(e).splitlines()[0]}") \
+            from None
 
 
 def atomic_save(state: dict, path: Path) -> None:
@@ -434,8 +436,9 @@ def seed_everything(seed: int) -> None:
 def gather_rank_states(batches_drawn: int, world_size: int) -> list:
     """Each rank's RNG states and data position, so that a resumed run continues exactly where it stopped.
     Plain lists of ints: they pickle across ranks and load with weights_only=True."""
+    _, numpy_keys, numpy_pos, *_ = np.random.get_state()
     state = {"batches": batches_drawn, "python": list(random.getstate()[1]),
-             "numpy": [*np.random.get_state()[1].tolist(), np.random.get_state()[2]],
+             "numpy": [*numpy_keys.tolist(), numpy_pos],
              "torch": torch.get_rng_state().tolist(),
              "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else []}
     if world_size == 1 or not dist.is_initialized():
