@@ -11,7 +11,9 @@
   4. fill in the schema's defaults for `trainer`, `exp_manager` and the `data` loaders;
   5. resolve `${a.b.c}` interpolations anywhere: a reference that is the whole value keeps its type, one
      inside a string is substituted as text; a cycle or a missing target is an error;
-  6. refuse any `???` that is left, naming its full dotted key.
+  6. refuse any `???` that is left, naming its full dotted key;
+  7. check every `_target_` / `target` against TARGETS, the class names allowed where it sits. No class is ever
+     imported from a config string: a name only picks one of this project's modules (or torch.optim).
 The result is a plain nested dict, the fully resolved config that a run saves next to its checkpoints.
 """
 import difflib
@@ -63,6 +65,27 @@ class MapOf:
     def __init__(self, value):
         self.value = value
 
+
+OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adafactor", "Adagrad", "RMSprop", "NAdam", "RAdam", "Adamax")
+CONFORMER = ("nemo.collections.asr.modules.ConformerEncoder", "perception.ConformerEncoder")
+IDENTITY = ("nemo.collections.speechlm2.modules.perception.IdentityConnector", "perception.IdentityConnector")
+
+# The class names a `_target_` (or NeMo's `target`) may hold, by the section it sits in: NeMo's names for what
+# this project implements, the project's own names, and torch.optim. Anything else is an error.
+TARGETS = {
+    "model.perception": ("nemo.collections.speechlm2.modules.perception.AudioPerceptionModule",
+                         "perception.AudioPerceptionModule"),
+    "model.perception.preprocessor": ("nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+                                      "perception.MelSpectrogram"),
+    "model.perception.encoder": CONFORMER,
+    "model.perception.modality_adapter": CONFORMER + IDENTITY,
+    "model.speech_decoder": ("nemo.collections.speechlm2.modules.speech_generation.TransformerARSpeechDecoder",
+                             "nemo.collections.speechlm2.modules.TransformerARSpeechDecoder",
+                             "speech_decoder.SpeechDecoder"),
+    "model.optimizer": tuple(f"torch.optim.{name}" for name in OPTIMIZERS),
+    "model.lr_scheduler": ("nemo.core.optim.lr_scheduler.CosineAnnealing",),
+    "trainer.strategy": ("lightning.pytorch.strategies.DDPStrategy",),  # ignored: torchrun and train.py set up DDP
+}
 
 # One `input_cfg` entry: which reader, where the data is, and the reader's options (data.py).
 INPUT_CFG = Keys(
@@ -151,6 +174,7 @@ def load_config(path: str | Path, overrides: list[str] = (), report=print) -> di
     if missing:
         raise ConfigError(f"{missing[0]} is '???' (required) in {path}: set it in the file or as "
                           f"{missing[0]}=VALUE on the command line" + _also(missing[1:]))
+    _check_targets(cfg, path)
     return cfg
 
 
@@ -277,6 +301,20 @@ def _check_type(value, default, key, path):
         return
     if not ok:
         raise ConfigError(f"{key} in {path} must be {wanted}, got {value!r}")
+
+
+def _check_targets(node, path, section=""):
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for name, value in items:
+        key = f"{section}.{name}" if section else str(name)
+        if name not in ("_target_", "target"):
+            _check_targets(value, path, key)
+            continue
+        allowed = TARGETS.get(section, ())
+        if not isinstance(value, str) or value not in allowed:
+            use = f"use one of {', '.join(allowed)}" if allowed else "remove it: no class is chosen there"
+            raise ConfigError(f"{key} in {path} is {value!r}, which is not allowed there; {use} "
+                              "(a config never imports code)")
 
 
 def _unknown_message(key, where, known, name):

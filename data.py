@@ -45,6 +45,7 @@ from torch.nn.utils.rnn import pad_sequence
 SUPPORTED_TYPES = ("lhotse_shar", "lhotse", "nemo", "lhotse_as_conversation", "multimodal_conversation", "duplex_demo",
                    "group")
 MAX_WARNINGS = 5  # unreadable-audio warnings printed per process; after that they are only counted
+MAX_EMPTY_BATCHES = 100  # training batches in a row with nothing usable before the data is declared broken
 TIMESTAMP_TOKEN = re.compile(r"<\|\d+\|>")  # "<|12|>" frame timestamps some duplex corpora put in the text
 DEMO_PAIRS_PER_CONVERSATION = (1, 2, 3)  # question/answer exchanges in one demo conversation
 DEMO_LEAD_IN = (0.1, 0.5)  # seconds of silence before the first question
@@ -179,6 +180,7 @@ class TrainBatches:
     Epochs of a rank-aware lhotse sampler over `read_inputs(ds_cfg)`; `skip` replays that many batches of
     sampling (no audio is loaded) so a resumed run continues with the batch it would have seen next.
     `skipped` counts what was dropped (duration filter, unreadable audio, ...) and `num_batches` what was drawn.
+    A batch left empty is skipped and the next one drawn; MAX_EMPTY_BATCHES of them in a row are an error.
     """
 
     def __init__(self, ds_cfg: dict, dataset, rank: int = 0, world_size: int = 1, skip: int = 0):
@@ -192,18 +194,25 @@ class TrainBatches:
         cuts = _duration_filter(read_inputs(self.ds_cfg, True, self.skipped), self.ds_cfg, self.skipped)
         sampler = make_sampler(cuts, self.ds_cfg, train=True, rank=self.rank, world_size=self.world_size)
         loader = torch.utils.data.DataLoader(
-            self.dataset, sampler=_Epochs(sampler, self._skip), batch_size=None,
+            self.dataset, sampler=_Epochs(sampler, self._skip), batch_size=None, collate_fn=_as_built,
             num_workers=self.ds_cfg.get("num_workers") or 0, pin_memory=bool(self.ds_cfg.get("pin_memory")),
             persistent_workers=bool(self.ds_cfg.get("num_workers")),
             generator=torch.Generator().manual_seed(0),  # worker seeds must not draw on the global RNG (resume)
         )
+        empty_in_a_row = 0
         for batch in loader:
             self.num_batches += 1
             self.skipped.update(batch.pop("skipped"))
             if not batch.get("empty"):
+                empty_in_a_row = 0
                 yield batch
-            else:
-                self.skipped["batches with nothing readable"] += 1
+                continue
+            self.skipped["batches with nothing readable"] += 1
+            empty_in_a_row += 1
+            if empty_in_a_row == MAX_EMPTY_BATCHES:
+                counts = ", ".join(f"{reason} {n}" for reason, n in self.skipped.items())
+                raise ValueError(f"{empty_in_a_row} training batches in a row had no usable item (skipped so far: "
+                                 f"{counts}); fix or remove the data the warnings above name")
 
 
 def make_val_loaders(val_cfg: dict, dataset, rank: int = 0, world_size: int = 1) -> dict:
@@ -219,7 +228,7 @@ def make_val_loaders(val_cfg: dict, dataset, rank: int = 0, world_size: int = 1)
                              "or manifest_filepath")
         cuts = read_inputs(ds_cfg, train=False)
         sampler = make_sampler(cuts, ds_cfg, train=False, rank=rank, world_size=world_size)
-        loaders[name] = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None,
+        loaders[name] = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, collate_fn=_as_built,
                                                     num_workers=ds_cfg.get("num_workers") or 0,
                                                     generator=torch.Generator().manual_seed(0))
     return loaders
@@ -381,6 +390,11 @@ def right_pad(rows: list[torch.Tensor], value) -> tuple[torch.Tensor, torch.Tens
     if not rows:
         return torch.zeros(0, 0), lens
     return pad_sequence(rows, batch_first=True, padding_value=value), lens
+
+
+def _as_built(batch: dict) -> dict:
+    """The dataset's batch unchanged (torch's default conversion copies a Counter by adding it to itself)."""
+    return batch
 
 
 class _Epochs:
@@ -575,6 +589,8 @@ def _audio_cut(cut_id, path, duration, offset):
 
 
 def _read_recording(path, recording_id=None) -> Recording:
+    if not Path(path).is_file():
+        raise AudioError(f"audio file not found: {path}")
     try:
         return Recording.from_file(path, recording_id=recording_id)
     except Exception as e:  # soundfile and lhotse raise many types for unreadable files
@@ -584,6 +600,10 @@ def _read_recording(path, recording_id=None) -> Recording:
 def _load_mono(audio: Cut | Recording, sample_rate: int, what: str, **span) -> np.ndarray:
     """Mono float32 samples of a cut or recording at `sample_rate` (`span`: offset= and duration= of a
     recording); AudioError naming `what` when they cannot be read, are empty or are not finite."""
+    recording = audio if isinstance(audio, Recording) else getattr(audio, "recording", None)
+    missing = [s.source for s in getattr(recording, "sources", []) if s.type == "file" and not Path(s.source).is_file()]
+    if missing:
+        raise AudioError(f"cannot read {what}: file not found: {missing[0]}")
     try:
         if audio.sampling_rate != sample_rate:
             audio = audio.resample(sample_rate)
@@ -599,7 +619,10 @@ def _load_mono(audio: Cut | Recording, sample_rate: int, what: str, **span) -> n
 
 
 def _reason(error: Exception) -> str:
-    return " ".join(str(error).split())[:200] or type(error).__name__
+    """The gist of an audio backend's error: lhotse wraps each backend's message in a report of several lines."""
+    text = str(error)
+    first_backend = re.search(r"Exception #0 \(.*?\): <class '.*?'>: (.+)", text)
+    return " ".join((first_backend.group(1) if first_backend else text).split())[:200] or type(error).__name__
 
 
 def _resolve_path(value, manifest_path):

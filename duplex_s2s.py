@@ -193,7 +193,7 @@ class DuplexS2SModel(SpeechLLM):
             "loss_sum": loss_sum,  # loss_sum / count is NeMo's weighted loss, exactly over micro-batches and ranks
             "count": num_frames,
             "num_tokens": num_frames,
-            "log": {"text_loss": text_sum.item() / n, "audio_loss": audio_sum.item() / (n * self.num_codebooks)},
+            "log": {"text_loss": text_sum.detach() / n, "audio_loss": audio_sum.detach() / (n * self.num_codebooks)},
         }
 
     def loss_sums(self, text_logits: Tensor, audio_logits: Tensor, inputs: dict) -> tuple[Tensor, Tensor, int]:

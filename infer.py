@@ -240,7 +240,9 @@ def load_pretrained_weights(model: nn.Module, path: str | Path, dtype: torch.dty
     if missing or result.unexpected_keys:
         raise ValueError(f"{file} does not fit the model its config.json builds: missing {missing[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
-    cast_model(model, dtype or getattr(torch, saved_dtype))
+    if saved_dtype not in DTYPES:
+        raise ValueError(f"{file} says its weights are {saved_dtype!r}; expected one of {', '.join(DTYPES)}")
+    cast_model(model, dtype or DTYPES[saved_dtype])
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -324,8 +324,8 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax:
 class ConvSubsampling(nn.Module):
     """NeMo's ConvSubsampling (`dw_striding` or `striding`): stride-2 3x3 convs over (time, freq), then Linear.
 
-    Padding is explicit, (1, 1) or causal (2, 1) on both axes as in NeMo's CausalConv2D, and the frames
-    past each length are zeroed before every strided conv, so no clip reads its neighbour's padding.
+    Padding is (1, 1), inside the conv, or causal (2, 1) on both axes as in NeMo's CausalConv2D, by F.pad; the
+    frames past each length are zeroed before every strided conv, so no clip reads its neighbour's padding.
     """
 
     def __init__(self, subsampling: str, factor: int, feat_in: int, feat_out: int, channels: int, is_causal: bool):
@@ -334,14 +334,15 @@ class ConvSubsampling(nn.Module):
         if 2**num_stages != factor:
             raise ValueError(f"encoder.subsampling_factor={factor} is not supported; use a power of 2")
         self.left_pad, self.right_pad = (2, 1) if is_causal else (1, 1)
+        conv_padding = 0 if is_causal else 1  # symmetric padding is the conv's own: no padded copy of the input
         layers, in_channels = [], 1
         for stage in range(num_stages):
             if subsampling == "dw_striding" and stage > 0:  # depthwise then pointwise
-                layers.append(nn.Conv2d(in_channels, in_channels, 3, stride=2, groups=in_channels))
+                layers.append(nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=conv_padding, groups=in_channels))
                 layers.append(nn.Conv2d(in_channels, channels, 1))
             else:
-                layers.append(nn.Conv2d(in_channels, channels, 3, stride=2))
-            layers.append(nn.ReLU())
+                layers.append(nn.Conv2d(in_channels, channels, 3, stride=2, padding=conv_padding))
+            layers.append(nn.ReLU(inplace=True))
             in_channels = channels
         self.conv = nn.Sequential(*layers)
         freq = feat_in
@@ -353,12 +354,18 @@ class ConvSubsampling(nn.Module):
         return (length + self.left_pad + self.right_pad - 3) // 2 + 1
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.unsqueeze(1)  # (B, 1, T, F): time is the conv's height
+        """x: (B, T, F), already zero past each length."""
+        # (B, 1, T, F): time is the conv's height. Channels-last strides (made explicit: with one channel they
+        # are ambiguous) make every conv below run channels-last: on a CPU their backward is ~2x faster.
+        b, t, f = x.shape
+        x = torch.empty((b, 1, t, f), dtype=x.dtype, device=x.device, memory_format=torch.channels_last).copy_(x[:, None])
         for layer in self.conv:
             if isinstance(layer, nn.Conv2d) and layer.stride[0] == 2:
-                x = x.masked_fill(_padding_mask(lengths, x.size(2))[:, None, :, None], 0.0)
-                x = F.pad(x, (self.left_pad, self.right_pad, self.left_pad, self.right_pad))
+                if layer.padding[0] == 0:
+                    x = F.pad(x, (self.left_pad, self.right_pad, self.left_pad, self.right_pad))
                 lengths = self._output_length(lengths)
+            elif isinstance(layer, nn.ReLU):  # zero past each length, in place: a conv's backward never reads its output
+                x = x.mul_(~_padding_mask(lengths, x.size(2))[:, None, :, None])
             x = layer(x)
         b, c, t, f = x.shape
         return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lengths  # (B, T', feat_out), channel-major
@@ -450,19 +457,24 @@ class ConformerConvolution(nn.Module):
     def __init__(self, d_model: int, kernel_size: int, context: tuple[int, int], norm_type: str, use_bias: bool):
         super().__init__()
         self.context = context  # zero frames padded (left, right) around the depthwise conv
+        symmetric = context[0] if context[0] == context[1] else 0  # the conv pads that itself, without a copy
         self.pointwise_conv1 = nn.Conv1d(d_model, 2 * d_model, 1, bias=use_bias)
-        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model, bias=use_bias)
+        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel_size, padding=symmetric, groups=d_model, bias=use_bias)
         self.batch_norm = nn.BatchNorm1d(d_model) if norm_type == "batch_norm" else nn.LayerNorm(d_model)
         self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=use_bias)
 
     def forward(self, x, pad_mask):
-        x = F.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)  # (B, d, T)
-        x = self.depthwise_conv(F.pad(x.masked_fill(pad_mask.unsqueeze(1), 0.0), self.context))
+        # the pointwise (kernel 1) convs run as matmuls on (B, T, d): the same weights, faster than a 1x1 conv
+        x = F.glu(_pointwise(self.pointwise_conv1, x), dim=-1)  # (B, T, d)
+        x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0).transpose(1, 2)  # (B, d, T)
+        if self.depthwise_conv.padding[0] == 0:
+            x = F.pad(x, self.context)
+        x = self.depthwise_conv(x)
         if isinstance(self.batch_norm, nn.LayerNorm):
             x = self.batch_norm(x.transpose(1, 2)).transpose(1, 2)
         else:
             x = self.batch_norm(x)
-        return self.pointwise_conv2(F.silu(x)).transpose(1, 2)  # (B, T, d)
+        return _pointwise(self.pointwise_conv2, F.silu(x).transpose(1, 2))  # (B, T, d)
 
 
 def resolve_pretrained_asr(name_or_path: str) -> str:
@@ -500,6 +512,11 @@ def load_nemo_checkpoint(path: str) -> tuple[dict, dict]:
             shutil.copyfileobj(archive.extractfile(members["model_weights.ckpt"]), f)
         state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
     return config, state_dict
+
+
+def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """A kernel-1 Conv1d applied to (B, T, C_in) as a Linear -> (B, T, C_out)."""
+    return F.linear(x, conv.weight.squeeze(-1), conv.bias)
 
 
 def _padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:

@@ -143,12 +143,12 @@ class SALM(SpeechLLM):
         logits = self(inputs["input_embeds"], attention_mask=inputs["attention_mask"])["logits"]
         loss_sum, count = _masked_cross_entropy_sum(logits, inputs["target_ids"])
         out = {"loss_sum": loss_sum, "count": count,  # supervised tokens
-               "num_tokens": int(inputs["attention_mask"].sum())}  # LLM input positions incl. audio frames
+               "num_tokens": inputs["attention_mask"].sum()}  # LLM input positions incl. audio frames
         ctc_weight = self.cfg.get("ctc_loss_weight") or 0.0
         if ctc_weight:
             ctc_sum, num_targets = self._ctc_loss_sum(inputs["audio_embeds"], batch)
             out["loss_sum"] = loss_sum + ctc_weight * ctc_sum  # a sum, so micro-batches and ranks add up exactly
-            out["log"] = {"ctc_loss": float(ctc_sum) / max(num_targets, 1)}
+            out["log"] = {"ctc_loss": ctc_sum.detach() / max(num_targets, 1)}
         out["loss"] = out["loss_sum"] / count.clamp(min=1)
         return out
 
@@ -178,11 +178,12 @@ class SALM(SpeechLLM):
         return ctc_sum, int(target_lens.sum())
 
     def make_dataset(self, data_cfg: dict) -> SALMDataset:
-        """The dataset that turns sampled conversations into this model's batches (see data.py)."""
-        train_cfg = data_cfg["train_ds"]
+        """The dataset that turns sampled conversations into this model's batches (see data.py). Conversations
+        longer than `max_tokens` or the LLM's context (max_position_embeddings) are skipped and counted."""
+        limits = (data_cfg["train_ds"].get("max_tokens"), getattr(self.llm.config, "max_position_embeddings", None))
         return SALMDataset(self.encode_dialog, self.text_pad_id, self.sampling_rate, self.audio_locator_tag,
                            token_equivalent_duration=self.token_equivalent_duration,
-                           max_tokens=train_cfg.get("max_tokens"))
+                           max_tokens=min((n for n in limits if n), default=None))
 
     @torch.no_grad()
     def validation_step(self, batch: dict, generate: bool = False) -> dict:
@@ -453,7 +454,7 @@ def load_tokenizer(pretrained_llm: str, audio_locator_tag: str | None):
     """HF tokenizer with the audio locator tag as a special token; a missing pad token falls back to unk, then eos."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(pretrained_llm)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a directory without usable tokenizer files
         raise _not_found(pretrained_llm, e) from None
     if audio_locator_tag is not None:
         tokenizer.add_special_tokens({"extra_special_tokens": [audio_locator_tag]}, replace_extra_special_tokens=False)
@@ -552,11 +553,11 @@ def _strip_padding(row: Tensor, pad_id: int) -> Tensor:
     return row[int(kept[0]) : int(kept[-1]) + 1] if len(kept) else row[:0]
 
 
-def _not_found(name: str, error: OSError) -> FileNotFoundError:
+def _not_found(name: str, error: Exception) -> FileNotFoundError:
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
         reason = "no such directory"
     else:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
     return FileNotFoundError(
         f"cannot load pretrained_llm '{name}': {reason}. Pass a local directory with the model's files, or set "
         "pretrained_weights: false to need only its config.json and tokenizer (e.g. already in the HF cache)."

@@ -15,6 +15,7 @@ import random
 import resource
 import sys
 import time
+from collections import Counter
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -24,10 +25,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from config import ConfigError, load_config, save_config
+from config import OPTIMIZERS, ConfigError, load_config, save_config
 from data import TrainBatches, make_val_loaders
 
-OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adafactor", "Adagrad", "RMSprop", "NAdam", "RAdam", "Adamax")
 SCHEDULERS = ("CosineAnnealing",)
 MAX_BAD_STEPS = 10  # non-finite losses in a row before the run stops
 
@@ -62,6 +62,8 @@ def main(argv: list[str]) -> torch.nn.Module | None:
     resume_path = find_resume_checkpoint(exp, log_dir)
     if master:
         (log_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for partial in (log_dir / "checkpoints").glob("*.tmp"):  # left by a run killed while saving
+            partial.unlink()
         save_config(cfg, log_dir / "exp_config.yaml")
         print(f"run directory: {log_dir}" + (f" (resuming from {resume_path.name})" if resume_path else ""))
 
@@ -315,7 +317,7 @@ def load_checkpoint(path: Path) -> dict:
     """A checkpoint as plain tensors and containers: pickled code in it is refused, never run."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         raise ValueError(f"{path} is not loaded: it is not a torch.save file of tensors and plain containers "
                          "(pickled objects are refused, weights_only=True)") from None
     except (RuntimeError, EOFError) as e:
@@ -465,14 +467,15 @@ class Meter:
     def reset(self):
         self.start, self.steps, self.micro_steps = time.time(), 0, 0
         self.tokens, self.audio_seconds, self.loss, self.grad_norm = 0, 0.0, 0.0, 0.0
-        self.logs, self.skipped = {}, {}
+        self.logs, self.skipped = {}, Counter()
 
     def add(self, out: dict, batch: dict):
+        """Tensors are summed where they are and read at the log line: no GPU sync in every step."""
         self.micro_steps += 1
-        self.tokens += int(out.get("num_tokens", 0))
+        self.tokens += out.get("num_tokens", 0)
         self.audio_seconds += float(batch.get("audio_seconds", 0.0))
         for key, value in out.get("log", {}).items():
-            self.logs[key] = self.logs.get(key, 0.0) + float(value)
+            self.logs[key] = self.logs.get(key, 0.0) + value
 
     def add_step(self, loss: float, grad_norm: float):
         self.steps += 1
@@ -481,7 +484,7 @@ class Meter:
 
     def summary(self, world_size, lr, device, data_skips) -> dict:
         elapsed = max(time.time() - self.start, 1e-9)
-        counts = torch.tensor([self.tokens, self.audio_seconds], dtype=torch.float64)
+        counts = torch.tensor([float(self.tokens), self.audio_seconds], dtype=torch.float64)
         if world_size > 1:
             dist.all_reduce(counts)
         if device.type == "cuda":
@@ -489,11 +492,13 @@ class Meter:
         else:
             memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
         steps, micro_steps = max(self.steps, 1), max(self.micro_steps, 1)
-        metrics = {"loss": self.loss / steps, **{k: v / micro_steps for k, v in self.logs.items()},
+        metrics = {"loss": self.loss / steps, **{k: float(v) / micro_steps for k, v in self.logs.items()},
                    "lr": lr, "grad_norm": self.grad_norm / steps,
                    "tokens_per_s": counts[0].item() / elapsed, "audio_s_per_s": counts[1].item() / elapsed,
-                   "ms_per_step": 1000 * elapsed / steps, "peak_mem_gb": memory,
-                   "skipped": sum(data_skips.values()) + sum(self.skipped.values())}
+                   "ms_per_step": 1000 * elapsed / steps, "peak_mem_gb": memory}
+        skipped = {**data_skips, **self.skipped}  # items and batches the data dropped, steps the loop dropped
+        metrics["skipped"] = sum(skipped.values())
+        metrics.update({f"skipped/{reason}": n for reason, n in sorted(skipped.items())})
         skipped_steps = self.skipped
         self.reset()
         self.skipped = skipped_steps  # step skips are counted for the whole run, like data skips
@@ -502,9 +507,10 @@ class Meter:
 
 def format_log(step: int, max_steps: int, m: dict) -> str:
     extra = "".join(f" | {k} {v:.4f}" for k, v in m.items() if k.endswith("_loss"))
+    reasons = ", ".join(f"{k.removeprefix('skipped/')} {v}" for k, v in m.items() if k.startswith("skipped/"))
     return (f"step {step}/{max_steps} | loss {m['loss']:.4f}{extra} | lr {m['lr']:.2e} | "
             f"{m['tokens_per_s']:,.0f} tok/s | {m['audio_s_per_s']:.1f} audio s/s | {m['ms_per_step']:.0f} ms/step | "
-            f"mem {m['peak_mem_gb']:.2f} GB | skipped {m['skipped']}")
+            f"mem {m['peak_mem_gb']:.2f} GB | skipped {m['skipped']}" + (f" ({reasons})" if reasons else ""))
 
 
 def make_loggers(exp: dict, log_dir: Path, cfg: dict) -> list:

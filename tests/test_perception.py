@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from bench.encoder import nemo_state_from_parakeet
 from perception import (
     AudioPerceptionModule,
     ConformerEncoder,
@@ -159,14 +160,6 @@ def test_stft_in_fp32_under_autocast_and_dither_only_in_training():
     assert not torch.equal(mel.train()(audio, lengths)[0], plain)  # training: dithered
 
 
-HF_TO_NEMO = [
-    ("subsampling.layers.", "pre_encode.conv."), ("subsampling.linear.", "pre_encode.out."),
-    (".q_proj.", ".linear_q."), (".k_proj.", ".linear_k."), (".v_proj.", ".linear_v."), (".o_proj.", ".linear_out."),
-    (".relative_k_proj.", ".linear_pos."), (".bias_u", ".pos_bias_u"), (".bias_v", ".pos_bias_v"),
-    (".conv.norm.", ".conv.batch_norm."),
-]
-
-
 def test_encoder_matches_transformers_parakeet_encoder_on_padded_batch():
     """Same weights in ours and in transformers.ParakeetEncoder, same outputs.
 
@@ -182,13 +175,8 @@ def test_encoder_matches_transformers_parakeet_encoder_on_padded_batch():
         dropout_positions=0.0, layerdrop=0.0, activation_dropout=0.0, attention_dropout=0.0,
     )
     reference = randomize(ParakeetEncoder(config)).eval()
-    state = {}
-    for name, tensor in reference.state_dict().items():
-        for hf_name, nemo_name in HF_TO_NEMO:
-            name = name.replace(hf_name, nemo_name)
-        state[name] = tensor
     ours = ConformerEncoder(**ENCODER_CFG).eval()
-    ours.load_state_dict(state, strict=True)
+    ours.load_state_dict(nemo_state_from_parakeet(reference.state_dict()), strict=True)
 
     lengths = torch.tensor([203, 150, 97])
     feats = torch.randn(3, 80, 203) * (torch.arange(203) < lengths[:, None]).unsqueeze(1)

@@ -1,0 +1,69 @@
+"""Duplex inference: time per 80 ms frame and real-time factor of DuplexS2SModel and DuplexS2SSpeechDecoderModel,
+the latter with and without its speech decoder's KV cache.
+
+    python -m bench.duplex                        # both configs/s2s_duplex*.yaml, one 10 s session, on the CPU
+    python -m bench.duplex --preset large --device cuda --dtype bfloat16 --seconds 60
+
+Each model answers the user channel of a demo conversation (repeated to `--seconds`) with `offline_inference`:
+perception once, then one step per frame (LLM with its KV cache, text and codec heads or the speech decoder),
+then the codec decodes the agent's speech. RTF = wall seconds / audio seconds (below 1: faster than real time).
+Without the KV cache the speech decoder recomputes all past frames at every frame (speech_decoder.use_cache false).
+"""
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import common
+from data import load_audio, read_duplex_demo
+
+CONVERSATIONS = "assets/demo/qa_val"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = common.parser(__doc__, ["configs/s2s_duplex.yaml", "configs/s2s_duplex_speech_decoder.yaml"])
+    p.add_argument("--seconds", type=float, default=10.0, help="length of the user's audio")
+    p.add_argument("--batch", type=int, default=1, help="sessions answered at once")
+    p.set_defaults(reps=3)
+    args = p.parse_intermixed_args(argv)
+    device, dtype = common.setup(args)
+
+    runs, frames = {}, {}
+    for path in args.config:
+        model = common.build_model(common.load(args, path)["model"], device, dtype).eval()
+        sample_rate = model.perception.sample_rate
+        user = load_audio(next(iter(read_duplex_demo(CONVERSATIONS))), sample_rate)
+        user = np.resize(user, int(args.seconds * sample_rate))  # repeated to length
+        audio = torch.from_numpy(user).to(device).expand(args.batch, -1)  # (B, T_samples)
+        audio_lens = torch.full((args.batch,), audio.size(1), device=device)
+        name = Path(path).stem
+        with torch.no_grad():
+            frames[name] = frames[f"{name}_nocache"] = int(model.perception(audio[:1], audio_lens[:1])[1][0])
+        runs[name] = partial(answer, model, audio, audio_lens, use_cache=True)
+        if hasattr(model, "speech_decoder"):
+            runs[f"{name}_nocache"] = partial(answer, model, audio, audio_lens, use_cache=False)
+
+    times = common.measure(runs, args.reps, args.warmup, device)
+    print(f"{args.seconds:g} s of user audio | {args.batch} session(s) | median of {args.reps}")
+    figures = []
+    for name, seconds in times.items():
+        ms_per_frame, rtf = 1000 * seconds / frames[name], seconds / args.seconds
+        print(f"{name}: {frames[name]} frames of 80 ms | {ms_per_frame:.2f} ms per frame | RTF {rtf:.3f}")
+        if not name.endswith("_nocache"):
+            figures += [(f"{name}_ms_per_frame", ms_per_frame, "ms", None),
+                        (f"{name}_rtf", rtf, "", None)]
+        else:
+            figures.append((f"{name}_over_cache", seconds / times[name.removesuffix("_nocache")], "x", None))
+    common.result(*figures)
+
+
+def answer(model, audio: torch.Tensor, audio_lens: torch.Tensor, use_cache: bool) -> None:
+    """offline_inference; without the cache the speech decoder recomputes the whole sequence at every frame."""
+    if hasattr(model, "speech_decoder"):
+        model.speech_decoder.use_cache = use_cache
+    model.offline_inference(audio, audio_lens)
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -1,0 +1,357 @@
+"""Bad input: broken audio, text and configs give a counted skip that training survives, or a one-line error.
+
+Data tests put G good and B bad items through the real readers, dataset and TrainBatches and check that exactly
+the G good ones arrive (none lost), resampled where needed, and that each bad one is counted under its reason.
+"""
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from lhotse import CutSet, SupervisionSegment
+
+import data
+import salm
+import train
+from config import TARGETS, ConfigError, load_config
+from data import TrainBatches, audio_file_cut
+from test_data import salm_dataset, tone
+from test_train_e2e import SMALL
+
+ROOT = Path(__file__).parent.parent
+DEMO = ROOT / "assets" / "demo" / "asr_train"
+CONFIG = str(ROOT / "configs" / "salm.yaml")
+NO_VALIDATION = ["data.validation_ds.datasets={}"]
+
+
+def demo_flacs(directory: Path, n: int) -> list[tuple[Path, str]]:
+    """The first n demo utterances as FLAC files (the shipped bytes) with their transcripts."""
+    with gzip.open(DEMO / "cuts.000000.jsonl.gz", "rt") as f:
+        texts = {cut["id"]: cut["supervisions"][0]["text"] for cut in map(json.loads, f)}
+    files = []
+    with tarfile.open(DEMO / "recording.000000.tar") as tar:
+        for member in tar:
+            if member.name.endswith(".flac") and len(files) < n:
+                path = directory / member.name
+                path.write_bytes(tar.extractfile(member).read())
+                files.append((path, texts[path.stem]))
+    return files
+
+
+def broken_files(directory: Path) -> dict[str, Path]:
+    """One audio file of each broken kind, made from a real demo FLAC."""
+    raw = demo_flacs(directory, 1)[0][0].read_bytes()
+    paths = {kind: directory / name for kind, name in [
+        ("truncated", "truncated.flac"), ("header_cut", "header_cut.flac"), ("zero_samples", "zero_samples.wav"),
+        ("zero_bytes", "zero_bytes.flac"), ("missing", "missing.flac")]}
+    paths["truncated"].write_bytes(raw[: len(raw) // 2])  # header intact, frames cut off: fails when decoded
+    paths["header_cut"].write_bytes(raw[:60])  # fails when opened
+    sf.write(paths["zero_samples"], np.zeros(0, np.float32), 16000)  # a valid WAV holding no sample
+    paths["zero_bytes"].write_bytes(b"")
+    return paths
+
+
+def write_manifest(path: Path, rows: list[tuple[Path, str]]) -> Path:
+    """A NeMo ASR manifest; `duration` is left out so that the file header gives it."""
+    path.write_text("\n".join(json.dumps({"audio_filepath": str(a), "text": t}) for a, t in rows))
+    return path
+
+
+def ids_of(manifest: Path, rows: list, wanted: list) -> list[str]:
+    return [f"{manifest.stem}-{rows.index(row)}" for row in wanted]
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """The first few unreadable files of a process are printed; start each test with a clean count."""
+    monkeypatch.setattr(data, "_warnings_printed", Counter())
+
+
+def test_one_pass_delivers_every_good_item_and_counts_each_bad_kind(tmp_path, capsys, fresh_warnings):
+    good = demo_flacs(tmp_path, 3)
+    low = (tone(tmp_path / "low.wav", 1.0, rate=8000, freq=500.0), "a low rate tone")
+    high = (tone(tmp_path / "high.flac", 1.0, rate=44100, freq=1000.0), "a high rate tone")
+    bad = broken_files(tmp_path)
+    too_long = (tone(tmp_path / "long.wav", 3.0), "a long tone")
+    empty_text = (good[0][0], " ")
+    long_text = (good[1][0], " ".join(["word"] * 50))
+    rows = [good[0], (bad["missing"], "x"), (bad["truncated"], "x"), low, (bad["zero_bytes"], "x"), too_long,
+            good[1], (bad["header_cut"], "x"), empty_text, high, (bad["zero_samples"], "x"), long_text, good[2]]
+    manifest = write_manifest(tmp_path / "mixed.json", rows)
+    cfg = {"manifest_filepath": str(manifest), "batch_size": 100, "max_duration": 2.5}
+    batches = TrainBatches(cfg, salm_dataset(max_tokens=40))  # long_text needs ~70 tokens, good items < 40
+    batch = next(iter(batches))
+
+    assert batch["ids"] == ids_of(manifest, rows, [good[0], low, good[1], high, good[2]])  # 5 good, 0 lost
+    assert batches.skipped == {"unreadable audio": 5, "longer than max_duration": 1, "empty transcript": 1,
+                               "longer than max_tokens": 1}
+    lens = dict(zip(batch["ids"], batch["audio_lens"].tolist()))
+    for row in good:
+        assert lens[ids_of(manifest, rows, [row])[0]] == sf.info(row[0]).frames
+    low_id, high_id = ids_of(manifest, rows, [low, high])
+    assert lens[low_id] == lens[high_id] == 16000  # 1 s at 8 kHz and at 44.1 kHz, resampled to 16 kHz
+    for clip_id, freq in ((low_id, 500), (high_id, 1000)):  # the tones keep their pitch (1 Hz per FFT bin)
+        clip = batch["audios"][batch["ids"].index(clip_id), :16000].numpy()
+        assert np.argmax(np.abs(np.fft.rfft(clip))) == pytest.approx(freq, abs=2)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"warning: skipped audio file not found: {bad['missing']}" in err
+    assert "truncated.flac" in err and "decoder lost sync" in err  # the backend's reason, not its report
+
+
+def test_cut_manifest_with_bad_audio_is_filtered_when_loading(tmp_path, capsys, fresh_warnings):
+    good = demo_flacs(tmp_path, 2)
+    bad = broken_files(tmp_path)
+    bad["missing"].write_bytes(good[0][0].read_bytes())  # readable while the manifest is written, then gone
+    paths = [good[0][0], bad["truncated"], tone(tmp_path / "low.wav", 1.0, rate=8000), bad["missing"],
+             bad["zero_samples"], good[1][0]]
+    cuts = []
+    for path in paths:
+        cut = audio_file_cut(path)
+        cut.supervisions = [SupervisionSegment(cut.id, cut.recording_id, 0, cut.duration, text="some words")]
+        cuts.append(cut)
+    CutSet.from_cuts(cuts).to_file(tmp_path / "cuts.jsonl.gz")
+    bad["missing"].unlink()
+    batches = TrainBatches({"cuts_path": str(tmp_path / "cuts.jsonl.gz"), "batch_size": 100}, salm_dataset())
+    batch = next(iter(batches))
+    assert batch["ids"] == [good[0][0].stem, "low", good[1][0].stem]
+    assert batch["audio_lens"][1] == 16000
+    assert batches.skipped == {"unreadable audio": 3}
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("warning: skipped ") for line in err)
+    assert any(f"file not found: {bad['missing']}" in line for line in err)
+    assert any("zero_samples" in line and line.endswith("is empty") for line in err)
+
+
+def test_a_batch_where_every_clip_fails_is_skipped_and_the_next_drawn(tmp_path, fresh_warnings):
+    good = demo_flacs(tmp_path, 4)
+    bad = broken_files(tmp_path)
+    rows = [good[0], good[1], (bad["truncated"], "x"), (bad["zero_samples"], "x"), good[2], good[3]]
+    manifest = write_manifest(tmp_path / "m.json", rows)
+    batches = TrainBatches({"manifest_filepath": str(manifest), "batch_size": 2}, salm_dataset())
+    stream = iter(batches)
+    delivered = [next(stream)["ids"], next(stream)["ids"]]
+    assert delivered == [ids_of(manifest, rows, good[:2]), ids_of(manifest, rows, good[2:])]
+    assert batches.num_batches == 3  # the empty one counts as drawn, so a resumed run replays it too
+    assert batches.skipped == {"unreadable audio": 2, "batches with nothing readable": 1}
+
+
+def test_a_stream_where_everything_fails_ends_with_one_line(tmp_path, fresh_warnings):
+    bad = broken_files(tmp_path)
+    manifest = write_manifest(tmp_path / "m.json", [(bad["truncated"], "x"), (bad["zero_samples"], "y")])
+    batches = TrainBatches({"manifest_filepath": str(manifest), "batch_size": 1}, salm_dataset())
+    with pytest.raises(ValueError) as err:
+        next(iter(batches))
+    assert str(err.value).startswith(f"{data.MAX_EMPTY_BATCHES} training batches in a row had no usable item")
+    assert "\n" not in str(err.value)
+    assert batches.num_batches == data.MAX_EMPTY_BATCHES
+    assert batches.skipped["unreadable audio"] == data.MAX_EMPTY_BATCHES  # one clip per batch
+    # files that cannot even be opened never reach a batch: the data yields nothing, which is an error too
+    unopenable = write_manifest(tmp_path / "u.json", [(bad["missing"], "x"), (bad["header_cut"], "y")])
+    with pytest.raises(ValueError, match="the training data yields no batch"):
+        next(iter(TrainBatches({"manifest_filepath": str(unopenable), "batch_size": 1}, salm_dataset())))
+
+
+@pytest.fixture(scope="module")
+def small_cfg():
+    return load_config(CONFIG, SMALL, report=None)
+
+
+def test_a_transcript_longer_than_the_llm_context_is_skipped(tmp_path, small_cfg, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    model = train.build_model(small_cfg["model"])
+    context = json.loads((ROOT / "assets" / "tiny-llm" / "config.json").read_text())["max_position_embeddings"]
+    dataset = model.make_dataset(small_cfg["data"])
+    assert small_cfg["data"]["train_ds"].get("max_tokens") is None and dataset.max_tokens == context
+    capped = model.make_dataset({"train_ds": {**small_cfg["data"]["train_ds"], "max_tokens": 64}})
+    assert capped.max_tokens == 64
+
+    (path, text), = demo_flacs(tmp_path, 1)
+    cuts = []
+    for i, transcript in enumerate([text, " ".join(["seven"] * context)]):
+        cut = audio_file_cut(path).with_id(f"utt{i}")
+        cut.supervisions = [SupervisionSegment(cut.id, cut.recording_id, 0, cut.duration, text=transcript)]
+        cuts.append(cut)
+    lengths = [len(model.encode_dialog(data.cut_to_conversation(c).prompt_turns(model.audio_locator_tag))["input_ids"])
+               for c in cuts]
+    assert lengths[0] < context < lengths[1]
+    batch = dataset[CutSet.from_cuts(cuts)]
+    assert batch["ids"] == ["utt0"] and batch["skipped"] == {"longer than max_tokens": 1}
+
+
+def run_main(args, tmp_path):
+    return train.main([CONFIG, *SMALL, *NO_VALIDATION, "trainer.max_steps=5", "data.train_ds.batch_size=2",
+                       f"exp_manager.explicit_log_dir={tmp_path / 'run'}", *args])
+
+
+def corrupt_losses(monkeypatch, factors: dict):
+    """Multiply the loss of the n-th training step by factors[n] (nan or inf), as a broken batch would."""
+    training_step, calls = salm.SALM.training_step, []
+
+    def step(self, batch):
+        calls.append(1)
+        out = training_step(self, batch)
+        if len(calls) in factors:
+            out["loss_sum"] = out["loss_sum"] * factors[len(calls)]
+        return out
+
+    monkeypatch.setattr(salm.SALM, "training_step", step)
+
+
+def test_non_finite_losses_are_skipped_and_counted(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    corrupt_losses(monkeypatch, {2: float("nan"), 3: float("inf")})
+    model = run_main([], tmp_path)
+    out = capsys.readouterr().out
+    log = [line for line in out.splitlines() if line.startswith("step ")]
+    assert log[0].endswith("| skipped 0")
+    assert log[1].endswith("| skipped 1 (non-finite loss 1)") and log[1].startswith("step 2/5 | loss nan")
+    assert log[2].endswith("| skipped 2 (non-finite loss 2)") and log[2].startswith("step 3/5 | loss inf")
+    assert log[4].startswith("step 5/5") and log[4].endswith("| skipped 2 (non-finite loss 2)")
+    assert "stopped at step 5: max_steps" in out
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # no bad step reached the weights
+
+
+def test_non_finite_losses_in_a_row_stop_the_run_with_a_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(train, "MAX_BAD_STEPS", 3)
+    corrupt_losses(monkeypatch, {n: float("nan") for n in range(1, 10)})
+    with pytest.raises(SystemExit) as stop:
+        run_main([], tmp_path)
+    assert str(stop.value.code) == ("error: 3 non-finite losses in a row (check the learning rate, precision and "
+                                    "data)")
+    assert "stopped at step 2:" in capsys.readouterr().out
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)  # the run is kept
+    assert state["step"] == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_step=3", "unknown config key 'trainer.max_step' in the command line (did you mean "
+                           "'trainer.max_steps'?)"),
+    ("data.train_ds.batch_size=???", "data.train_ds.batch_size is '???' (required)"),
+    ("trainer.max_steps=many", "trainer.max_steps in " + CONFIG + " must be an integer, got 'many'"),
+    ("model.optimizer._target_=os.system", "model.optimizer._target_ in " + CONFIG + " is 'os.system', which is "
+                                           "not allowed there"),
+])
+def test_config_mistakes_are_one_line_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        train.main([CONFIG, override, f"exp_manager.explicit_log_dir={tmp_path}"])
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_a_missing_pretrained_llm_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(FileNotFoundError) as err:
+        run_main([f"model.pretrained_llm={tmp_path / 'no-llm'}"], tmp_path)
+    assert str(err.value).startswith(f"cannot load pretrained_llm '{tmp_path / 'no-llm'}': no such directory.")
+    with pytest.raises(FileNotFoundError) as err:  # a directory without tokenizer files
+        run_main(["model.pretrained_llm=assets/tiny-mimi", f"exp_manager.explicit_log_dir={tmp_path / 'b'}"],
+                 tmp_path)
+    assert str(err.value).startswith("cannot load pretrained_llm 'assets/tiny-mimi': ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override, key", [("model.perception.modality_adapter.feat_in=???",
+                                            "model.perception.modality_adapter.feat_in"),
+                                           ("model.pretrained_llm=/nowhere/llm", "pretrained_llm")])
+def test_the_command_line_prints_one_line_and_exits_2(tmp_path, override, key):
+    out = subprocess.run([sys.executable, "train.py", CONFIG, override, f"exp_manager.explicit_log_dir={tmp_path}"],
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and key in out.stderr
+
+
+# ---- `_target_` allowlist
+
+
+def test_every_target_in_the_shipped_configs_is_in_the_allowlist():
+    """(test_config.py loads each of these files, which runs the check itself.)"""
+    paths = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "tests" / "fixtures").glob("*.yaml"))
+    seen = set()
+    for path in paths:
+        for line in path.read_text().splitlines():
+            key, _, value = line.strip().partition(":")
+            if key in ("_target_", "target"):
+                seen.add(value.strip())
+    allowed = {name for names in TARGETS.values() for name in names}
+    assert seen and seen <= allowed
+
+
+@pytest.mark.parametrize("override, key, allowed", [
+    ("model.optimizer._target_=builtins.eval", "model.optimizer._target_", "torch.optim.AdamW"),
+    ("model.lr_scheduler._target_=torch.optim.lr_scheduler.LambdaLR", "model.lr_scheduler._target_",
+     "nemo.core.optim.lr_scheduler.CosineAnnealing"),
+    ("model.perception.target=subprocess.Popen", "model.perception.target", "perception.AudioPerceptionModule"),
+    ("model.perception.modality_adapter._target_=torch.optim.AdamW", "model.perception.modality_adapter._target_",
+     "perception.IdentityConnector"),  # a known name in the wrong place
+    ("++model.perception.encoder._target_=perception.IdentityConnector", "model.perception.encoder._target_",
+     "perception.ConformerEncoder"),
+    ("trainer.strategy={_target_: os.system}", "trainer.strategy._target_",
+     "lightning.pytorch.strategies.DDPStrategy"),  # a section only Lightning reads is checked too
+])
+def test_a_target_outside_the_allowlist_is_refused(override, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG, [override], report=None)
+    message = str(err.value)
+    assert message.startswith(f"{key} in {CONFIG} is ") and "not allowed there; use one of" in message
+    assert allowed in message and "\n" not in message
+
+
+def test_a_target_where_no_class_is_chosen_is_refused():
+    for override in ("data.train_ds._target_=torch.optim.AdamW", "data.train_ds.input_cfg.0.target=os.system"):
+        with pytest.raises(ConfigError, match=r"not allowed there; remove it: no class is chosen there"):
+            load_config(CONFIG, [override], report=None)
+    with pytest.raises(ConfigError, match=r"model\.optimizer\._target_ .* is \{'a': 1\}"):
+        load_config(CONFIG, ["model.optimizer._target_={a: 1}"], report=None)
+
+
+def test_the_project_names_are_accepted_and_nothing_is_imported(tmp_path, monkeypatch):
+    cfg = load_config(CONFIG, ["model.perception.modality_adapter._target_=perception.IdentityConnector",
+                               "model.optimizer._target_=torch.optim.SGD"], report=None)
+    assert cfg["model"]["perception"]["modality_adapter"]["_target_"] == "perception.IdentityConnector"
+    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\nAdamW = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError):
+        load_config(CONFIG, ["model.optimizer._target_=planted.AdamW"], report=None)
+    with pytest.raises(ConfigError):
+        train.build_optimizer({"_target_": "planted.AdamW"}, [torch.nn.Parameter(torch.zeros(1))])
+    assert not (tmp_path / "ran").exists() and "planted" not in sys.modules
+
+
+# ---- end to end
+
+
+@pytest.mark.slow
+def test_training_on_a_manifest_with_every_bad_kind_finishes(tmp_path):
+    """train.py on 14 good utterances mixed with every kind of bad item: it finishes and the log counts each."""
+    good = demo_flacs(tmp_path, 14)
+    bad = broken_files(tmp_path)
+    low = (tone(tmp_path / "low.wav", 1.0, rate=8000), "a low tone")
+    high = (tone(tmp_path / "high.flac", 1.0, rate=44100), "a high tone")
+    # batches of 4, in order: [g g g low] [g g g high] [all bad: skipped] [g g g g] [g g g g]; the items that
+    # cannot be opened or are too long never reach a batch
+    rows = [(bad["missing"], "x"), *good[0:3], low, (bad["zero_bytes"], "x"), *good[3:6], high,
+            (tone(tmp_path / "long.wav", 6.0), "a long tone"), (bad["truncated"], "x"), (bad["zero_samples"], "x"),
+            (good[0][0], ""), (good[1][0], " ".join(["seven"] * 1100)), (bad["header_cut"], "x"), *good[6:14]]
+    manifest = write_manifest(tmp_path / "mixed.json", rows)
+    out = subprocess.run(
+        [sys.executable, "train.py", CONFIG, *SMALL, *NO_VALIDATION, "trainer.max_steps=4",
+         f"data.train_ds.input_cfg=[{{type: lhotse_as_conversation, manifest_filepath: {manifest}}}]",
+         "data.train_ds.shuffle=false", "data.train_ds.max_duration=5.0",
+         f"exp_manager.explicit_log_dir={tmp_path / 'run'}"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stopped at step 4: max_steps" in out.stdout
+    last = [line for line in out.stdout.splitlines() if line.startswith("step 4/4")][0]
+    assert last.endswith("| skipped 9 (batches with nothing readable 1, empty transcript 1, "
+                         "longer than max_duration 1, longer than max_tokens 1, unreadable audio 5)")
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 4
