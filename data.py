@@ -273,20 +273,24 @@ class DuplexS2SDataset(torch.utils.data.Dataset):
     """Conversation cuts -> the duplex batch: both audio channels and per-frame text channels.
 
     A text channel has one token per `frame_length` frame (see `build_token_channel`). Conversations whose audio
-    cannot be read are skipped and counted in batch["skipped"].
+    cannot be read or that last more than `max_frames` frames are skipped and counted in batch["skipped"].
     """
 
     def __init__(self, tokenizer, pad_id: int, frame_length: float, source_sample_rate: int,
-                 target_sample_rate: int, input_roles: list[str], output_roles: list[str]):
+                 target_sample_rate: int, input_roles: list[str], output_roles: list[str], max_frames: int | None = None):
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("duplex data needs a tokenizer with BOS and EOS tokens: they mark the agent's turns")
         self.tokenizer, self.pad_id, self.frame_length = tokenizer, pad_id, frame_length
         self.source_sample_rate, self.target_sample_rate = source_sample_rate, target_sample_rate
         self.input_roles, self.output_roles = list(input_roles), list(output_roles)
+        self.max_frames = max_frames
 
     def __getitem__(self, cuts: CutSet) -> dict:
         sources, targets, kept, skipped = [], [], [], Counter()
         for cut in cuts:
+            if self.max_frames and math.ceil(cut.duration / self.frame_length) + 1 > self.max_frames:
+                skipped["longer than the model's context"] += 1
+                continue
             try:
                 source = load_audio(cut, self.source_sample_rate)
                 target = load_target_audio(cut, self.target_sample_rate)

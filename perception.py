@@ -181,9 +181,8 @@ class MelSpectrogram(nn.Module):
                 x, self.n_fft, self.hop_length, self.win_length, window=self.featurizer.window.float(),
                 center=True, pad_mode="constant", return_complex=True,
             )
-            spec = torch.view_as_real(spec).pow(2).sum(-1).sqrt()  # magnitude, (B, n_fft // 2 + 1, T_mel)
-            if self.mag_power != 1.0:
-                spec = spec.pow(self.mag_power)
+            power = spec.real.square() + spec.imag.square()  # |X|^2, (B, n_fft // 2 + 1, T_mel)
+            spec = power if self.mag_power == 2.0 else power.pow(self.mag_power / 2)  # |X|^mag_power
             x = torch.matmul(self.featurizer.fb.float(), spec)  # (B, n_mels, T_mel)
             if self.log:
                 guard = self._log_guard(x.dtype)

@@ -355,3 +355,16 @@ def test_training_on_a_manifest_with_every_bad_kind_finishes(tmp_path):
     assert last.endswith("| skipped 9 (batches with nothing readable 1, empty transcript 1, "
                          "longer than max_duration 1, longer than max_tokens 1, unreadable audio 5)")
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 4
+
+
+def test_a_conversation_longer_than_the_duplex_context_is_skipped(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config("configs/s2s_duplex_speech_decoder.yaml", ["model.speech_decoder.max_seq_len=64"], report=None)
+    model = train.build_model(cfg["model"])
+    dataset = model.make_dataset(cfg["data"])
+    assert dataset.max_frames == 64  # the speech decoder's limit is below the LLM's 1024 positions
+    cuts = sorted(data.read_duplex_demo("assets/demo/qa_val"), key=lambda c: c.duration)
+    short, long = cuts[0], cuts[-1]
+    assert short.duration / 0.08 + 1 <= 64 < long.duration / 0.08
+    batch = dataset[CutSet.from_cuts([short, long])]
+    assert batch["ids"] == [short.id] and batch["skipped"] == {"longer than the model's context": 1}
