@@ -509,7 +509,11 @@ def load_nemo_checkpoint(path: str) -> tuple[dict, dict]:
         weights_path = os.path.join(tmp, "model_weights.ckpt")  # torch.load wants a seekable file
         with open(weights_path, "wb") as f:
             shutil.copyfileobj(archive.extractfile(members["model_weights.ckpt"]), f)
-        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        from train import load_checkpoint  # the project's one reader: weights_only, pickled code refused
+        try:
+            state_dict = load_checkpoint(weights_path)
+        except ValueError as e:  # name the .nemo file, not the temporary copy of its weights
+            raise ValueError(str(e).replace(weights_path, f"{path} (its model_weights.ckpt)")) from None
     return config, state_dict
 
 

@@ -93,7 +93,7 @@ def test_nemo_manifest_and_resampling(tmp_path):
 
 
 def test_multimodal_conversation_jsonl(tmp_path):
-    a, b = tone(tmp_path / "a.wav", 1.0), tone(tmp_path / "b.wav", 0.5)
+    _, b = tone(tmp_path / "a.wav", 1.0), tone(tmp_path / "b.wav", 0.5)
     rows = [
         {"id": "ex-0", "conversations": [
             {"from": "User", "type": "text", "value": "Compare:"},

@@ -202,7 +202,7 @@ def test_alignment_of_inputs_and_labels(llm_dir, conversations):
     assert T == codes.size(1) and T >= batch["target_tokens"].size(1)
     text = torch.nn.functional.pad(batch["target_tokens"], (0, T - batch["target_tokens"].size(1)),
                                    value=model.text_pad_id)
-    K, bos, eos = model.num_codebooks, model.text_bos_id, model.text_eos_id
+    bos, eos = model.text_bos_id, model.text_eos_id
     # text: fed text[t], predicts text[t+1]
     assert torch.equal(inputs["text_inputs"], text[:, :-1]) and torch.equal(inputs["text_labels"], text[:, 1:])
     # audio: fed codes[t-1] (the delay code first), predicts codes[t]; speech BOS/EOS where the text has BOS/EOS

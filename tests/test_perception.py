@@ -391,3 +391,18 @@ def test_config_keys_are_checked():
     tied = ConformerEncoder(**ENCODER_CFG, untie_biases=False)
     assert tied.layers[0].self_attn.pos_bias_u is tied.layers[1].self_attn.pos_bias_u
     assert "layers.1.self_attn.pos_bias_u" in tied.state_dict()  # NeMo lists the shared bias under every layer
+
+
+class _Payload:
+    """Pickles as a call to os.system: what a malicious .nemo file would carry."""
+
+    def __reduce__(self):
+        return os.system, ("echo pwned > pwned.txt",)
+
+
+def test_a_pickled_payload_in_a_nemo_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_nemo(tmp_path / "evil.nemo", {"preprocessor": PREPROCESSOR_CFG}, {"w": torch.ones(1), "x": _Payload()}, "w")
+    with pytest.raises(ValueError, match="pickled objects are refused"):
+        load_nemo_checkpoint(str(tmp_path / "evil.nemo"))
+    assert not (tmp_path / "pwned.txt").exists()
