@@ -361,7 +361,7 @@ def turn_texts(cut: Cut, roles: list[str]) -> str:
 def load_target_audio(cut: Cut, sample_rate: int) -> np.ndarray:
     """The agent channel of a duplex cut (custom field `target_audio`) over the cut's span, mono float32."""
     if not (cut.custom or {}).get("target_audio"):
-        raise ValueError(f"cut {cut.id} has no 'target_audio' field: duplex data needs the agent channel as a "
+        raise AudioError(f"cut {cut.id} has no 'target_audio' field: duplex data needs the agent channel as a "
                          "Recording in cut.custom['target_audio'] (Shar field target_audio)")
     return _load_mono(cut.custom["target_audio"], sample_rate, f"target_audio of {cut.id}", offset=cut.start,
                       duration=cut.duration)

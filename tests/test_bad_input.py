@@ -368,3 +368,33 @@ def test_a_conversation_longer_than_the_duplex_context_is_skipped(monkeypatch):
     assert short.duration / 0.08 + 1 <= 64 < long.duration / 0.08
     batch = dataset[CutSet.from_cuts([short, long])]
     assert batch["ids"] == [short.id] and batch["skipped"] == {"longer than the model's context": 1}
+
+
+def test_duplex_conversations_with_bad_audio_are_skipped_and_counted(tmp_path, monkeypatch, fresh_warnings):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config("configs/s2s_duplex.yaml", [], report=None)
+    dataset = train.build_model(cfg["model"]).make_dataset(cfg["data"])
+    broken = broken_files(tmp_path)
+    sf.write(tmp_path / "user.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 2).astype(np.float32), 16000)
+    sf.write(tmp_path / "agent.wav", np.random.default_rng(1).normal(0, 0.1, 44100 * 2).astype(np.float32), 44100)
+
+    def conversation(name, user, agent):
+        cut = audio_file_cut(tmp_path / "user.wav").with_id(name)
+        cut.recording.sources[0].source = str(user)
+        cut.supervisions = [SupervisionSegment(f"{name}-q", cut.recording_id, 0.1, 0.8, text="hi", speaker="user"),
+                            SupervisionSegment(f"{name}-a", cut.recording_id, 1.0, 0.9, text="yes", speaker="agent")]
+        cut.custom = {"target_audio": data._read_recording(tmp_path / "agent.wav")} if agent else {}
+        if agent and agent != "good":
+            cut.custom["target_audio"].sources[0].source = str(broken[agent])
+        return cut
+
+    cuts = [conversation("good", tmp_path / "user.wav", "good"),
+            conversation("user_missing", broken["missing"], "good"),
+            conversation("user_truncated", broken["truncated"], "good"),
+            conversation("agent_truncated", tmp_path / "user.wav", "truncated"),
+            conversation("agent_empty", tmp_path / "user.wav", "zero_bytes"),
+            conversation("no_agent_channel", tmp_path / "user.wav", None)]
+    batch = dataset[CutSet.from_cuts(cuts)]
+    assert batch["ids"] == ["good"] and batch["skipped"] == {"unreadable audio": 5}  # none good lost
+    assert batch["source_audio"].shape == (1, 32000)  # 16 kHz as recorded
+    assert batch["target_audio"].shape == (1, 48000)  # the 44.1 kHz agent channel resampled to the codec's 24 kHz
