@@ -179,14 +179,16 @@ class TrainBatches:
 
     Epochs of a rank-aware lhotse sampler over `read_inputs(ds_cfg)`; `skip` replays that many batches of
     sampling (no audio is loaded) so a resumed run continues with the batch it would have seen next.
-    `skipped` counts what was dropped (duration filter, unreadable audio, ...) and `num_batches` what was drawn.
+    `skipped` counts what was dropped (duration filter, unreadable audio, ...), continuing from the counts a
+    resumed run saved, and `num_batches` what was drawn.
     A batch left empty is skipped and the next one drawn; MAX_EMPTY_BATCHES of them in a row are an error.
     """
 
-    def __init__(self, ds_cfg: dict, dataset, rank: int = 0, world_size: int = 1, skip: int = 0):
+    def __init__(self, ds_cfg: dict, dataset, rank: int = 0, world_size: int = 1, skip: int = 0,
+                 skipped: dict | None = None):
         self.ds_cfg, self.dataset = ds_cfg, dataset
         self.rank, self.world_size = rank, world_size
-        self.skipped = Counter()
+        self.skipped, self._restored = Counter(skipped or {}), Counter(skipped or {})
         self.num_batches = skip
         self._skip = skip
 
@@ -194,7 +196,7 @@ class TrainBatches:
         cuts = _duration_filter(read_inputs(self.ds_cfg, True, self.skipped), self.ds_cfg, self.skipped)
         sampler = make_sampler(cuts, self.ds_cfg, train=True, rank=self.rank, world_size=self.world_size)
         loader = torch.utils.data.DataLoader(
-            self.dataset, sampler=_Epochs(sampler, self._skip), batch_size=None, collate_fn=_as_built,
+            self.dataset, sampler=_Epochs(sampler, self._skip, self._replayed), batch_size=None, collate_fn=_as_built,
             num_workers=self.ds_cfg.get("num_workers") or 0, pin_memory=bool(self.ds_cfg.get("pin_memory")),
             persistent_workers=bool(self.ds_cfg.get("num_workers")),
             generator=torch.Generator().manual_seed(0),  # worker seeds must not draw on the global RNG (resume)
@@ -213,6 +215,11 @@ class TrainBatches:
                 counts = ", ".join(f"{reason} {n}" for reason, n in self.skipped.items())
                 raise ValueError(f"{empty_in_a_row} training batches in a row had no usable item (skipped so far: "
                                  f"{counts}); fix or remove the data the warnings above name")
+
+    def _replayed(self) -> None:
+        """After a resumed run's replay: what the replay counted again was in the saved counts already."""
+        self.skipped.clear()
+        self.skipped.update(self._restored)
 
 
 def make_val_loaders(val_cfg: dict, dataset, rank: int = 0, world_size: int = 1) -> dict:
@@ -402,10 +409,11 @@ def _as_built(batch: dict) -> dict:
 
 
 class _Epochs:
-    """Iterates a sampler epoch after epoch, forever, first skipping `skip` batches (sampling only)."""
+    """Iterates a sampler epoch after epoch, forever, first skipping `skip` batches (sampling only) and then
+    calling `replayed()`."""
 
-    def __init__(self, sampler, skip: int):
-        self.sampler, self.skip = sampler, skip
+    def __init__(self, sampler, skip: int, replayed=None):
+        self.sampler, self.skip, self.replayed = sampler, skip, replayed
 
     def __iter__(self):
         to_skip = self.skip
@@ -416,6 +424,8 @@ class _Epochs:
                 drawn += 1
                 if to_skip:
                     to_skip -= 1
+                    if not to_skip and self.replayed:
+                        self.replayed()
                     continue
                 yield batch
             if drawn == 0:

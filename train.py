@@ -99,7 +99,8 @@ def main(argv: list[str]) -> torch.nn.Module | None:
     dataset = model.make_dataset(cfg["data"])
     accumulate = int(trainer["accumulate_grad_batches"])
     batches = TrainBatches(cfg["data"]["train_ds"], dataset, rank, world_size,
-                           skip=int(rank_state["batches"]) if resume_path else 0)
+                           skip=int(rank_state["batches"]) if resume_path else 0,
+                           skipped=rank_state.get("skipped") if resume_path else None)
     val_cfg = cfg["data"]["validation_ds"]
     val_loaders = make_val_loaders(val_cfg, dataset, rank, world_size) if has_data(val_cfg) else {}
     loggers = make_loggers(exp, log_dir, cfg) if master else []
@@ -166,15 +167,16 @@ def main(argv: list[str]) -> torch.nn.Module | None:
                 progress.write("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
                 log_metrics(loggers, results, step)
         if exp["create_checkpoint_callback"] and (results or every_n(ckpt_params, step)):
+            ranks = gather_rank_states(batches.num_batches, world_size, batches.skipped + window.skipped)
             best = save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, best, ckpt_params,
-                                    results, gather_rank_states(batches.num_batches, world_size), master)
+                                    results, ranks, master)
         if deadline and time.time() > deadline:
             stop_reason = "max_time_per_run reached; rerun the same command to continue"
             break
     progress.close()
     if exp["create_checkpoint_callback"]:
-        save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, best, ckpt_params, None,
-                         gather_rank_states(batches.num_batches, world_size), master)
+        ranks = gather_rank_states(batches.num_batches, world_size, batches.skipped + window.skipped)
+        save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, best, ckpt_params, None, ranks, master)
     if master:
         print(f"stopped at step {step}: {stop_reason}")
 
@@ -435,11 +437,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def gather_rank_states(batches_drawn: int, world_size: int) -> list:
-    """Each rank's RNG states and data position, so that a resumed run continues exactly where it stopped.
-    Plain lists of ints: they pickle across ranks and load with weights_only=True."""
+def gather_rank_states(batches_drawn: int, world_size: int, skipped: dict | None = None) -> list:
+    """Each rank's RNG states, data position and skip counts, so that a resumed run continues exactly where it
+    stopped. Plain lists and dicts of ints: they pickle across ranks and load with weights_only=True."""
     _, numpy_keys, numpy_pos, *_ = np.random.get_state()
-    state = {"batches": batches_drawn, "python": list(random.getstate()[1]),
+    state = {"batches": batches_drawn, "skipped": dict(skipped or {}), "python": list(random.getstate()[1]),
              "numpy": [*numpy_keys.tolist(), numpy_pos],
              "torch": torch.get_rng_state().tolist(),
              "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else []}
@@ -496,7 +498,7 @@ class Meter:
                    "lr": lr, "grad_norm": self.grad_norm / steps,
                    "tokens_per_s": counts[0].item() / elapsed, "audio_s_per_s": counts[1].item() / elapsed,
                    "ms_per_step": 1000 * elapsed / steps, "peak_mem_gb": memory}
-        skipped = {**data_skips, **self.skipped}  # items and batches the data dropped, steps the loop dropped
+        skipped = Counter(data_skips) + self.skipped  # items and batches the data dropped, steps the loop dropped
         metrics["skipped"] = sum(skipped.values())
         metrics.update({f"skipped/{reason}": n for reason, n in sorted(skipped.items())})
         skipped_steps = self.skipped

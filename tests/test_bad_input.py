@@ -332,7 +332,8 @@ def test_the_project_names_are_accepted_and_nothing_is_imported(tmp_path, monkey
 
 @pytest.mark.slow
 def test_training_on_a_manifest_with_every_bad_kind_finishes(tmp_path):
-    """train.py on 14 good utterances mixed with every kind of bad item: it finishes and the log counts each."""
+    """train.py on 14 good utterances mixed with every kind of bad item: it finishes and the log counts each,
+    also across a stop and resume after step 2."""
     good = demo_flacs(tmp_path, 14)
     bad = broken_files(tmp_path)
     low = (tone(tmp_path / "low.wav", 1.0, rate=8000), "a low tone")
@@ -343,14 +344,15 @@ def test_training_on_a_manifest_with_every_bad_kind_finishes(tmp_path):
             (tone(tmp_path / "long.wav", 6.0), "a long tone"), (bad["truncated"], "x"), (bad["zero_samples"], "x"),
             (good[0][0], ""), (good[1][0], " ".join(["seven"] * 1100)), (bad["header_cut"], "x"), *good[6:14]]
     manifest = write_manifest(tmp_path / "mixed.json", rows)
-    out = subprocess.run(
-        [sys.executable, "train.py", CONFIG, *SMALL, *NO_VALIDATION, "trainer.max_steps=4",
-         f"data.train_ds.input_cfg=[{{type: lhotse_as_conversation, manifest_filepath: {manifest}}}]",
-         "data.train_ds.shuffle=false", "data.train_ds.max_duration=5.0",
-         f"exp_manager.explicit_log_dir={tmp_path / 'run'}"],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "stopped at step 4: max_steps" in out.stdout
+    for max_steps in (2, 4):  # the second run resumes from the first one's last.ckpt
+        out = subprocess.run(
+            [sys.executable, "train.py", CONFIG, *SMALL, *NO_VALIDATION, f"trainer.max_steps={max_steps}",
+             f"data.train_ds.input_cfg=[{{type: lhotse_as_conversation, manifest_filepath: {manifest}}}]",
+             "data.train_ds.shuffle=false", "data.train_ds.max_duration=5.0",
+             f"exp_manager.explicit_log_dir={tmp_path / 'run'}"],
+            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from last.ckpt" in out.stdout and "stopped at step 4: max_steps" in out.stdout
     last = [line for line in out.stdout.splitlines() if line.startswith("step 4/4")][0]
     assert last.endswith("| skipped 9 (batches with nothing readable 1, empty transcript 1, "
                          "longer than max_duration 1, longer than max_tokens 1, unreadable audio 5)")
