@@ -133,12 +133,11 @@ class DuplexS2SModel(SpeechLLM):
         """The duplex dataset for the `data` section, after checking that it fits the codec and perception.
         Conversations with more frames than the LLM's context (or the speech decoder's max_seq_len) are skipped."""
         check_data_config(data_cfg, self.audio_codec, self.perception, self.cfg["pretrained_audio_codec"])
-        limits = (getattr(self.llm.config, "max_position_embeddings", None),
-                  getattr(getattr(self, "speech_decoder", None), "max_seq_len", None))
+        decoder_limit = getattr(getattr(self, "speech_decoder", None), "max_seq_len", None)
         return DuplexS2SDataset(self.tokenizer, self.text_pad_id, data_cfg["frame_length"],
                                 data_cfg["source_sample_rate"], data_cfg["target_sample_rate"],
                                 data_cfg["input_roles"], data_cfg["output_roles"],
-                                max_frames=min((n for n in limits if n), default=None))
+                                max_frames=self.context_limit(decoder_limit))
 
     def prepare_inputs(self, batch: dict) -> dict:
         """Batch -> per-frame inputs and labels, one frame apart: text[t] and codes[t-1] in, text[t+1] and

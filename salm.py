@@ -73,6 +73,11 @@ class SpeechLLM(PretrainedMixin, nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
+    def context_limit(self, *limits: int | None) -> int | None:
+        """The smallest of the LLM's context (max_position_embeddings) and `limits`; None where none is set."""
+        limits = (getattr(self.llm.config, "max_position_embeddings", None), *limits)
+        return min((n for n in limits if n), default=None)
+
 
 class SALM(SpeechLLM):
     """LLM + audio perception. `cfg` is the `model` section of the config as a plain dict."""
@@ -180,10 +185,9 @@ class SALM(SpeechLLM):
     def make_dataset(self, data_cfg: dict) -> SALMDataset:
         """The dataset that turns sampled conversations into this model's batches (see data.py). Conversations
         longer than `max_tokens` or the LLM's context (max_position_embeddings) are skipped and counted."""
-        limits = (data_cfg["train_ds"].get("max_tokens"), getattr(self.llm.config, "max_position_embeddings", None))
         return SALMDataset(self.encode_dialog, self.text_pad_id, self.sampling_rate, self.audio_locator_tag,
                            token_equivalent_duration=self.token_equivalent_duration,
-                           max_tokens=min((n for n in limits if n), default=None))
+                           max_tokens=self.context_limit(data_cfg["train_ds"].get("max_tokens")))
 
     @torch.no_grad()
     def validation_step(self, batch: dict, generate: bool = False) -> dict:
