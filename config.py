@@ -16,8 +16,11 @@
      imported from a config string: a name only picks one of this project's modules (or torch.optim).
 The result is a plain nested dict, the fully resolved config that a run saves next to its checkpoints.
 """
+import copy
 import difflib
+import os
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -109,12 +112,12 @@ LOADER = dict(
 
 SCHEMA = {
     "name": None,
-    "model": Keys(
+    "model": dict(  # model_defaults() fills these for models built from a plain dict too
         pretrained_llm=None, pretrained_asr=None, pretrained_audio_codec=None, scoring_asr=None,
-        pretrained_weights=True, audio_locator_tag=None, prompt_format=None,
-        freeze_params=None, prevent_freeze_params=None, lora=ANY,
+        pretrained_weights=True, audio_locator_tag=None, prompt_format="llama2",
+        freeze_params=[], prevent_freeze_params=[], lora=ANY,
         perception=ANY, speech_decoder=ANY, optimizer=ANY, lr_scheduler=ANY,
-        audio_loss_weight=None, text_loss_weight=None, duplex_user_channel_weight=None, ctc_loss_weight=None,
+        audio_loss_weight=1.0, text_loss_weight=1.0, duplex_user_channel_weight=1.0, ctc_loss_weight=0.0,
         torch_dtype=IGNORED,
     ),
     "trainer": dict(
@@ -176,6 +179,35 @@ def load_config(path: str | Path, overrides: list[str] = (), report=print) -> di
                           f"{missing[0]}=VALUE on the command line" + _also(missing[1:]))
     _check_targets(cfg, path)
     return cfg
+
+
+def model_defaults(model_cfg: dict) -> dict:
+    """A copy of a `model` section with SCHEMA's defaults filled in (the one place model defaults live)."""
+    cfg = copy.deepcopy(model_cfg)
+    _fill_defaults(cfg, SCHEMA["model"])
+    for key, default in SCHEMA["model"].items():
+        if default is ANY:  # a free-form section (lora, speech_decoder, ...): None when absent
+            cfg.setdefault(key, None)
+    return cfg
+
+
+def loader_defaults(ds_cfg: dict) -> dict:
+    """A copy of a data loader section with SCHEMA's defaults filled in."""
+    cfg = copy.deepcopy(ds_cfg)
+    _fill_defaults(cfg, LOADER)
+    return cfg
+
+
+def cli(main) -> None:
+    """Run a command's `main(argv)`: a config, data or path mistake ends it with one line on stderr and exit
+    code 2, not a traceback (SLM_DEBUG=1 shows the traceback)."""
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("SLM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def save_config(cfg: dict, path: str | Path) -> None:
@@ -336,7 +368,7 @@ def _fill_defaults(cfg, schema):
                 _fill_defaults(cfg[name], default)
         elif isinstance(default, ListOf):
             continue
-        elif name not in cfg:
+        elif cfg.get(name) is None:  # absent or null: the default
             cfg[name] = list(default) if isinstance(default, list) else default
 
 

@@ -42,6 +42,10 @@ from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
 from lhotse.utils import compute_num_frames
 from torch.nn.utils.rnn import pad_sequence
 
+from config import loader_defaults
+
+ROLES = ("system", "user", "assistant")
+DATA_KEYS = ("input_cfg", "shar_path", "cuts_path", "manifest_filepath")  # what names a loader's data
 SUPPORTED_TYPES = ("lhotse_shar", "lhotse", "nemo", "lhotse_as_conversation", "multimodal_conversation", "duplex_demo",
                    "group")
 MAX_WARNINGS = 5  # unreadable-audio warnings printed per process; after that they are only counted
@@ -76,14 +80,36 @@ class Conversation:
 
     def prompt_turns(self, audio_locator_tag: str) -> list[dict]:
         """Turns as {"role", "content"} dicts with audio replaced by the tag and same-role turns merged."""
-        merged = []
-        for turn in self.turns:
-            content = audio_locator_tag if turn.audio is not None else turn.text
-            if merged and merged[-1]["role"] == turn.role:
-                merged[-1]["content"] += " " + content
-            else:
-                merged.append({"role": turn.role, "content": content})
-        return merged
+        return merge_turns([{"role": t.role, "content": audio_locator_tag if t.audio is not None else t.text}
+                            for t in self.turns])
+
+
+def merge_turns(turns: list[dict]) -> list[dict]:
+    """Normalise turns to {"role", "content"} and join consecutive same-role turns with one space.
+
+    Accepts {"role", "content"} and NeMo's {"role", "slots": {"message"}} (also its "system_and_user" role with
+    slots "system" and "message"); other keys (such as "audio") are ignored here.
+    """
+    flat = []
+    for turn in turns:
+        slots = turn.get("slots", {})
+        if turn.get("role") == "system_and_user":
+            flat += [("system", slots.get("system")), ("user", slots.get("message"))]
+        else:
+            flat.append((turn.get("role"), turn.get("content", slots.get("message"))))
+    merged = []
+    for role, text in flat:
+        if role not in ROLES:
+            raise ValueError(f"unknown turn role {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(text, str):
+            raise ValueError(f"a {role} turn needs its text as a string under 'content' (got {text!r})")
+        if merged and merged[-1]["role"] == role:
+            merged[-1]["content"] += " " + text
+        else:
+            merged.append({"role": role, "content": text})
+    if not merged:
+        raise ValueError("empty conversation")
+    return merged
 
 
 def cut_to_conversation(cut: Cut) -> Conversation:
@@ -186,7 +212,7 @@ class TrainBatches:
 
     def __init__(self, ds_cfg: dict, dataset, rank: int = 0, world_size: int = 1, skip: int = 0,
                  skipped: dict | None = None):
-        self.ds_cfg, self.dataset = ds_cfg, dataset
+        self.ds_cfg, self.dataset = loader_defaults(ds_cfg), dataset
         self.rank, self.world_size = rank, world_size
         self.skipped, self._restored = Counter(skipped or {}), Counter(skipped or {})
         self.num_batches = skip
@@ -197,8 +223,8 @@ class TrainBatches:
         sampler = make_sampler(cuts, self.ds_cfg, train=True, rank=self.rank, world_size=self.world_size)
         loader = torch.utils.data.DataLoader(
             self.dataset, sampler=_Epochs(sampler, self._skip, self._replayed), batch_size=None, collate_fn=_as_built,
-            num_workers=self.ds_cfg.get("num_workers") or 0, pin_memory=bool(self.ds_cfg.get("pin_memory")),
-            persistent_workers=bool(self.ds_cfg.get("num_workers")),
+            num_workers=self.ds_cfg["num_workers"], pin_memory=self.ds_cfg["pin_memory"],
+            persistent_workers=self.ds_cfg["num_workers"] > 0,
             generator=torch.Generator().manual_seed(0),  # worker seeds must not draw on the global RNG (resume)
         )
         empty_in_a_row = 0
@@ -226,52 +252,51 @@ def make_val_loaders(val_cfg: dict, dataset, rank: int = 0, world_size: int = 1)
     """One finite, ordered loader per named validation set (each rank gets every world_size-th batch);
     each set inherits the section's shared keys."""
     shared = {k: v for k, v in val_cfg.items() if k != "datasets"}
-    named = val_cfg.get("datasets") or {"val": {}}
     loaders = {}
-    for name, overrides in named.items():
-        ds_cfg = {**shared, **(overrides or {})}
-        if not any(ds_cfg.get(k) for k in ("input_cfg", "shar_path", "cuts_path", "manifest_filepath")):
-            raise ValueError(f"validation set '{name}' names no data: give it input_cfg, shar_path, cuts_path "
-                             "or manifest_filepath")
-        cuts = read_inputs(ds_cfg, train=False)
+    for name, overrides in (val_cfg.get("datasets") or {"val": {}}).items():
+        ds_cfg = loader_defaults({**shared, **(overrides or {})})
+        cuts = read_inputs(ds_cfg, train=False, what=f"validation set '{name}'")
         sampler = make_sampler(cuts, ds_cfg, train=False, rank=rank, world_size=world_size)
-        loaders[name] = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, collate_fn=_as_built,
-                                                    num_workers=ds_cfg.get("num_workers") or 0,
+        loaders[name] = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None,
+                                                    collate_fn=_as_built, num_workers=ds_cfg["num_workers"],
                                                     generator=torch.Generator().manual_seed(0))
     return loaders
 
 
+def has_data(ds_cfg: dict) -> bool:
+    """Whether a loader section names any data (validation sets under `datasets` included)."""
+    return any(ds_cfg.get(k) for k in (*DATA_KEYS, "datasets"))
+
+
 def make_sampler(cuts, ds_cfg: dict, train: bool, rank: int = 0, world_size: int = 1):
     """lhotse's dynamic sampler from NeMo's keys: `batch_size` caps items, `batch_duration` caps seconds."""
-    batch_size, batch_duration = ds_cfg.get("batch_size"), ds_cfg.get("batch_duration")
-    if batch_size is None and batch_duration is None:
+    if ds_cfg["batch_size"] is None and ds_cfg["batch_duration"] is None:
         raise ValueError("set batch_size or batch_duration in the data section")
-    if ds_cfg.get("use_multimodal_sampling"):
+    if ds_cfg["use_multimodal_sampling"]:
         raise ValueError("use_multimodal_sampling (token-based batches) is not supported: use batch_duration")
-    common = dict(max_cuts=batch_size, max_duration=batch_duration, shuffle=bool(train and ds_cfg.get("shuffle")),
-                  drop_last=bool(train and ds_cfg.get("drop_last")), seed=int(ds_cfg.get("seed") or 0),
-                  rank=rank, world_size=world_size, quadratic_duration=ds_cfg.get("quadratic_duration"))
-    if train and ds_cfg.get("use_bucketing"):
+    common = dict(max_cuts=ds_cfg["batch_size"], max_duration=ds_cfg["batch_duration"],
+                  shuffle=train and ds_cfg["shuffle"], drop_last=train and ds_cfg["drop_last"],
+                  seed=ds_cfg["seed"], rank=rank, world_size=world_size,
+                  quadratic_duration=ds_cfg["quadratic_duration"], shuffle_buffer_size=ds_cfg["shuffle_buffer_size"])
+    if train and ds_cfg["use_bucketing"]:
         return DynamicBucketingSampler(
-            cuts, num_buckets=ds_cfg.get("num_buckets") or 30, duration_bins=ds_cfg.get("bucket_duration_bins"),
-            num_cuts_for_bins_estimate=ds_cfg.get("num_cuts_for_bins_estimate") or 10000,
-            buffer_size=ds_cfg.get("bucket_buffer_size") or 10000,
-            shuffle_buffer_size=ds_cfg.get("shuffle_buffer_size") or 10000, **common)
-    return DynamicCutSampler(cuts, shuffle_buffer_size=ds_cfg.get("shuffle_buffer_size") or 10000, **common)
+            cuts, num_buckets=ds_cfg["num_buckets"], duration_bins=ds_cfg["bucket_duration_bins"],
+            num_cuts_for_bins_estimate=ds_cfg["num_cuts_for_bins_estimate"],
+            buffer_size=ds_cfg["bucket_buffer_size"], **common)
+    return DynamicCutSampler(cuts, **common)
 
 
-def read_inputs(ds_cfg: dict, train: bool, skipped: Counter | None = None) -> CutSet:
+def read_inputs(ds_cfg: dict, train: bool, skipped: Counter | None = None, what="the data section") -> CutSet:
     """The items of a loader section: its `input_cfg` entries, or its own shar/cuts/manifest keys.
     Manifest lines whose audio file is missing or unreadable are skipped and counted in `skipped`."""
     skipped = Counter() if skipped is None else skipped
     entries = ds_cfg.get("input_cfg")
     if not entries:
-        entry = {k: ds_cfg[k] for k in ("shar_path", "cuts_path", "manifest_filepath") if ds_cfg.get(k)}
+        entry = {k: ds_cfg[k] for k in DATA_KEYS[1:] if ds_cfg.get(k)}
         if not entry:
-            raise ValueError("the data section names no data: set input_cfg, shar_path, cuts_path or "
-                             "manifest_filepath")
+            raise ValueError(f"{what} names no data: set one of {', '.join(DATA_KEYS)}")
         entries = [entry]
-    defaults = {"seed": int(ds_cfg.get("seed") or 0), "shard_seed": ds_cfg.get("shard_seed"),
+    defaults = {"seed": ds_cfg.get("seed") or 0, "shard_seed": ds_cfg.get("shard_seed"),
                 "shuffle": bool(train and ds_cfg.get("shuffle"))}
     return _read_group(entries, defaults, train, skipped)
 

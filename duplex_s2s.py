@@ -21,9 +21,9 @@ frame's codes.
     text_id, codes = model.step(state, user_frame)         # user_frame (1, 1, H): that frame's perception output
 
     model.save_pretrained("exports/s2s_duplex")            # or: python infer.py export --model runs/s2s_duplex ...
-    model = DuplexS2SModel.from_pretrained("exports/s2s_duplex")  # infer.load_model(dir) picks the class itself
+    model = DuplexS2SModel.from_pretrained("exports/s2s_duplex")  # or a train.py checkpoint
 
-    python duplex_s2s.py --model runs/s2s_duplex/checkpoints/last.ckpt --audio question.wav --out answer/
+    python infer.py duplex --model runs/s2s_duplex --audio question.wav --out answer/
 
 Parameter names (for `freeze_params`): llm.model.* and llm.lm_head.* (the Hugging Face LLM, as in SALM),
 perception.*, embed_audio_tokens.{k}.*, audio_head.* (speech_decoder.* instead of those two in the speech-decoder
@@ -41,25 +41,21 @@ Where this differs from NeMo, on purpose:
 * Generated text is decoded turn by turn (split at BOS) and the turns joined with spaces.
 """
 
-import argparse
+import json
 import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, DynamicCache
 
-from data import DuplexS2SDataset, load_audio_files
-from infer import (CONFIG_NAME, DEFAULT_ASR_PROMPT, Transcriber, bleu, find_checkpoint, load_model,
-                   read_checkpoint)
-from perception import setup_perception
-from salm import SALM, SpeechLLM, apply_freezing, frozen_modules_to_eval, load_llm, load_tokenizer
+from checkpoint import CONFIG_NAME, find_checkpoint, read_checkpoint
+from data import DuplexS2SDataset
+from metrics import bleu
+from salm import DEFAULT_ASR_PROMPT, SALM, SpeechLLM, answer, frozen_modules_to_eval
 from speech_decoder import DecoderCache, SpeechDecoder, sample_codes
 
 NUM_CONTROL_CODES = 3  # speech BOS, EOS and delay ids follow the codebook ids
@@ -72,16 +68,12 @@ class DuplexS2SModel(SpeechLLM):
     """LLM + streaming perception + frozen audio codec. `cfg` is the `model` section of the config."""
 
     def __init__(self, cfg: dict) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg["pretrained_llm"], None)
-        self.llm = load_llm(cfg["pretrained_llm"], cfg.get("pretrained_weights", True), cfg.get("lora"))
-        hidden_size = self.embed_tokens.embedding_dim
-        self.perception = setup_perception(cfg, output_dim=hidden_size)
+        super().__init__(cfg)
+        cfg = self.cfg
         self.audio_codec = load_audio_codec(cfg["pretrained_audio_codec"])
-        self.text_loss_weight = float(cfg.get("text_loss_weight", 1.0))
-        self.audio_loss_weight = float(cfg.get("audio_loss_weight", 1.0))
-        self.user_channel_weight = float(cfg.get("duplex_user_channel_weight", 1.0))
+        self.text_loss_weight = cfg["text_loss_weight"]
+        self.audio_loss_weight = cfg["audio_loss_weight"]
+        self.user_channel_weight = cfg["duplex_user_channel_weight"]
         if self.text_pad_id in (self.text_bos_id, self.text_eos_id):
             raise ValueError(f"the tokenizer of {cfg['pretrained_llm']} has no pad or unk token distinct from "
                              "BOS/EOS; the text channel needs one for silent frames")
@@ -91,8 +83,8 @@ class DuplexS2SModel(SpeechLLM):
                 f"pretrained_audio_codec {cfg['pretrained_audio_codec']} makes a frame every {codec_frame:.4f} s "
                 f"but the perception encoder every {self.perception.token_equivalent_duration:.4f} s; the two "
                 "streams must run at the same rate (change the codec or perception's subsampling)")
-        self._build_audio_output(hidden_size)
-        apply_freezing(self, cfg.get("freeze_params") or [], cfg.get("prevent_freeze_params") or [])
+        self._build_audio_output(self.embed_tokens.embedding_dim)
+        self.freeze()
         self._scorer = None  # the scoring ASR, loaded on first use and kept out of the state dict
 
     def _build_audio_output(self, hidden_size: int) -> None:
@@ -165,13 +157,14 @@ class DuplexS2SModel(SpeechLLM):
     # ---- model --------------------------------------------------------------------------------------------
 
     def forward(self, user_embeds: Tensor, text_ids: Tensor, audio_ids: Tensor, state: "DuplexState | None" = None):
-        """user_embeds (B, T, H), text_ids (B, T), audio_ids (B, T, K) -> text logits (B, T, V_text) and audio
-        logits (B, T, K, V_speech). With a state, the T frames continue the session it holds."""
+        """user_embeds (B, T, H), text_ids (B, T), audio_ids (B, T, K) -> {"text_logits": (B, T, V_text),
+        "audio_logits": (B, T, K, V_speech)}. With a state, the T frames continue the session it holds."""
         embeds = self._fuse(user_embeds, text_ids) + sum(
             emb(audio_ids[..., k]) for k, emb in enumerate(self.embed_audio_tokens))
         hidden = self._llm_hidden(embeds, state)
         B, T, _ = hidden.shape
-        return self.lm_head(hidden), self.audio_head(hidden).view(B, T, self.num_codebooks, self.speech_vocab_size)
+        audio_logits = self.audio_head(hidden).view(B, T, self.num_codebooks, self.speech_vocab_size)
+        return {"text_logits": self.lm_head(hidden), "audio_logits": audio_logits}
 
     def _fuse(self, user_embeds: Tensor, text_ids: Tensor) -> Tensor:
         return user_embeds * self.user_channel_weight + self.embed_tokens(text_ids)
@@ -187,8 +180,8 @@ class DuplexS2SModel(SpeechLLM):
     def training_step(self, batch: dict) -> dict:
         frozen_modules_to_eval([self.llm, *self.perception.children()])
         inputs = self.prepare_inputs(batch)
-        text_logits, audio_logits = self(inputs["user_embeds"], inputs["text_inputs"], inputs["audio_inputs"])
-        text_sum, audio_sum, num_frames = self.loss_sums(text_logits, audio_logits, inputs)
+        out = self(inputs["user_embeds"], inputs["text_inputs"], inputs["audio_inputs"])
+        text_sum, audio_sum, num_frames = self.loss_sums(out["text_logits"], out["audio_logits"], inputs)
         loss_sum = self.text_loss_weight * text_sum + self.audio_loss_weight * audio_sum / self.num_codebooks
         n = max(num_frames, 1)
         return {
@@ -214,8 +207,8 @@ class DuplexS2SModel(SpeechLLM):
         "pairs" (reference agent text, generated text) and, with a scoring ASR, "asr_pairs" (reference, transcript
         of the generated speech)."""
         inputs = self.prepare_inputs(batch)
-        text_logits, audio_logits = self(inputs["user_embeds"], inputs["text_inputs"], inputs["audio_inputs"])
-        text_sum, audio_sum, num_frames = self.loss_sums(text_logits, audio_logits, inputs)
+        logits = self(inputs["user_embeds"], inputs["text_inputs"], inputs["audio_inputs"])
+        text_sum, audio_sum, num_frames = self.loss_sums(logits["text_logits"], logits["audio_logits"], inputs)
         out = {"text_loss_sum": float(text_sum), "audio_loss_sum": float(audio_sum) / self.num_codebooks,
                "num_frames": num_frames}
         if generate:
@@ -240,14 +233,14 @@ class DuplexS2SModel(SpeechLLM):
                 summary[key] = bleu([ref for ref, _ in pairs], [hyp for _, hyp in pairs])
         return summary
 
-    def _scoring_asr(self) -> Transcriber | None:
+    def _scoring_asr(self) -> "Transcriber | None":
         if self._scorer is None:
-            name = self.cfg.get("scoring_asr")
+            name = self.cfg["scoring_asr"]
             if not name:
                 print("validation: model.scoring_asr is not set, so ASR-BLEU is skipped (text BLEU only)")
                 self._scorer = False
             else:
-                self._scorer = Transcriber(name, self.device, prompt=scoring_asr_prompt(name))
+                self._scorer = Transcriber(name, self.device)
         return self._scorer or None
 
     # ---- inference ----------------------------------------------------------------------------------------
@@ -266,9 +259,9 @@ class DuplexS2SModel(SpeechLLM):
     def step(self, state: "DuplexState", user_frame: Tensor, temperature: float = 0.0, top_k: int | None = None):
         """Feed one frame of user embeddings (B, 1, H); returns the agent's next text token (B,) and codec frame
         (B, K) and advances `state`. Codes are greedy unless a temperature is given (then sampled, top-k)."""
-        text_logits, audio_logits = self(user_frame, state.text[:, None], state.codes[:, None], state)
-        state.text = text_logits[:, -1].argmax(-1)
-        state.codes = sample_codes(audio_logits[:, -1], temperature, top_k)
+        out = self(user_frame, state.text[:, None], state.codes[:, None], state)
+        state.text = out["text_logits"][:, -1].argmax(-1)
+        state.codes = sample_codes(out["audio_logits"][:, -1], temperature, top_k)
         return state.text, state.codes
 
     @torch.no_grad()
@@ -315,7 +308,7 @@ class DuplexS2SSpeechDecoderModel(DuplexS2SModel):
     def forward(self, user_embeds: Tensor, text_ids: Tensor, audio_ids: Tensor, state: "DuplexState | None" = None):
         hidden = self._llm_hidden(self._fuse(user_embeds, text_ids), state)
         cache = state.decoder_cache if state is not None else None
-        return self.lm_head(hidden), self.speech_decoder(hidden, audio_ids, cache=cache)
+        return {"text_logits": self.lm_head(hidden), "audio_logits": self.speech_decoder(hidden, audio_ids, cache)}
 
     def new_state(self, batch_size: int) -> "DuplexState":
         state = super().new_state(batch_size)
@@ -482,11 +475,62 @@ def check_data_config(data_cfg: dict, codec: AudioCodec, perception, codec_name:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ASR-BLEU and the command line
+# ASR-BLEU: how well generated speech says the reference text
+
+class Transcriber:
+    """Speech -> text with a scoring ASR, in fp32: a SALM of this project (export directory, .ckpt file or run
+    directory; prompted with `prompt`, by default the `context` its training data carried) or a transformers
+    speech-recognition model (directory or hub name)."""
+
+    def __init__(self, name_or_path: str | Path, device: str | torch.device = "cpu", prompt: str | None = None,
+                 batch_size: int = 16):
+        self.salm = self.pipeline = None
+        self.prompt = scoring_asr_prompt(name_or_path) if prompt is None else prompt
+        self.batch_size = batch_size
+        path = Path(name_or_path)
+        if _is_project_model(path):
+            self.salm = SALM.from_pretrained(path, torch.float32).to(device)
+            self.sample_rate = self.salm.sampling_rate
+            return
+        from transformers import pipeline
+
+        try:
+            self.pipeline = pipeline("automatic-speech-recognition", model=str(name_or_path), device=device,
+                                     dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"scoring_asr '{name_or_path}' is neither a SALM of this project (export "
+                             "directory or checkpoint) nor a transformers speech-recognition model: "
+                             f"{str(e).splitlines()[0]}") from None
+        self.sample_rate = self.pipeline.feature_extractor.sampling_rate
+
+    def transcribe(self, audios: list[Tensor | np.ndarray], sample_rate: int) -> list[str]:
+        """Mono clips (1-D, each its own length) at `sample_rate` -> one transcript per clip."""
+        clips = [resample(torch.as_tensor(a).float().cpu().numpy(), sample_rate, self.sample_rate) for a in audios]
+        if self.pipeline is not None:
+            inputs = [{"raw": c, "sampling_rate": self.sample_rate} for c in clips]
+            return [out["text"].strip() for out in self.pipeline(inputs, batch_size=self.batch_size)]
+        texts = []
+        content = f"{self.prompt} {self.salm.audio_locator_tag}".strip()
+        for i in range(0, len(clips), self.batch_size):
+            batch = clips[i : i + self.batch_size]
+            texts += answer(self.salm, [[{"role": "user", "content": content}]] * len(batch), batch, 128)[0]
+        return texts
+
+
+def asr_bleu(references: list[str], audios: list[Tensor | np.ndarray], sample_rate: int,
+             scoring_asr: "str | Path | Transcriber", device: str | torch.device = "cpu") -> tuple[float, list[str]]:
+    """Corpus BLEU of the scoring ASR's transcripts of `audios` (generated speech, 1-D clips at `sample_rate`)
+    against `references`; also the transcripts. `scoring_asr`: a Transcriber, or what Transcriber accepts."""
+    if len(references) != len(audios):
+        raise ValueError(f"asr_bleu: {len(references)} references but {len(audios)} audios")
+    transcriber = scoring_asr if isinstance(scoring_asr, Transcriber) else Transcriber(scoring_asr, device)
+    transcripts = transcriber.transcribe(audios, sample_rate)
+    return bleu(references, transcripts), transcripts
+
 
 def scoring_asr_prompt(name_or_path: str | Path) -> str:
-    """What a SALM checkpoint as scoring ASR is asked: the `context` its training data carried ('' for none, the
-    audio alone). Export directories and transformers models get infer's default ASR prompt."""
+    """What a SALM checkpoint as scoring ASR is asked: the `context` its training data carried ('' for none,
+    the audio alone). Export directories and transformers models get SALM's default ASR prompt."""
     checkpoint = None if (Path(name_or_path) / CONFIG_NAME).is_file() else find_checkpoint(name_or_path)
     if checkpoint is None:
         return DEFAULT_ASR_PROMPT
@@ -494,8 +538,25 @@ def scoring_asr_prompt(name_or_path: str | Path) -> str:
     return _find_value(config.get("data", {}).get("train_ds", {}), "context") or ""
 
 
+def resample(samples: np.ndarray, rate: int, new_rate: int) -> np.ndarray:
+    """1-D samples at `rate` -> float32 at `new_rate` (polyphase filtering, for generated speech of any rate)."""
+    from scipy.signal import resample_poly  # half a second to import, and only ASR-BLEU needs it
+
+    if rate == new_rate:
+        return samples.astype(np.float32)
+    g = math.gcd(rate, new_rate)
+    return resample_poly(samples, new_rate // g, rate // g).astype(np.float32)
+
+
+def _is_project_model(path: Path) -> bool:
+    """An export directory or train.py checkpoint of this project (a transformers model has no pretrained_llm)."""
+    if (path / CONFIG_NAME).is_file():
+        return "pretrained_llm" in json.loads((path / CONFIG_NAME).read_text())
+    return find_checkpoint(path) is not None
+
+
 def _find_value(node, key: str):
-    """The first value of `key` anywhere in a nested dict/list (e.g. the `context` tag of SALM's training data)."""
+    """The first value of `key` anywhere in a nested dict/list (e.g. the `context` tag of SALM's data)."""
     if isinstance(node, dict):
         if isinstance(node.get(key), str):
             return node[key]
@@ -506,38 +567,3 @@ def _find_value(node, key: str):
             if found:
                 return found
     return None
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Answer a recording with a trained duplex model: writes the "
-                                                 "agent's speech (agent.wav) and text (agent.txt).")
-    parser.add_argument("--model", required=True, help="train.py checkpoint (.ckpt or run directory) or export "
-                                                       "directory")
-    parser.add_argument("--audio", required=True, help="the user's side of the conversation (any sample rate)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    model = load_model(args.model, args.device)
-    if isinstance(model, SALM):
-        raise ValueError(f"{args.model} is a SALM; answer with infer.py generate")
-    audio, audio_lens = load_audio_files([args.audio], model.perception.sample_rate)
-    start = time.perf_counter()
-    result = model.offline_inference(audio, audio_lens)
-    elapsed = time.perf_counter() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    agent = result["audio"][0, : int(result["audio_len"][0])].cpu().numpy()
-    soundfile.write(out / "agent.wav", agent, model.audio_codec.sample_rate)
-    (out / "agent.txt").write_text(result["text"][0] + "\n")
-    frames = int(result["tokens_len"][0])
-    print(f"{frames} frames in {elapsed:.2f} s ({1000 * elapsed / max(frames, 1):.1f} ms per frame)")
-    print(f"agent: {result['text'][0]}")
-    print(f"wrote {out / 'agent.wav'} and {out / 'agent.txt'}")
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

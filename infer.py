@@ -1,58 +1,43 @@
-"""Use a trained model: export it, generate with it, score it.
+"""Use a trained model: export it, generate with it, score it, let a duplex model answer a recording.
 
-    python infer.py export   --model runs/salm/checkpoints/last.ckpt --out exports/salm [--dtype bfloat16] [--merge-lora]
-    python infer.py generate --model exports/salm --inputs assets/demo/asr_val [--user-prompt ...] [--system-prompt ...]
-    python infer.py evaluate --model runs/salm/checkpoints/last.ckpt --inputs assets/demo/asr_val more.jsonl
+    python infer.py export   --model runs/salm/checkpoints/last.ckpt --out exports/salm [--dtype bfloat16]
+    python infer.py generate --model exports/salm --inputs assets/demo/asr_val [--user-prompt ...]
+    python infer.py evaluate --model runs/salm --inputs assets/demo/asr_val more.jsonl
+    python infer.py duplex   --model runs/s2s_duplex --audio question.wav --out answer/
 
 --model: an export directory (save_pretrained) or a train.py checkpoint (a .ckpt file, or the run directory).
 --inputs, each one dataset named after its file or directory: lhotse Shar directories, lhotse cut manifests
 (.jsonl.gz), NeMo ASR manifests ({"audio_filepath", "duration", "text"} lines), NeMo multimodal conversation
-manifests ({"id", "conversations"} lines), YAML files holding an `input_cfg` list, or audio files (together the
-dataset "audio"). ASR items are written as {"id", "duration", "text", "pred_text"} lines and are prompted with
-their `context` or, without one, with NeMo salm_eval's "Repeat after me, typing in lowercase." (--user-prompt
-replaces it; '' for none); conversations are written back with the generated assistant turn in place of the last
-one. generate and evaluate run SALM; export takes every model class.
-
-Metrics: WER (jiwer) and BLEU (sacreBLEU corpus BLEU), both after Whisper's EnglishTextNormalizer (the
-whisper-normalizer package; its version is printed with every result), per dataset and as the mean over datasets,
-keyed as NeMo logs them (`wer_{name}`, `wer`, `txt_bleu_{name}`, `txt_bleu`). ASR-BLEU for speech output:
-`asr_bleu(references, audios, sample_rate, scoring_asr)`.
+manifests ({"id", "conversations"} lines), YAML files holding an `input_cfg` list, or audio files (together
+the dataset "audio"). ASR items are written as {"id", "duration", "text", "pred_text"} lines and are prompted
+with their `context` or, without one, with NeMo salm_eval's "Repeat after me, typing in lowercase."
+(--user-prompt replaces it; '' for none); conversations are written back with the generated assistant turn
+in place of the last one. generate and evaluate run SALM, duplex the duplex models; export takes all three.
+Metrics (metrics.py): WER and BLEU after Whisper's text normalizer, per dataset and their mean.
 """
 import argparse
-import copy
 import gzip
 import json
-import math
-import os
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
-import jiwer
-import numpy as np
-import sacrebleu
+import soundfile
 import torch
 import yaml
 from lhotse.cut import Cut
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import nn
 from tqdm import tqdm
-from transformers import GenerationConfig
-from whisper_normalizer.english import EnglishTextNormalizer
 
-from data import (AudioError, Conversation, Turn, audio_file_cut, cut_to_conversation, load_audio, read_inputs,
-                  right_pad)
-from train import build_model, load_checkpoint
+from checkpoint import DTYPES, load_model
+from config import cli
+from data import (AudioError, Conversation, Turn, audio_file_cut, cut_to_conversation, load_audio,
+                  load_audio_files, read_inputs)
+from duplex_s2s import DuplexS2SModel
+from metrics import NORMALIZER, bleu, metrics_by_dataset, wer_details
+from salm import DEFAULT_ASR_PROMPT, SALM, answer
+from train import model_class
 
-DEFAULT_ASR_PROMPT = "Repeat after me, typing in lowercase."  # NeMo salm_eval's; configs/salm.yaml trains with it
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".sph")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NORMALIZER = f"Whisper EnglishTextNormalizer (whisper-normalizer {version('whisper-normalizer')})"
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"  # an export directory, as Hugging Face lays it out
-LLM_DIR, CODEC_DIR = "llm", "codec"  # the export's copies of the tokenizer + LLM config, and of the audio codec
-_normalizer = EnglishTextNormalizer()
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -60,37 +45,46 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    model_help = "export directory or train.py checkpoint (.ckpt or run dir)"
     export_cmd = commands.add_parser("export", help="checkpoint -> self-contained export directory")
-    export_cmd.add_argument("--model", required=True, help="train.py checkpoint (.ckpt or run dir) or export dir")
+    export_cmd.add_argument("--model", required=True, help=model_help)
     export_cmd.add_argument("--out", required=True, help="the export directory to write")
     export_cmd.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: float32)")
     export_cmd.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the LLM weights")
     for name in ("generate", "evaluate"):
-        cmd = commands.add_parser(name, help="SALM answers to every input" + (" + WER or BLEU" if name[0] == "e" else ""))
-        cmd.add_argument("--model", required=True, help="export directory or train.py checkpoint (.ckpt or run dir)")
+        cmd = commands.add_parser(name, help="SALM answers to every input" + " + WER or BLEU" * (name[0] == "e"))
+        cmd.add_argument("--model", required=True, help=model_help)
         cmd.add_argument("--inputs", required=True, nargs="+", help="datasets: Shar dirs, manifests, audio files")
         cmd.add_argument("--output-dir", default="generations", help="one <dataset>.jsonl per dataset goes here")
         cmd.add_argument("--system-prompt", help="a system turn put first in every conversation")
         cmd.add_argument("--user-prompt", help=f"user text before the audio (ASR default: '{DEFAULT_ASR_PROMPT}')")
         cmd.add_argument("--batch-size", type=int, default=16, help="items per batch (sorted by duration)")
         cmd.add_argument("--max-new-tokens", type=int, default=128)
-        cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        cmd.add_argument("--dtype", choices=DTYPES, help="inference dtype (default: as saved)")
         if name == "evaluate":
             cmd.add_argument("--metric", choices=("auto", "wer", "bleu"), default="auto",
                              help="auto: WER for ASR inputs, BLEU for conversations")
+    duplex_cmd = commands.add_parser("duplex", help="a duplex model answers a recording: agent.wav, agent.txt")
+    duplex_cmd.add_argument("--model", required=True, help=model_help)
+    duplex_cmd.add_argument("--audio", required=True, help="the user's side of the conversation (any rate)")
+    duplex_cmd.add_argument("--out", required=True, help="output directory")
+    for cmd in (*commands.choices.values(),):
+        if cmd is not export_cmd:
+            cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+            cmd.add_argument("--dtype", choices=DTYPES, help="inference dtype (default: as saved)")
     args = parser.parse_args(argv)
     dtype = DTYPES.get(args.dtype)
 
     if args.command == "export":
         export(args.model, args.out, dtype, args.merge_lora)
         return None
-    from salm import SALM  # not at the top: salm.py imports this module
-
-    model = load_model(args.model, args.device, dtype)
-    if not isinstance(model, SALM):
-        raise ValueError(f"{args.model} is a {type(model).__name__}; generate and evaluate run SALM (duplex models "
-                         "answer with duplex_s2s.py)")
+    model = load_model(args.model, model_class, dtype).to(args.device)
+    wanted = DuplexS2SModel if args.command == "duplex" else SALM
+    if not isinstance(model, wanted):
+        raise ValueError(f"{args.model} is a {type(model).__name__}; `infer.py {args.command}` runs a "
+                         f"{wanted.__name__} (SALM: generate / evaluate; duplex models: duplex)")
+    if args.command == "duplex":
+        duplex(model, args.audio, Path(args.out))
+        return None
     datasets = read_datasets(args.inputs)
     results = generate(model, datasets, args.output_dir, args.system_prompt, args.user_prompt, args.batch_size,
                        args.max_new_tokens)
@@ -99,107 +93,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# loading and export
-
-class PretrainedMixin:
-    """`save_pretrained(dir)` / `from_pretrained(dir)` for the models of this project (NeMo's HFHubMixin, offline).
-
-    An export directory holds everything needed to rebuild the model without the training setup or a network:
-      config.json        the resolved model config; pretrained_llm (and pretrained_audio_codec) point at the copies
-                         below, pretrained_weights is false (every weight comes from model.safetensors)
-      model.safetensors  all weights except the codec's
-      llm/               the tokenizer (audio locator tag included) and the LLM's config.json
-      codec/             duplex models: the frozen audio codec as a transformers model directory
-    The model needs `cfg`, `tokenizer`, `llm` and, for a codec, `audio_codec.model` (a transformers model).
-    """
-
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write the export directory; `dtype` casts the weights (modules marked keep_fp32 stay fp32)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        cfg = copy.deepcopy(self.cfg)
-        # the ASR checkpoint's config is already in cfg["perception"], and its weights are in model.safetensors
-        cfg.update(pretrained_llm=LLM_DIR, pretrained_weights=False, pretrained_asr=None)
-        self.tokenizer.save_pretrained(path / LLM_DIR)
-        self.llm.config.save_pretrained(path / LLM_DIR)
-        codec = getattr(self, "audio_codec", None)
-        if codec is not None:
-            codec.model.save_pretrained(path / CODEC_DIR)
-            cfg["pretrained_audio_codec"] = CODEC_DIR
-        keep_fp32 = tuple(f"{n}." for n, m in self.named_modules() if getattr(m, "keep_fp32", False))
-        aliases = _tied_aliases(self)
-        state = {}
-        for name, tensor in self.state_dict().items():
-            if name in aliases or (codec is not None and name.startswith("audio_codec.")):
-                continue
-            if dtype is not None and tensor.is_floating_point() and not name.startswith(keep_fp32):
-                tensor = tensor.to(dtype)
-            state[name] = tensor.contiguous()
-        saved_dtype = str(dtype or next(p.dtype for n, p in self.named_parameters() if n.startswith("llm.")))
-        save_file(state, path / WEIGHTS_NAME, metadata={"format": "pt", "dtype": saved_dtype.removeprefix("torch.")})
-        (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None):
-        """Rebuild from an export directory (no downloads) and load its weights strictly, in eval mode.
-        The weights keep the dtype they were saved in unless `dtype` is given."""
-        model = cls(pretrained_config(path))
-        load_pretrained_weights(model, path, dtype)
-        return model.eval()
-
-    def merge_lora(self) -> None:
-        """Fold the LoRA adapters into the LLM's weights (peft merge_and_unload): a plain LLM, loadable without
-        peft, that computes what the adapted one did."""
-        if self.cfg.get("lora") is None:
-            raise ValueError("this model has no LoRA adapters to merge (its config has no 'lora' section)")
-        self.llm = self.llm.merge_and_unload()
-        self.cfg = {k: v for k, v in self.cfg.items() if k != "lora"}
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Any of the three models, in eval mode, from an export directory or a train.py checkpoint (strict load;
-    nothing is downloaded: pretrained_weights is forced false)."""
-    path = Path(path)
-    if (path / CONFIG_NAME).is_file():
-        model = build_model(pretrained_config(path))
-        load_pretrained_weights(model, path, dtype)
-    else:
-        checkpoint = find_checkpoint(path)
-        if checkpoint is None:
-            raise FileNotFoundError(f"--model {path}: neither an export directory (config.json + model.safetensors) "
-                                    "nor a train.py checkpoint (.ckpt file, or a run directory holding "
-                                    "checkpoints/last.ckpt)")
-        state = read_checkpoint(checkpoint)
-        model = build_model({**state["config"]["model"], "pretrained_weights": False})
-        model.load_state_dict(state["model"])
-        if dtype is not None:
-            cast_model(model, dtype)
-    return model.to(device).eval()
-
-
-def find_checkpoint(path: str | Path) -> Path | None:
-    """A train.py checkpoint: the file itself, or a run directory's checkpoints/last.ckpt (or last.ckpt)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A train.py checkpoint's contents: "model" (the state dict), "config" (the full config), ..."""
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
-    return state
-
-
 def export(model_path: str | Path, out: str | Path, dtype: torch.dtype | None = None, merge_lora: bool = False):
     """Checkpoint (or export) -> a self-contained export directory, optionally cast and with LoRA merged."""
-    model = load_model(model_path)
+    model = load_model(model_path, model_class)
     if merge_lora:
         model.merge_lora()
     model.save_pretrained(out, dtype)
@@ -207,62 +103,6 @@ def export(model_path: str | Path, out: str | Path, dtype: torch.dtype | None = 
     print(f"exported {type(model).__name__} to {out} ({size / 2**20:.1f} MiB"
           f"{', ' + str(dtype).removeprefix('torch.') if dtype else ''}{', LoRA merged' if merge_lora else ''})")
     return model
-
-
-def pretrained_config(path: str | Path) -> dict:
-    """The model config of an export directory, its relative asset paths resolved, pretrained_weights false."""
-    path = Path(path)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not an exported model: it has no {name} (write one with "
-                                    "model.save_pretrained(dir) or `python infer.py export`)")
-    cfg = json.loads((path / CONFIG_NAME).read_text())
-    for key in ("pretrained_llm", "pretrained_audio_codec"):
-        if cfg.get(key) and (path / cfg[key]).exists():
-            cfg[key] = str(path / cfg[key])
-    cfg["pretrained_weights"] = False
-    return cfg
-
-
-def load_pretrained_weights(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Load an export's model.safetensors into `model`, strictly: every tensor must fit, and only tied aliases
-    and the codec (loaded from codec/) may be absent. Then cast to `dtype` (default: the saved dtype)."""
-    file = Path(path) / WEIGHTS_NAME
-    with safe_open(file, framework="pt") as f:
-        state = {name: f.get_tensor(name) for name in f.keys()}
-        saved_dtype = (f.metadata() or {}).get("dtype", "float32")
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"{file} does not fit the model its config.json builds: {str(e).splitlines()[-1]}") from None
-    aliases = _tied_aliases(model)
-    missing = [k for k in result.missing_keys if k not in aliases and not k.startswith("audio_codec.")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{file} does not fit the model its config.json builds: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
-    if saved_dtype not in DTYPES:
-        raise ValueError(f"{file} says its weights are {saved_dtype!r}; expected one of {', '.join(DTYPES)}")
-    cast_model(model, dtype or DTYPES[saved_dtype])
-
-
-def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """model.to(dtype), except modules marked keep_fp32 (the mel frontend, the codec), which keep fp32 numerics."""
-    model.to(dtype)
-    for module in model.modules():
-        if getattr(module, "keep_fp32", False):
-            module.float()
-    return model
-
-
-def _tied_aliases(model: nn.Module) -> set[str]:
-    """State-dict names whose tensor is the same as an earlier name's (tied embeddings): saved once."""
-    seen, aliases = set(), set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-        if tensor.numel() and key in seen:
-            aliases.add(name)
-        seen.add(key)
-    return aliases
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,20 +214,6 @@ def generate(model, datasets: dict[str, list], output_dir: str | Path, system_pr
     return results
 
 
-@torch.no_grad()
-def answer(model, prompts: list[list[dict]], audios: list[np.ndarray], max_new_tokens: int) -> tuple[list[str], int]:
-    """Greedy answers of a SALM to prompts whose audio tags take `audios` in order; also the number of tokens
-    generated (each answer up to and including its EOS)."""
-    padded, audio_lens = right_pad([torch.from_numpy(a) for a in audios], 0.0) if audios else (None, None)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, bos_token_id=model.text_bos_id,
-                              eos_token_id=model.text_eos_id, pad_token_id=model.text_pad_id, do_sample=False)
-    ids = model.generate(prompts, audios=padded, audio_lens=audio_lens, generation_config=config).cpu()  # (B, T_new)
-    is_eos = ids == model.text_eos_id
-    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, ids.shape[1])
-    texts = [model.tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(ids, lengths)]
-    return texts, int(lengths.sum())
-
-
 def _record(item, conversation: Conversation, reference: str | None, hypothesis: str) -> dict:
     """ASR items: NeMo salm_eval's line; conversations: NeMo's multimodal conversation with the answer appended."""
     if isinstance(item, Cut):
@@ -401,54 +227,6 @@ def _record(item, conversation: Conversation, reference: str | None, hypothesis:
         turns.append({"from": turn.role.capitalize(), "type": "audio", "duration": round(turn.audio.duration, 3),
                       "offset": turn.audio.start, "value": source.source if source.type == "file" else turn.audio.id})
     return {"id": conversation.id, "conversations": turns, **({"custom": conversation.custom} if conversation.custom else {})}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# metrics
-
-def normalize_text(text: str) -> str:
-    """The one text normalizer of this project, applied before every WER and BLEU: Whisper's English one
-    (lower case, no punctuation, spelled numbers as digits, British spellings as American, fillers removed)."""
-    return _normalizer(text)
-
-
-def word_errors(references: list[str], hypotheses: list[str]) -> dict[str, int]:
-    """Corpus counts after `normalize_text`: substitutions, deletions, insertions and reference words."""
-    references, hypotheses = [normalize_text(r) for r in references], [normalize_text(h) for h in hypotheses]
-    counts = {"substitutions": 0, "deletions": 0, "insertions": 0, "ref_words": sum(len(r.split()) for r in references)}
-    if references:
-        out = jiwer.process_words(references, hypotheses)
-        counts.update(substitutions=out.substitutions, deletions=out.deletions, insertions=out.insertions)
-    return counts
-
-
-def wer_details(references: list[str], hypotheses: list[str]) -> dict[str, float]:
-    """Corpus WER and its insertion, deletion and substitution rates (each per reference word)."""
-    counts = word_errors(references, hypotheses)
-    n = max(counts["ref_words"], 1)
-    rates = {"ins": counts["insertions"] / n, "del": counts["deletions"] / n, "sub": counts["substitutions"] / n}
-    return {"wer": sum(rates.values()), **rates, "ref_words": counts["ref_words"]}
-
-
-def wer(references: list[str], hypotheses: list[str]) -> float:
-    return wer_details(references, hypotheses)["wer"]
-
-
-def bleu(references: list[str], hypotheses: list[str]) -> float:
-    """sacreBLEU corpus BLEU (0-100) of one hypothesis per reference, after `normalize_text`."""
-    references, hypotheses = [normalize_text(r) for r in references], [normalize_text(h) for h in hypotheses]
-    return sacrebleu.corpus_bleu(hypotheses, [references]).score
-
-
-def metrics_by_dataset(key: str, pairs: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
-    """(reference, hypothesis) pairs per dataset -> NeMo's keys: `{key}_{name}` per dataset and `{key}` = their
-    mean. key: "wer", or a BLEU such as "txt_bleu" / "asr_bleu"."""
-    score = wer if key == "wer" else bleu if key.endswith("bleu") else None
-    if score is None:
-        raise ValueError(f"unknown metric '{key}': use wer or a *bleu key")
-    out = {f"{key}_{name}": score([r for r, _ in p], [h for _, h in p]) for name, p in pairs.items()}
-    out[key] = sum(out.values()) / max(len(out), 1)
-    return out
 
 
 def evaluate(results: dict[str, list], metric: str = "auto", output_dir: Path | None = None) -> dict[str, float]:
@@ -477,79 +255,21 @@ def evaluate(results: dict[str, list], metric: str = "auto", output_dir: Path | 
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# ASR-BLEU: how well generated speech says the reference text
-
-class Transcriber:
-    """Speech -> text with a scoring ASR, in fp32: a SALM of this project (export directory, .ckpt file or run
-    directory; prompted with `prompt`) or a transformers speech-recognition model (directory or hub name)."""
-
-    def __init__(self, name_or_path: str | Path, device: str | torch.device = "cpu", prompt: str = DEFAULT_ASR_PROMPT,
-                 batch_size: int = 16):
-        self.salm = self.pipeline = None
-        self.prompt, self.batch_size = prompt, batch_size
-        path = Path(name_or_path)
-        if _is_project_model(path):
-            self.salm = load_model(path, device, torch.float32)
-            self.sample_rate = self.salm.sampling_rate
-            return
-        from transformers import pipeline
-
-        try:
-            self.pipeline = pipeline("automatic-speech-recognition", model=str(name_or_path), device=device,
-                                     dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"scoring_asr '{name_or_path}' is neither a SALM of this project (export directory or "
-                             f"checkpoint) nor a transformers speech-recognition model: {str(e).splitlines()[0]}") from None
-        self.sample_rate = self.pipeline.feature_extractor.sampling_rate
-
-    def transcribe(self, audios: list[torch.Tensor | np.ndarray], sample_rate: int) -> list[str]:
-        """Mono clips (1-D, each its own length) at `sample_rate` -> one transcript per clip."""
-        clips = [resample(torch.as_tensor(a).float().cpu().numpy(), sample_rate, self.sample_rate) for a in audios]
-        if self.pipeline is not None:
-            inputs = [{"raw": c, "sampling_rate": self.sample_rate} for c in clips]
-            return [out["text"].strip() for out in self.pipeline(inputs, batch_size=self.batch_size)]
-        texts = []
-        content = f"{self.prompt} {self.salm.audio_locator_tag}".strip()
-        for i in range(0, len(clips), self.batch_size):
-            batch = clips[i : i + self.batch_size]
-            texts += answer(self.salm, [[{"role": "user", "content": content}]] * len(batch), batch, 128)[0]
-        return texts
-
-
-def asr_bleu(references: list[str], audios: list[torch.Tensor | np.ndarray], sample_rate: int,
-             scoring_asr: "str | Path | Transcriber", device: str | torch.device = "cpu") -> tuple[float, list[str]]:
-    """Corpus BLEU of the scoring ASR's transcripts of `audios` (generated speech, 1-D clips at `sample_rate`)
-    against `references`; also the transcripts. `scoring_asr`: a Transcriber, or what Transcriber accepts."""
-    if len(references) != len(audios):
-        raise ValueError(f"asr_bleu: {len(references)} references but {len(audios)} audios")
-    transcriber = scoring_asr if isinstance(scoring_asr, Transcriber) else Transcriber(scoring_asr, device)
-    transcripts = transcriber.transcribe(audios, sample_rate)
-    return bleu(references, transcripts), transcripts
-
-
-def _is_project_model(path: Path) -> bool:
-    """An export directory or train.py checkpoint of this project (a transformers model has no pretrained_llm)."""
-    if (path / CONFIG_NAME).is_file():
-        return "pretrained_llm" in json.loads((path / CONFIG_NAME).read_text())
-    return find_checkpoint(path) is not None
-
-
-def resample(samples: np.ndarray, rate: int, new_rate: int) -> np.ndarray:
-    """1-D samples at `rate` -> float32 at `new_rate` (polyphase filtering, as for generated speech of any rate)."""
-    from scipy.signal import resample_poly  # half a second to import, and only ASR-BLEU needs it
-
-    if rate == new_rate:
-        return samples.astype(np.float32)
-    g = math.gcd(rate, new_rate)
-    return resample_poly(samples, new_rate // g, rate // g).astype(np.float32)
+def duplex(model: DuplexS2SModel, audio_path: str, out: Path) -> None:
+    """Answer one recording of the user: write the agent's speech and text, print the time per frame."""
+    audio, audio_lens = load_audio_files([audio_path], model.perception.sample_rate)
+    start = time.perf_counter()
+    result = model.offline_inference(audio, audio_lens)
+    elapsed = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    agent = result["audio"][0, : int(result["audio_len"][0])].cpu().numpy()
+    soundfile.write(out / "agent.wav", agent, model.audio_codec.sample_rate)
+    (out / "agent.txt").write_text(result["text"][0] + "\n")
+    frames = int(result["tokens_len"][0])
+    print(f"{frames} frames in {elapsed:.2f} s ({1000 * elapsed / max(frames, 1):.1f} ms per frame)")
+    print(f"agent: {result['text'][0]}")
+    print(f"wrote {out / 'agent.wav'} and {out / 'agent.txt'}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad paths, inputs and models: one line, not a traceback
-        if os.environ.get("SLM_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -6,18 +6,21 @@ One deliberate difference: every stage masks the frames past each clip's length 
 convolutions do not), so a clip gives the same output alone and inside a padded batch.
 """
 import math
-import os
 import random
-import shutil
-import tarfile
-import tempfile
 
-import huggingface_hub
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
+from checkpoint import load_nemo_checkpoint, resolve_pretrained_asr
+from config import model_defaults
+
+PARAKEET_TO_NEMO = [  # transformers' ParakeetEncoder parameter names -> NeMo's, as substrings
+    ("subsampling.layers.", "pre_encode.conv."), ("subsampling.linear.", "pre_encode.out."),
+    (".q_proj.", ".linear_q."), (".k_proj.", ".linear_k."), (".v_proj.", ".linear_v."),
+    (".o_proj.", ".linear_out."), (".relative_k_proj.", ".linear_pos."), (".bias_u", ".pos_bias_u"),
+    (".bias_v", ".pos_bias_v"), (".conv.norm.", ".conv.batch_norm."),
+]
 NEMO_MASK_VALUE = -10000.0  # NeMo's attention score for masked positions
 NORMALIZE_EPS = 1e-5  # added to the per-feature std, as in NeMo
 WINDOWS = {
@@ -42,19 +45,21 @@ ENCODER_OFF_KEYS = {
 }
 
 
-def setup_perception(model_cfg: dict, output_dim: int) -> "AudioPerceptionModule":
-    """Build `model_cfg["perception"]`, starting from the pretrained ASR encoder named by `pretrained_asr`.
+def setup_perception(model_cfg: dict, output_dim: int) -> tuple["AudioPerceptionModule", dict]:
+    """Build `model_cfg["perception"]`, starting from the pretrained ASR encoder named by `pretrained_asr`;
+    returns the module and its resolved config.
 
-    As NeMo does, the checkpoint's preprocessor/encoder config (with the user's keys on top) is written back
-    into `model_cfg["perception"]`, so a saved model rebuilds offline with `pretrained_weights: false`.
+    As NeMo does, the checkpoint's preprocessor/encoder config (with the user's keys on top) becomes part of
+    the resolved config, so a saved model rebuilds offline with `pretrained_weights: false`.
     """
-    perception_cfg = model_cfg.get("perception")
+    model_cfg = model_defaults(model_cfg)
+    perception_cfg = model_cfg["perception"]
     if not perception_cfg:
         raise ValueError("the model config has no 'perception' section")
     perception_cfg["output_dim"] = output_dim
     pretrained_asr = model_cfg.get("pretrained_asr")
-    if not (pretrained_asr and model_cfg.get("pretrained_weights", True)):
-        return AudioPerceptionModule(perception_cfg, output_dim)
+    if not (pretrained_asr and model_cfg["pretrained_weights"]):
+        return AudioPerceptionModule(perception_cfg, output_dim), perception_cfg
 
     path = resolve_pretrained_asr(pretrained_asr)
     asr_cfg, asr_weights = load_nemo_checkpoint(path)
@@ -67,11 +72,12 @@ def setup_perception(model_cfg: dict, output_dim: int) -> "AudioPerceptionModule
     try:
         result = perception.load_state_dict(weights, strict=False)
     except RuntimeError as error:
-        raise ValueError(f"{path}: weights do not fit the encoder built from its config and overrides: {error}") from None
+        raise ValueError(f"{path}: weights do not fit the encoder built from its config and overrides: "
+                         f"{error}") from None
     missing = [k for k in result.missing_keys if k.startswith(("preprocessor.", "encoder."))]
     print(f"perception: loaded {len(weights) - len(result.unexpected_keys)} tensors from {path}")
     print(f"perception: missing keys: {missing or 'none'}; unexpected keys: {result.unexpected_keys or 'none'}")
-    return perception
+    return perception, perception_cfg
 
 
 class AudioPerceptionModule(nn.Module):
@@ -476,45 +482,15 @@ class ConformerConvolution(nn.Module):
         return _pointwise(self.pointwise_conv2, F.silu(x).transpose(1, 2))  # (B, T, d)
 
 
-def resolve_pretrained_asr(name_or_path: str) -> str:
-    """A `.nemo` path as is, or a model name -> the `.nemo` file of the `nvidia/<name>` Hugging Face repo."""
-    if name_or_path.endswith(".nemo") or os.path.exists(name_or_path):
-        if not os.path.isfile(name_or_path):
-            raise FileNotFoundError(f"pretrained_asr: no such .nemo file: {name_or_path}")
-        return name_or_path
-    repo_id = name_or_path if "/" in name_or_path else f"nvidia/{name_or_path}"
-    filename = repo_id.split("/")[-1] + ".nemo"
-    try:  # downloads when online, reads the local cache when offline
-        return huggingface_hub.hf_hub_download(repo_id, filename)
-    except Exception as error:  # not cached while offline, no such repo or file, no network, gated repo
-        raise FileNotFoundError(
-            f"pretrained_asr={name_or_path!r}: found no {filename} in the Hugging Face repo {repo_id}, online or in "
-            f"the cache {huggingface_hub.constants.HF_HUB_CACHE} ({type(error).__name__}); "
-            "pass a local .nemo path or set pretrained_weights: false"
-        ) from None
-
-
-def load_nemo_checkpoint(path: str) -> tuple[dict, dict]:
-    """Read a `.nemo` file, a tar (or tar.gz) of model_config.yaml and model_weights.ckpt: (config, state dict)."""
-    try:
-        archive = tarfile.open(path, "r:*")
-    except tarfile.ReadError:
-        raise ValueError(f"{path} is not a .nemo file (not a tar archive)") from None
-    with archive, tempfile.TemporaryDirectory() as tmp:
-        members = {os.path.normpath(m.name): m for m in archive.getmembers() if m.isfile()}
-        absent = [name for name in ("model_config.yaml", "model_weights.ckpt") if name not in members]
-        if absent:
-            raise ValueError(f"{path} is not a .nemo checkpoint: it has no {' or '.join(absent)}")
-        config = yaml.safe_load(archive.extractfile(members["model_config.yaml"]))
-        weights_path = os.path.join(tmp, "model_weights.ckpt")  # torch.load wants a seekable file
-        with open(weights_path, "wb") as f:
-            shutil.copyfileobj(archive.extractfile(members["model_weights.ckpt"]), f)
-        from train import load_checkpoint  # the project's one reader: weights_only, pickled code refused
-        try:
-            state_dict = load_checkpoint(weights_path)
-        except ValueError as e:  # name the .nemo file, not the temporary copy of its weights
-            raise ValueError(str(e).replace(weights_path, f"{path} (its model_weights.ckpt)")) from None
-    return config, state_dict
+def nemo_state_from_parakeet(state: dict) -> dict:
+    """A transformers ParakeetEncoder state dict (NeMo's FastConformer under other names) under NeMo's names,
+    which are ours: `ConformerEncoder.load_state_dict(nemo_state_from_parakeet(parakeet.state_dict()))`."""
+    renamed = {}
+    for name, tensor in state.items():
+        for hf_name, nemo_name in PARAKEET_TO_NEMO:
+            name = name.replace(hf_name, nemo_name)
+        renamed[name] = tensor
+    return renamed
 
 
 def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:

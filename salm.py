@@ -37,21 +37,36 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from data import SALMDataset, left_pad, load_audio_files, right_pad
-from infer import PretrainedMixin, word_errors
+from checkpoint import PretrainedMixin
+from config import model_defaults
+from data import SALMDataset, left_pad, load_audio_files, merge_turns, right_pad
+from metrics import word_errors
 from perception import setup_perception
 
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that are not supervised
-ROLES = ("system", "user", "assistant")
+DEFAULT_ASR_PROMPT = "Repeat after me, typing in lowercase."  # NeMo salm_eval's; configs/salm.yaml trains with it
 
 
 class SpeechLLM(PretrainedMixin, nn.Module):
-    """What SALM and the duplex models share: a tokenizer (`self.tokenizer`) and a Hugging Face LLM (`self.llm`)."""
+    """What SALM and the duplex models share: the config with its defaults (`self.cfg`), a tokenizer, a Hugging
+    Face LLM (`self.llm`, LoRA-wrapped with a `lora` section) and the audio perception in the LLM's space."""
+
+    def __init__(self, cfg: dict, audio_locator_tag: str | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = model_defaults(cfg)
+        self.tokenizer = load_tokenizer(cfg["pretrained_llm"], audio_locator_tag)
+        self.llm = load_llm(cfg["pretrained_llm"], cfg["pretrained_weights"], cfg["lora"])
+        self.perception, cfg["perception"] = setup_perception(cfg, output_dim=self.embed_tokens.embedding_dim)
+
+    def freeze(self) -> None:
+        """Apply `freeze_params` / `prevent_freeze_params` (call once every module exists)."""
+        apply_freezing(self, self.cfg["freeze_params"], self.cfg["prevent_freeze_params"])
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -83,14 +98,10 @@ class SALM(SpeechLLM):
     """LLM + audio perception. `cfg` is the `model` section of the config as a plain dict."""
 
     def __init__(self, cfg: dict) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, cfg["audio_locator_tag"])
         self.audio_locator_tag = cfg["audio_locator_tag"]
-        self.tokenizer = load_tokenizer(cfg["pretrained_llm"], self.audio_locator_tag)
-        self.llm = load_llm(cfg["pretrained_llm"], cfg.get("pretrained_weights", True), cfg.get("lora"))
-        self.perception = setup_perception(cfg, output_dim=self.embed_tokens.embedding_dim)
-        self.formatter = make_prompt_formatter(cfg.get("prompt_format", "llama2"), self.tokenizer)
-        apply_freezing(self, cfg.get("freeze_params") or [], cfg.get("prevent_freeze_params") or [])
+        self.formatter = make_prompt_formatter(self.cfg["prompt_format"], self.tokenizer)
+        self.freeze()
 
     @property
     def text_vocab_size(self) -> int:
@@ -149,7 +160,7 @@ class SALM(SpeechLLM):
         loss_sum, count = _masked_cross_entropy_sum(logits, inputs["target_ids"])
         out = {"loss_sum": loss_sum, "count": count,  # supervised tokens
                "num_tokens": inputs["attention_mask"].sum()}  # LLM input positions incl. audio frames
-        ctc_weight = self.cfg.get("ctc_loss_weight") or 0.0
+        ctc_weight = self.cfg["ctc_loss_weight"]
         if ctc_weight:
             ctc_sum, num_targets = self._ctc_loss_sum(inputs["audio_embeds"], batch)
             out["loss_sum"] = loss_sum + ctc_weight * ctc_sum  # a sum, so micro-batches and ranks add up exactly
@@ -300,6 +311,20 @@ class SALM(SpeechLLM):
         ), audio_embeds
 
 
+@torch.no_grad()
+def answer(model: SALM, prompts: list[list[dict]], audios: list[np.ndarray], max_new_tokens: int):
+    """Greedy answers of a SALM to prompts whose audio tags take `audios` in order, and the number of tokens
+    generated (each answer up to and including its EOS)."""
+    padded, audio_lens = right_pad([torch.from_numpy(a) for a in audios], 0.0) if audios else (None, None)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, bos_token_id=model.text_bos_id,
+                              eos_token_id=model.text_eos_id, pad_token_id=model.text_pad_id, do_sample=False)
+    ids = model.generate(prompts, audios=padded, audio_lens=audio_lens, generation_config=config).cpu()
+    is_eos = ids == model.text_eos_id  # ids: (B, T_new)
+    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, ids.shape[1])
+    texts = [model.tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(ids, lengths)]
+    return texts, int(lengths.sum())
+
+
 class Llama2PromptFormatter:
     """NeMo's `llama2` prompt format. Each turn is tokenised on its own; BOS/EOS are added as ids, never as text:
 
@@ -373,34 +398,6 @@ def make_prompt_formatter(name: str, tokenizer):
         raise ValueError(f"unknown prompt_format '{name}': use 'llama2' or 'chat_template' (the LLM's own chat "
                          "template; it stands in for NeMo's model-specific formats such as llama3, qwen, gemma)")
     return PROMPT_FORMATTERS[name](tokenizer)
-
-
-def merge_turns(turns: list[dict]) -> list[dict]:
-    """Normalise turns to {"role", "content"} and join consecutive same-role turns with one space.
-
-    Accepts {"role", "content"} and NeMo's {"role", "slots": {"message"}} (also its "system_and_user" role with
-    slots "system" and "message"); other keys (such as "audio") are ignored here.
-    """
-    flat = []
-    for turn in turns:
-        slots = turn.get("slots", {})
-        if turn.get("role") == "system_and_user":
-            flat += [("system", slots.get("system")), ("user", slots.get("message"))]
-        else:
-            flat.append((turn.get("role"), turn.get("content", slots.get("message"))))
-    merged = []
-    for role, text in flat:
-        if role not in ROLES:
-            raise ValueError(f"unknown turn role {role!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(text, str):
-            raise ValueError(f"a {role} turn needs its text as a string under 'content' (got {text!r})")
-        if merged and merged[-1]["role"] == role:
-            merged[-1]["content"] += " " + text
-        else:
-            merged.append({"role": role, "content": text})
-    if not merged:
-        raise ValueError("empty conversation")
-    return merged
 
 
 def replace_placeholders_and_build_targets(

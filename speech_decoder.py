@@ -232,6 +232,4 @@ def _resolve_config(cfg: dict) -> dict:
             raise ValueError(f"speech_decoder.{key} must be a positive integer, got {cfg[key]!r}")
     if not 0.0 <= cfg["dropout"] < 1.0:
         raise ValueError(f"speech_decoder.dropout must be in [0, 1), got {cfg['dropout']}")
-    cfg["layernorm_epsilon"] = float(cfg["layernorm_epsilon"])  # YAML reads 1e-5 as a string
-    cfg["init_method_std"] = float(cfg["init_method_std"])
     return cfg

@@ -10,12 +10,12 @@ Any `key=value` after the config overrides it (see config.py). The model class f
 import contextlib
 import math
 import os
-import pickle
 import random
 import resource
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -25,8 +25,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from config import OPTIMIZERS, ConfigError, load_config, save_config
-from data import TrainBatches, make_val_loaders
+from checkpoint import atomic_save, cast_model, load_checkpoint
+from config import OPTIMIZERS, ConfigError, cli, load_config, save_config
+from data import TrainBatches, has_data, make_val_loaders
+from duplex_s2s import DuplexS2SModel, DuplexS2SSpeechDecoderModel
+from salm import SALM
 
 SCHEDULERS = ("CosineAnnealing",)
 MAX_BAD_STEPS = 10  # non-finite losses in a row before the run stops
@@ -38,165 +41,185 @@ def main(argv: list[str]) -> torch.nn.Module | None:
         print(__doc__.strip())
         return None
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also when piped to a file
-    # 1. distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is rank 0 of 1
+    # 1. distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `python train.py` is rank 0 of 1
     rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
                                     (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     master = rank == 0
-    say = print if master else None
 
-    # 2. config, devices, precision
-    cfg = load_config(argv[0], argv[1:], report=say)
+    # 2. config, device, precision, and where the run lives (nothing is written before the checks pass)
+    cfg = load_config(argv[0], argv[1:], report=print if master else None)
     trainer, exp = cfg["trainer"], cfg["exp_manager"]
     device = pick_device(trainer, world_size, local_rank)
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
-    precision = str(trainer["precision"])
-    autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    if precision not in ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true"):
-        raise ConfigError(f"trainer.precision '{precision}' is not supported: use 32, bf16-mixed, 16-mixed or bf16-true")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # 3. run directory and what to resume from
+    autocast_dtype = check_precision(trainer["precision"])
     log_dir = run_dir(exp)
     resume_path = find_resume_checkpoint(exp, log_dir)
-    if master:
-        (log_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        for partial in (log_dir / "checkpoints").glob("*.tmp"):  # left by a run killed while saving
-            partial.unlink()
-        save_config(cfg, log_dir / "exp_config.yaml")
-        print(f"run directory: {log_dir}" + (f" (resuming from {resume_path.name})" if resume_path else ""))
+    for partial in (log_dir / "checkpoints").glob("*.tmp") if master else ():
+        partial.unlink()  # left by a run killed while saving
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
 
-    # 4. model, optimizer, LR schedule; the same init on every rank, then a per-rank seed for dropout/sampling
-    seed = int(cfg["data"]["train_ds"].get("seed") or 0)
-    seed_everything(seed)
-    model = build_model(cfg["model"]).to(device)
-    if precision == "bf16-true":
-        model.to(torch.bfloat16)
-        for module in model.modules():  # the mel frontend and the codec keep their fp32 numerics
-            if getattr(module, "keep_fp32", False):
-                module.float()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg["model"].get("optimizer"), params)
-    scheduler = build_scheduler(cfg["model"].get("lr_scheduler"), optimizer, trainer["max_steps"])
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
-    step, best = 0, []
-    if resume_path:
-        state = load_checkpoint(resume_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, best = state["step"], [tuple(b) for b in state["best"]]
-        rank_state = state["ranks"][rank] if rank < len(state["ranks"]) else state["ranks"][0]
-        set_rng_state(rank_state)
-    else:
-        seed_everything(seed + rank)
-    ddp = DistributedDataParallel(TrainStep(model), device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else TrainStep(model)
-
-    # 5. data: each rank takes every world_size-th batch of the same seeded stream
-    dataset = model.make_dataset(cfg["data"])
-    accumulate = int(trainer["accumulate_grad_batches"])
-    batches = TrainBatches(cfg["data"]["train_ds"], dataset, rank, world_size,
-                           skip=int(rank_state["batches"]) if resume_path else 0,
-                           skipped=rank_state.get("skipped") if resume_path else None)
-    val_cfg = cfg["data"]["validation_ds"]
-    val_loaders = make_val_loaders(val_cfg, dataset, rank, world_size) if has_data(val_cfg) else {}
+    # 3. model, optimizer, schedule, data; the state of a resumed run
+    run = setup(cfg, device, rank, world_size, resume_path)
     loggers = make_loggers(exp, log_dir, cfg) if master else []
+    if master:
+        start_run_dir(log_dir, cfg, resume_path)
 
-    # 6. training loop
-    max_steps, log_every = int(trainer["max_steps"]), int(trainer["log_every_n_steps"])
-    val_every = validation_interval(trainer)
-    deadline = time_budget(exp.get("max_time_per_run"), trainer.get("max_time"))
-    ckpt_params = exp["checkpoint_callback_params"]
-    if val_loaders and trainer["num_sanity_val_steps"] and not resume_path:
-        validate(model, val_loaders, int(trainer["num_sanity_val_steps"]), device, autocast_dtype)
-    stream, bad_steps, window = iter(batches), 0, Meter()
-    progress = tqdm(total=max_steps, initial=step, desc="train", disable=not master or not trainer["enable_progress_bar"],
-                    dynamic_ncols=True)
-    stop_reason = "max_steps"
-    while step < max_steps:
-        model.train()
-        micro_batches = [next(stream) for _ in range(accumulate)]
-        loss_sum, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        for i, batch in enumerate(micro_batches):
-            sync = contextlib.nullcontext() if i == accumulate - 1 or world_size == 1 else ddp.no_sync()
-            with sync, torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                out = ddp(to_device(batch, device))
-                scaler.scale(out["loss_sum"]).backward()
-            loss_sum += out["loss_sum"].detach().float()
-            count += out["count"]
-            window.add(out, batch)
-        # gradients of summed losses / the global number of supervised positions = the exact global mean,
-        # however the tokens fall into micro-batches and ranks (DDP already averaged over ranks)
-        totals = torch.stack([loss_sum, count])
-        if world_size > 1:
-            dist.all_reduce(totals)
-        loss = (totals[0] / totals[1].clamp(min=1)).item()
-        scaler.unscale_(optimizer)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(world_size / totals[1].clamp(min=1))
-        grad_norm = clip_gradients(params, trainer["gradient_clip_val"], trainer["gradient_clip_algorithm"])
-        if math.isfinite(loss):
-            scaler.step(optimizer)
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            window.skipped["non-finite loss"] += 1
-            if bad_steps >= MAX_BAD_STEPS:
-                stop_reason = f"{bad_steps} non-finite losses in a row (check the learning rate, precision and data)"
-                break
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
+    # 4. the loop: step, log, validate, save, until max_steps or the time budget
+    max_steps, log_every = trainer["max_steps"], trainer["log_every_n_steps"]
+    val_every, ckpt_params = validation_interval(trainer), exp["checkpoint_callback_params"]
+    deadline = time_budget(exp["max_time_per_run"], trainer["max_time"])
+    if run.val_loaders and trainer["num_sanity_val_steps"] and not resume_path:
+        validate(run.model, run.val_loaders, trainer["num_sanity_val_steps"], device, autocast_dtype)
+    stream, meter, stop_reason = iter(run.batches), Meter(), "max_steps"
+    progress = tqdm(total=max_steps, initial=run.step, desc="train", dynamic_ncols=True,
+                    disable=not master or not trainer["enable_progress_bar"])
+    while run.step < max_steps:
+        micro_batches = [next(stream) for _ in range(trainer["accumulate_grad_batches"])]
+        if not train_step(run, micro_batches, trainer, device, autocast_dtype, meter):
+            stop_reason = f"{meter.bad_steps} non-finite losses in a row (check the learning rate, precision " \
+                          "and data)"
+            break
         progress.update(1)
-        window.add_step(loss, grad_norm)
-
-        if step % log_every == 0 or step == max_steps:
-            metrics = window.summary(world_size, optimizer.param_groups[0]["lr"], device, batches.skipped)
+        if run.step % log_every == 0 or run.step == max_steps:
+            metrics = meter.summary(world_size, run.optimizer.param_groups[0]["lr"], device, run.batches.skipped)
             if master:
-                progress.write(format_log(step, max_steps, metrics))
-                log_metrics(loggers, metrics, step)
+                progress.write(format_log(run.step, max_steps, metrics))
+                log_metrics(loggers, metrics, run.step)
         results = None
-        if val_loaders and (step % val_every == 0 or step == max_steps):
-            results, _ = validate(model, val_loaders, trainer["limit_val_batches"], device, autocast_dtype)
+        if run.val_loaders and (run.step % val_every == 0 or run.step == max_steps):
+            results, _ = validate(run.model, run.val_loaders, trainer["limit_val_batches"], device, autocast_dtype)
             if master:
                 progress.write("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
-                log_metrics(loggers, results, step)
-        if exp["create_checkpoint_callback"] and (results or every_n(ckpt_params, step)):
-            ranks = gather_rank_states(batches.num_batches, world_size, batches.skipped + window.skipped)
-            best = save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, best, ckpt_params,
-                                    results, ranks, master)
+                log_metrics(loggers, results, run.step)
+        if exp["create_checkpoint_callback"] and (results or every_n(ckpt_params, run.step)):
+            save(run, cfg, log_dir, results, meter, master)
         if deadline and time.time() > deadline:
             stop_reason = "max_time_per_run reached; rerun the same command to continue"
             break
     progress.close()
     if exp["create_checkpoint_callback"]:
-        ranks = gather_rank_states(batches.num_batches, world_size, batches.skipped + window.skipped)
-        save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, best, ckpt_params, None, ranks, master)
+        save(run, cfg, log_dir, None, meter, master)
     if master:
-        print(f"stopped at step {step}: {stop_reason}")
+        print(f"stopped at step {run.step}: {stop_reason}")
 
-    # 7. held-out evaluation with generation (WER for SALM, BLEU for the duplex models)
-    if val_loaders and bad_steps < MAX_BAD_STEPS:
-        results, pairs = validate(model, val_loaders, trainer["limit_val_batches"], device, autocast_dtype,
-                                  generate=True)
+    # 5. held-out evaluation with generation (WER for SALM, BLEU for the duplex models)
+    if run.val_loaders and meter.bad_steps < MAX_BAD_STEPS:
+        results, pairs = validate(run.model, run.val_loaders, trainer["limit_val_batches"], device,
+                                  autocast_dtype, generate=True)
         if master:
             print("held-out: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
             for reference, hypothesis in pairs[:5]:
                 print(f"  ref: {reference}\n  hyp: {hypothesis}")
-            log_metrics(loggers, results, step)
+            log_metrics(loggers, results, run.step)
     for logger in loggers:
         logger.close()
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    if bad_steps >= MAX_BAD_STEPS:
+    if meter.bad_steps >= MAX_BAD_STEPS:
         sys.exit(f"error: {stop_reason}")
-    return model
+    return run.model
+
+
+@dataclass
+class Run:
+    """What the loop carries from step to step, and what a checkpoint saves."""
+    model: torch.nn.Module
+    ddp: torch.nn.Module  # the model's training_step, wrapped in DDP when there are several ranks
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    batches: TrainBatches
+    val_loaders: dict
+    world_size: int
+    step: int = 0
+    best: list = field(default_factory=list)  # (signed monitor value, step) of the top-k checkpoints
+
+
+def setup(cfg: dict, device: torch.device, rank: int, world_size: int, resume_path: Path | None) -> Run:
+    """Model (the same init on every rank), optimizer, LR schedule, gradient scaler and data; a resumed run's
+    state, RNG streams and data position; else a per-rank seed for dropout and sampling."""
+    seed = cfg["data"]["train_ds"]["seed"]
+    seed_everything(seed)
+    model = build_model(cfg["model"]).to(device)
+    if cfg["trainer"]["precision"] == "bf16-true":
+        cast_model(model, torch.bfloat16)  # the mel frontend and the codec keep their fp32 numerics
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg["model"]["optimizer"], params)
+    scheduler = build_scheduler(cfg["model"]["lr_scheduler"], optimizer, cfg["trainer"]["max_steps"])
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg["trainer"]["precision"] == "16-mixed")
+    state, rank_state = None, {}
+    if resume_path:
+        state = load_checkpoint(resume_path)
+        for part, module in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
+                             ("scaler", scaler)):
+            module.load_state_dict(state[part])
+        rank_state = state["ranks"][rank] if rank < len(state["ranks"]) else state["ranks"][0]
+        set_rng_state(rank_state)
+    else:
+        seed_everything(seed + rank)
+    ddp = TrainStep(model)
+    if world_size > 1:
+        ddp = DistributedDataParallel(ddp, device_ids=[device.index] if device.type == "cuda" else None)
+    # data: each rank takes every world_size-th batch of the same seeded stream
+    dataset = model.make_dataset(cfg["data"])
+    batches = TrainBatches(cfg["data"]["train_ds"], dataset, rank, world_size,
+                           skip=rank_state.get("batches", 0), skipped=rank_state.get("skipped"))
+    val_cfg = cfg["data"]["validation_ds"]
+    val_loaders = make_val_loaders(val_cfg, dataset, rank, world_size) if has_data(val_cfg) else {}
+    run = Run(model, ddp, params, optimizer, scheduler, scaler, batches, val_loaders, world_size)
+    if state:
+        run.step, run.best = state["step"], [tuple(b) for b in state["best"]]
+    return run
+
+
+def train_step(run: Run, micro_batches: list[dict], trainer: dict, device, autocast_dtype, meter) -> bool:
+    """One optimizer step over `micro_batches` (gradient accumulation); False once MAX_BAD_STEPS non-finite
+    losses came in a row. Gradients of summed losses / the global number of supervised positions give the
+    exact global mean, however the tokens fall into micro-batches and ranks."""
+    run.model.train()
+    loss_sum, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    autocast = dict(dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or run.world_size == 1 else run.ddp.no_sync()
+        with sync, torch.autocast(device.type, **autocast):
+            out = run.ddp(to_device(batch, device))
+            run.scaler.scale(out["loss_sum"]).backward()
+        loss_sum += out["loss_sum"].detach().float()
+        count += out["count"]
+        meter.add(out, batch)
+    totals = torch.stack([loss_sum, count])
+    if run.world_size > 1:
+        dist.all_reduce(totals)
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    run.scaler.unscale_(run.optimizer)
+    for p in run.params:  # DDP averaged over ranks: undo that, then divide by the global count
+        if p.grad is not None:
+            p.grad.mul_(run.world_size / totals[1].clamp(min=1))
+    grad_norm = clip_gradients(run.params, trainer["gradient_clip_val"], trainer["gradient_clip_algorithm"])
+    if math.isfinite(loss):
+        run.scaler.step(run.optimizer)
+        meter.bad_steps = 0
+    else:
+        meter.bad_steps += 1
+        meter.skipped["non-finite loss"] += 1
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if meter.bad_steps >= MAX_BAD_STEPS:
+        return False
+    run.scheduler.step()
+    run.step += 1
+    meter.add_step(loss, grad_norm)
+    return True
+
+
+def save(run: Run, cfg: dict, log_dir: Path, results: dict | None, meter, master: bool) -> None:
+    """Checkpoints of the run as it stands (see save_checkpoints), with every rank's RNG and data state."""
+    ranks = gather_rank_states(run.batches.num_batches, run.world_size, run.batches.skipped + meter.skipped)
+    run.best = save_checkpoints(log_dir, run.step, run.model, run.optimizer, run.scheduler, run.scaler, cfg,
+                                run.best, cfg["exp_manager"]["checkpoint_callback_params"], results, ranks, master)
 
 
 class TrainStep(torch.nn.Module):
@@ -210,14 +233,31 @@ class TrainStep(torch.nn.Module):
         return self.model.training_step(batch)
 
 
-def build_model(model_cfg: dict) -> torch.nn.Module:
+def model_class(model_cfg: dict) -> type:
+    """The model a config describes: a `speech_decoder` section means DuplexS2SSpeechDecoderModel, a
+    `pretrained_audio_codec` DuplexS2SModel, anything else SALM."""
     if model_cfg.get("speech_decoder"):
-        from duplex_s2s import DuplexS2SSpeechDecoderModel as cls
-    elif model_cfg.get("pretrained_audio_codec"):
-        from duplex_s2s import DuplexS2SModel as cls
-    else:
-        from salm import SALM as cls
-    return cls(model_cfg)
+        return DuplexS2SSpeechDecoderModel
+    return DuplexS2SModel if model_cfg.get("pretrained_audio_codec") else SALM
+
+
+def build_model(model_cfg: dict) -> torch.nn.Module:
+    return model_class(model_cfg)(model_cfg)
+
+
+def check_precision(precision) -> torch.dtype | None:
+    """trainer.precision -> the autocast dtype (None: no autocast)."""
+    if str(precision) not in ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true"):
+        raise ConfigError(f"trainer.precision '{precision}' is not supported: use 32, bf16-mixed, 16-mixed or "
+                          "bf16-true")
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+
+
+def start_run_dir(log_dir: Path, cfg: dict, resume_path: Path | None) -> None:
+    """Create the run directory and write the resolved config."""
+    (log_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, log_dir / "exp_config.yaml")
+    print(f"run directory: {log_dir}" + (f" (resuming from {resume_path.name})" if resume_path else ""))
 
 
 def build_optimizer(opt_cfg: dict | None, params) -> torch.optim.Optimizer:
@@ -230,9 +270,6 @@ def build_optimizer(opt_cfg: dict | None, params) -> torch.optim.Optimizer:
     if not params:
         raise ConfigError("no trainable parameters: model.freeze_params froze everything")
     opt_cfg.pop("sched", None)
-    for key in ("lr", "weight_decay", "eps"):
-        if isinstance(opt_cfg.get(key), str):
-            opt_cfg[key] = float(opt_cfg[key])
     return getattr(torch.optim, name)(params, **opt_cfg)
 
 
@@ -315,28 +352,6 @@ def save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, be
     return best
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint as plain tensors and containers: pickled code in it is refused, never run."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path} is not loaded: it is not a torch.save file of tensors and plain containers "
-                         "(pickled objects are refused, weights_only=True)") from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {str(e).splitlines()[0]}") \
-            from None
-
-
-def atomic_save(state: dict, path: Path) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a kill never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def run_dir(exp: dict) -> Path:
     if exp.get("explicit_log_dir"):
         return Path(exp["explicit_log_dir"])
@@ -346,7 +361,7 @@ def run_dir(exp: dict) -> Path:
     existing = sorted(p for p in base.glob("*") if (p / "checkpoints" / "last.ckpt").exists())
     if exp.get("resume_if_exists") and existing:
         return existing[-1]
-    if exp.get("use_datetime_version", True):
+    if exp["use_datetime_version"]:
         stamp = os.environ.get("SLM_RUN_VERSION") or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         os.environ["SLM_RUN_VERSION"] = stamp
         return base / stamp
@@ -414,10 +429,6 @@ def every_n(ckpt_params: dict, step: int) -> bool:
     return bool(n) and step % int(n) == 0
 
 
-def has_data(ds_cfg: dict) -> bool:
-    return any(ds_cfg.get(k) for k in ("input_cfg", "shar_path", "cuts_path", "manifest_filepath", "datasets"))
-
-
 def clip_gradients(params, clip_val, algorithm) -> float:
     if clip_val:
         if algorithm == "value":
@@ -465,6 +476,7 @@ class Meter:
 
     def __init__(self):
         self.reset()
+        self.bad_steps = 0  # non-finite losses in a row
 
     def reset(self):
         self.start, self.steps, self.micro_steps = time.time(), 0, 0
@@ -562,10 +574,4 @@ def log_metrics(loggers, metrics, step):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:  # config, data and path problems: one line, not a traceback
-        if os.environ.get("SLM_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+import config
 from config import load_config, parse_yaml
-from infer import DTYPES, cast_model
+from checkpoint import DTYPES, cast_model
 from train import build_model as build_model_from_config
 
 TINY_LLM = Path(__file__).resolve().parents[1] / "assets" / "tiny-llm"
@@ -146,9 +147,4 @@ def parse_result(line: str) -> dict[str, float]:
     return {name: float(value) for name, value in re.findall(r"(\w+)=([-+0-9.eE]+|nan|inf)[a-zA-Z%]*", line)}
 
 
-def cli(main) -> None:
-    """Run a script's main; a config or path mistake ends it with one line, not a traceback."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+cli = config.cli  # a config or path mistake ends a script with one line, not a traceback

@@ -14,16 +14,9 @@ import torch
 from transformers import ParakeetEncoder, ParakeetEncoderConfig
 
 from bench import common
-from perception import ConformerEncoder
+from perception import ConformerEncoder, nemo_state_from_parakeet
 
 MEL_FRAMES_PER_SECOND = 100  # the 10 ms hop of the mel frontend
-# transformers' parameter names -> NeMo's (ours), as substrings
-HF_TO_NEMO = [
-    ("subsampling.layers.", "pre_encode.conv."), ("subsampling.linear.", "pre_encode.out."),
-    (".q_proj.", ".linear_q."), (".k_proj.", ".linear_k."), (".v_proj.", ".linear_v."), (".o_proj.", ".linear_out."),
-    (".relative_k_proj.", ".linear_pos."), (".bias_u", ".pos_bias_u"), (".bias_v", ".pos_bias_v"),
-    (".conv.norm.", ".conv.batch_norm."),
-]
 # The encoder options ParakeetEncoder has (an offline FastConformer), as our constructor spells them.
 PARAKEET_OPTIONS = {
     "subsampling": ["dw_striding"], "causal_downsampling": [False], "self_attention_model": ["rel_pos"],
@@ -95,16 +88,6 @@ def parakeet_config(encoder_cfg: dict) -> ParakeetEncoderConfig:
         num_mel_bins=get("feat_in"), scale_input=get("xscaling"), dropout=0.0, dropout_positions=0.0, layerdrop=0.0,
         activation_dropout=0.0, attention_dropout=0.0,
     )
-
-
-def nemo_state_from_parakeet(state: dict) -> dict:
-    """A ParakeetEncoder state dict under NeMo's (our ConformerEncoder's) parameter names."""
-    renamed = {}
-    for name, tensor in state.items():
-        for hf_name, nemo_name in HF_TO_NEMO:
-            name = name.replace(hf_name, nemo_name)
-        renamed[name] = tensor
-    return renamed
 
 
 if __name__ == "__main__":

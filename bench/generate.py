@@ -18,7 +18,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from bench import common
 from data import load_audio, right_pad
-from infer import DEFAULT_ASR_PROMPT
+from salm import DEFAULT_ASR_PROMPT
 
 
 def main(argv: list[str] | None = None) -> None:

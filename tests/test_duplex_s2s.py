@@ -20,7 +20,8 @@ import duplex_s2s
 import infer
 from data import read_duplex_demo, read_inputs
 from duplex_s2s import DuplexS2SModel, DuplexS2SSpeechDecoderModel, check_data_config, load_audio_codec
-from salm import SALM
+
+from salm import DEFAULT_ASR_PROMPT, SALM
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MIMI = ROOT / "assets" / "tiny-mimi"
@@ -231,7 +232,7 @@ def test_loss_matches_hand_computation(llm_dir, monkeypatch):
     inputs = {"user_embeds": None, "text_inputs": None, "audio_inputs": None, "text_labels": text_labels,
               "audio_labels": audio_labels, "frame_lens": torch.tensor([3, 1])}
     monkeypatch.setattr(model, "prepare_inputs", lambda batch: inputs)
-    monkeypatch.setattr(model, "forward", lambda *args: (text_logits, audio_logits))
+    monkeypatch.setattr(model, "forward", lambda *args: {"text_logits": text_logits, "audio_logits": audio_logits})
     out = model.training_step({})
 
     def nll(logits, label):  # -log softmax, by hand
@@ -293,8 +294,8 @@ def test_cached_loop_equals_full_forward_over_its_outputs(llm_dir, conversations
     codes_in = torch.cat([torch.full_like(codes[:, :1], model.speech_delay_id), codes[:, :-1]], 1)
     with torch.no_grad():
         user, _ = model.perception(audio, torch.tensor([audio.size(1)]))
-        text_logits, audio_logits = model(user, text_in, codes_in)
-    assert torch.equal(text_logits.argmax(-1), text) and torch.equal(audio_logits.argmax(-1), codes)
+        logits = model(user, text_in, codes_in)
+    assert torch.equal(logits["text_logits"].argmax(-1), text) and torch.equal(logits["audio_logits"].argmax(-1), codes)
 
 
 def test_batched_inference_equals_one_by_one(llm_dir):
@@ -341,7 +342,7 @@ def test_scoring_asr_from_a_salm_checkpoint(llm_dir, tmp_path):
     scorer = build(llm_dir, scoring_asr=str(tmp_path))._scoring_asr()
     clip = 0.1 * torch.randn(24000)
     # by hand: the clip at 16 kHz, prompted as SALM was trained (its context tag, then the audio)
-    clip_16k = torch.from_numpy(infer.resample(clip.numpy(), 24000, 16000))
+    clip_16k = torch.from_numpy(duplex_s2s.resample(clip.numpy(), 24000, 16000))
     ids = salm.generate([[{"role": "user", "content": "Repeat after me <|audio|>"}]], audios=clip_16k[None],
                         audio_lens=torch.tensor([16000]), max_new_tokens=128)
     expected = salm.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
@@ -349,7 +350,7 @@ def test_scoring_asr_from_a_salm_checkpoint(llm_dir, tmp_path):
     # trained without a context: asked with the audio alone; not a checkpoint: infer's default ASR prompt
     torch.save({"model": {}, "config": {"model": cfg}}, tmp_path / "bare.ckpt")
     assert duplex_s2s.scoring_asr_prompt(tmp_path / "bare.ckpt") == ""
-    assert duplex_s2s.scoring_asr_prompt("openai/whisper-small") == infer.DEFAULT_ASR_PROMPT
+    assert duplex_s2s.scoring_asr_prompt("openai/whisper-small") == DEFAULT_ASR_PROMPT
 
 
 def test_decode_text_joins_turns():
@@ -427,11 +428,12 @@ def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, speech_deco
     infer.export(tmp_path / "run" / "last.ckpt", tmp_path / "export")
     sf.write(tmp_path / "in.wav", 0.1 * np.random.default_rng(0).standard_normal(8000), 8000)  # resampled to 16 kHz
     expected = model.offline_inference(torch.from_numpy(
-        infer.resample(0.1 * np.random.default_rng(0).standard_normal(8000), 8000, 16000))[None],
+        duplex_s2s.resample(0.1 * np.random.default_rng(0).standard_normal(8000), 8000, 16000))[None],
         torch.tensor([16000]))
     assert int(expected["audio_len"][0]) == 14 * 1920
     for i, path in enumerate([tmp_path / "run" / "last.ckpt", tmp_path / "run", tmp_path / "export"]):
-        duplex_s2s.main(["--model", str(path), "--audio", str(tmp_path / "in.wav"), "--out", str(tmp_path / f"out{i}")])
+        infer.main(["duplex", "--model", str(path), "--audio", str(tmp_path / "in.wav"),
+                    "--out", str(tmp_path / f"out{i}")])
         agent, sample_rate = sf.read(tmp_path / f"out{i}" / "agent.wav", dtype="float32")
         assert sample_rate == 24000 and len(agent) == 14 * 1920
         assert np.abs(agent - expected["audio"][0].clamp(-1, 1).numpy()).max() < 1e-4  # 16-bit WAV rounding

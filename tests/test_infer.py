@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 import infer
 from config import load_config
-from infer import asr_bleu, bleu, metrics_by_dataset, normalize_text, wer, wer_details, word_errors
+from duplex_s2s import Transcriber, asr_bleu, resample
+from metrics import bleu, metrics_by_dataset, normalize_text, wer, wer_details, word_errors
 from salm import SALM
 from train import build_model
 
@@ -85,7 +86,7 @@ def test_load_is_strict(tmp_path):
     (tmp_path / "export" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not fit the model.*missing.*perception.encoder.layers.1"):
         SALM.from_pretrained(tmp_path / "export")
-    with pytest.raises(FileNotFoundError, match="not an exported model"):
+    with pytest.raises(FileNotFoundError, match="neither an export directory"):
         SALM.from_pretrained(tmp_path)
 
 
@@ -172,8 +173,9 @@ def test_duplex_round_trip_gives_identical_outputs(tmp_path, config):
     T = user_embeds.shape[1]
     text_ids = torch.randint(model.text_pad_id + 1, 200, (1, T))
     audio_ids = torch.randint(0, model.speech_vocab_size, (1, T, model.num_codebooks))
-    for expected, got in zip(model(user_embeds, text_ids, audio_ids), loaded(user_embeds, text_ids, audio_ids)):
-        assert torch.equal(got, expected)
+    expected, got = model(user_embeds, text_ids, audio_ids), loaded(user_embeds, text_ids, audio_ids)
+    for key in ("text_logits", "audio_logits"):
+        assert torch.equal(got[key], expected[key])
     expected, got = model.offline_inference(audio, lens), loaded.offline_inference(audio, lens)
     for key in ("tokens_text", "tokens_audio", "audio"):
         assert torch.equal(got[key], expected[key]), key
@@ -239,7 +241,7 @@ def test_evaluate_scores_each_dataset_and_their_mean(tmp_path, capsys, monkeypat
         return lambda model, prompts, audios, max_new_tokens: ([text] * len(prompts), 0)
 
     _, checkpoint = make_checkpoint(tmp_path)
-    model = infer.load_model(checkpoint)
+    model = SALM.from_pretrained(checkpoint)
     cut = next(iter(CutSet.from_shar(in_dir=str(ASR_VAL))))
     soundfile.write(tmp_path / "a.wav", cut.load_audio()[0], 16000)
     nemo_manifest = tmp_path / "other.json"
@@ -307,17 +309,17 @@ def test_asr_bleu_with_a_salm_export(tmp_path, cuts):
     model, _ = make_checkpoint(tmp_path)
     model.save_pretrained(tmp_path / "scorer")
     references = [c.supervisions[0].text for c in cuts]
-    clips_24k = [infer.resample(c.load_audio()[0], 16000, 24000) for c in cuts]  # e.g. a codec's output rate
+    clips_24k = [resample(c.load_audio()[0], 16000, 24000) for c in cuts]  # e.g. a codec's output rate
     score, transcripts = asr_bleu(references, clips_24k, 24000, str(tmp_path / "scorer"))
     assert len(transcripts) == len(cuts) and all(isinstance(t, str) for t in transcripts)
     assert score == bleu(references, transcripts)
-    transcriber = infer.Transcriber(tmp_path / "scorer")
-    clips_16k = [infer.resample(c, 24000, 16000) for c in clips_24k]
+    transcriber = Transcriber(tmp_path / "scorer")
+    clips_16k = [resample(c, 24000, 16000) for c in clips_24k]
     assert transcriber.transcribe(clips_16k, 16000) == transcripts  # the same audio at the scorer's rate
     with pytest.raises(ValueError, match="3 references but 2 audios"):
         asr_bleu(references, clips_24k[:2], 24000, transcriber)
     with pytest.raises(ValueError, match="neither a SALM of this project"):
-        infer.Transcriber(tmp_path / "no-such-model")
+        Transcriber(tmp_path / "no-such-model")
 
 
 def test_asr_bleu_with_a_transformers_asr_model(tmp_path):
@@ -339,7 +341,7 @@ def test_asr_bleu_with_a_transformers_asr_model(tmp_path):
     score, transcripts = asr_bleu(["hello there", "yes"], clips, 24000, str(tmp_path))
     assert len(transcripts) == 2 and all(isinstance(t, str) for t in transcripts)
     assert score == bleu(["hello there", "yes"], transcripts)
-    clip_16k = infer.resample(clips[0].numpy(), 24000, 16000)  # the longest clip: no padding in the batch
+    clip_16k = resample(clips[0].numpy(), 24000, 16000)  # the longest clip: no padding in the batch
     with torch.no_grad():  # by hand: CTC greedy decoding of the 16 kHz clip
         logits = asr(**processor(clip_16k, sampling_rate=16000, return_tensors="pt")).logits
     assert len(clip_16k) == 16000 and transcripts[0] == processor.batch_decode(logits.argmax(-1))[0].strip()

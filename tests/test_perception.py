@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from bench.encoder import nemo_state_from_parakeet
+from perception import nemo_state_from_parakeet
 from perception import (
     AudioPerceptionModule,
     ConformerEncoder,
@@ -314,11 +314,13 @@ def test_nemo_file_loads_with_overrides_and_rebuilds_offline(tmp_path, capsys, m
             "modality_adapter": ADAPTER_CFG,
         },
     }
-    perception = setup_perception(model_cfg, output_dim=24).eval()
+    perception, written = setup_perception(model_cfg, output_dim=24)
+    perception.eval()
     printed = capsys.readouterr().out
     assert str(path) in printed and "missing keys: none" in printed and "unexpected keys: none" in printed
 
-    written = model_cfg["perception"]  # the checkpoint's config, with the user's keys on top
+    # written: the checkpoint's config, with the user's keys on top; the caller's dict is left as it was
+    assert "preprocessor" not in model_cfg["perception"] or model_cfg["perception"] != written
     assert written["preprocessor"]["normalize"] == "NA" and written["preprocessor"]["features"] == 80
     assert written["encoder"]["dropout"] == 0.0 and written["encoder"]["n_layers"] == 2
     assert perception.preprocessor.normalize == "NA"
@@ -333,7 +335,7 @@ def test_nemo_file_loads_with_overrides_and_rebuilds_offline(tmp_path, capsys, m
         assert torch.equal(perception.encoder(feats, feat_lens)[0], asr.encoder(feats, feat_lens)[0])
         embeds, _ = perception(audio, lengths)
 
-        rebuilt = setup_perception(dict(model_cfg, pretrained_weights=False), output_dim=24).eval()
+        rebuilt = setup_perception(dict(model_cfg, perception=written, pretrained_weights=False), 24)[0].eval()
         rebuilt.load_state_dict(perception.state_dict(), strict=True)
         assert torch.equal(rebuilt(audio, lengths)[0], embeds)
 
@@ -356,7 +358,7 @@ def test_model_name_resolves_from_offline_hf_cache_and_unknown_names_fail_clearl
     assert os.path.realpath(resolve_pretrained_asr("stt_en_tiny_test")) == expected
     assert os.path.realpath(resolve_pretrained_asr("nvidia/stt_en_tiny_test")) == expected
     model_cfg = {"pretrained_asr": "stt_en_tiny_test", "perception": {"modality_adapter": ADAPTER_CFG}}
-    assert setup_perception(model_cfg, output_dim=24).encoder.subsampling_factor == 8
+    assert setup_perception(model_cfg, output_dim=24)[0].encoder.subsampling_factor == 8
 
     with pytest.raises(FileNotFoundError) as error:
         setup_perception({"pretrained_asr": "stt_no_such_model", "perception": {"modality_adapter": ADAPTER_CFG}}, 24)

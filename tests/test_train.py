@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from config import ConfigError
-from train import atomic_save, build_optimizer, build_scheduler, cosine_annealing, time_budget, validation_interval
+from checkpoint import atomic_save
+from train import build_optimizer, build_scheduler, cosine_annealing, time_budget, validation_interval
 
 
 def nemo_cosine(step, base, warmup, max_steps, min_lr):

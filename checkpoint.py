@@ -1,0 +1,235 @@
+"""Checkpoints and exports: read them safely, write them atomically, and move models in and out of them.
+
+    load_checkpoint(path)            a torch.save file as plain tensors and containers (weights_only=True)
+    atomic_save(state, path)         temporary file, fsync, rename: a kill never leaves half a checkpoint
+    load_model(path, choose_class)   a model from an export directory or a train.py checkpoint
+    PretrainedMixin                  save_pretrained / from_pretrained for the project's models
+    load_nemo_checkpoint(path)       a NeMo `.nemo` archive: (config, state dict)
+
+An export directory (`save_pretrained`), laid out as Hugging Face lays out a model:
+    config.json        the resolved model config; pretrained_llm (and pretrained_audio_codec) point at the copies
+                       below, pretrained_weights is false (every weight comes from model.safetensors)
+    model.safetensors  all weights except the codec's
+    llm/               the tokenizer (audio locator tag included) and the LLM's config.json
+    codec/             duplex models: the frozen audio codec as a transformers model directory
+"""
+import copy
+import json
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import huggingface_hub
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+LLM_DIR, CODEC_DIR = "llm", "codec"
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint as plain tensors and containers: pickled code in it is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is not loaded: it is not a torch.save file of tensors and plain "
+                         "containers (pickled objects are refused, weights_only=True)") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                         f"{str(e).splitlines()[0]}") from None
+
+
+def atomic_save(state: dict, path: Path) -> None:
+    """Write to a temporary file, flush it to disk, then rename it over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A train.py checkpoint: the file itself, or a run directory's checkpoints/last.ckpt (or last.ckpt)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A train.py checkpoint's contents: "model" (the state dict), "config" (the full config), ..."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config')")
+    return state
+
+
+def read_model(path: str | Path) -> tuple[dict, dict, str | None]:
+    """(model config with pretrained_weights false, state dict, saved dtype or None) of an export directory
+    or a train.py checkpoint (.ckpt file, or a run directory)."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        cfg = pretrained_config(path)
+        with safe_open(path / WEIGHTS_NAME, framework="pt") as f:
+            state = {name: f.get_tensor(name) for name in f.keys()}
+            saved_dtype = (f.metadata() or {}).get("dtype", "float32")
+        if saved_dtype not in DTYPES:
+            raise ValueError(f"{path / WEIGHTS_NAME} says its weights are {saved_dtype!r}; expected one of "
+                             f"{', '.join(DTYPES)}")
+        return cfg, state, saved_dtype
+    checkpoint = find_checkpoint(path)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{path}: neither an export directory (config.json + model.safetensors) nor "
+                                "a train.py checkpoint (.ckpt file, or a run directory holding "
+                                "checkpoints/last.ckpt)")
+    state = read_checkpoint(checkpoint)
+    return {**state["config"]["model"], "pretrained_weights": False}, state["model"], None
+
+
+def load_model(path: str | Path, choose_class, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild the model of an export or checkpoint (`choose_class(cfg)` gives its class; nothing is
+    downloaded) and load every weight, in eval mode; `dtype` casts it (default: as saved)."""
+    cfg, state, saved_dtype = read_model(path)
+    model = choose_class(cfg)(cfg)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit the model its config builds: {str(e).splitlines()[-1]}") \
+            from None
+    aliases = tied_aliases(model)
+    missing = [k for k in result.missing_keys if k not in aliases and not k.startswith("audio_codec.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path} does not fit the model its config builds: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    dtype = dtype or DTYPES.get(saved_dtype)
+    return (cast_model(model, dtype) if dtype else model).eval()
+
+
+class PretrainedMixin:
+    """`save_pretrained(dir)` / `from_pretrained(dir or checkpoint)` (NeMo's HFHubMixin, offline).
+    The model needs `cfg`, `tokenizer`, `llm` and, for a codec, `audio_codec.model` (a transformers model)."""
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write the export directory; `dtype` casts the weights (modules marked keep_fp32 stay fp32)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = copy.deepcopy(self.cfg)
+        # the ASR checkpoint's config is already in cfg["perception"], its weights in model.safetensors
+        cfg.update(pretrained_llm=LLM_DIR, pretrained_weights=False, pretrained_asr=None)
+        self.tokenizer.save_pretrained(path / LLM_DIR)
+        self.llm.config.save_pretrained(path / LLM_DIR)
+        codec = getattr(self, "audio_codec", None)
+        if codec is not None:
+            codec.model.save_pretrained(path / CODEC_DIR)
+            cfg["pretrained_audio_codec"] = CODEC_DIR
+        keep_fp32 = tuple(f"{n}." for n, m in self.named_modules() if getattr(m, "keep_fp32", False))
+        aliases = tied_aliases(self)
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if name in aliases or (codec is not None and name.startswith("audio_codec.")):
+                continue
+            if dtype is not None and tensor.is_floating_point() and not name.startswith(keep_fp32):
+                tensor = tensor.to(dtype)
+            state[name] = tensor.contiguous()
+        saved = str(dtype or next(p.dtype for n, p in self.named_parameters() if n.startswith("llm.")))
+        save_file(state, path / WEIGHTS_NAME, metadata={"format": "pt", "dtype": saved.removeprefix("torch.")})
+        (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None):
+        """Rebuild from an export directory or a train.py checkpoint, weights loaded strictly, in eval mode.
+        The weights keep the dtype they were saved in unless `dtype` is given."""
+        return load_model(path, lambda cfg: cls, dtype)
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the LLM's weights (peft merge_and_unload): a plain LLM, loadable
+        without peft, that computes what the adapted one did."""
+        if self.cfg.get("lora") is None:
+            raise ValueError("this model has no LoRA adapters to merge (its config has no 'lora' section)")
+        self.llm = self.llm.merge_and_unload()
+        self.cfg = {k: v for k, v in self.cfg.items() if k != "lora"}
+
+
+def pretrained_config(path: str | Path) -> dict:
+    """The model config of an export directory, its relative asset paths resolved, pretrained_weights false."""
+    path = Path(path)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not an exported model: it has no {name} (write one with "
+                                    "model.save_pretrained(dir) or `python infer.py export`)")
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    for key in ("pretrained_llm", "pretrained_audio_codec"):
+        if cfg.get(key) and (path / cfg[key]).exists():
+            cfg[key] = str(path / cfg[key])
+    cfg["pretrained_weights"] = False
+    return cfg
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype), except modules marked keep_fp32 (the mel frontend, the codec): they stay fp32."""
+    model.to(dtype)
+    for module in model.modules():
+        if getattr(module, "keep_fp32", False):
+            module.float()
+    return model
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """State-dict names whose tensor is the same as an earlier name's (tied embeddings): saved once."""
+    seen, aliases = set(), set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in seen:
+            aliases.add(name)
+        seen.add(key)
+    return aliases
+
+
+def resolve_pretrained_asr(name_or_path: str) -> str:
+    """A `.nemo` path as is, or a model name -> the `.nemo` file of the `nvidia/<name>` Hugging Face repo."""
+    if name_or_path.endswith(".nemo") or os.path.exists(name_or_path):
+        if not os.path.isfile(name_or_path):
+            raise FileNotFoundError(f"pretrained_asr: no such .nemo file: {name_or_path}")
+        return name_or_path
+    repo_id = name_or_path if "/" in name_or_path else f"nvidia/{name_or_path}"
+    filename = repo_id.split("/")[-1] + ".nemo"
+    try:  # downloads when online, reads the local cache when offline
+        return huggingface_hub.hf_hub_download(repo_id, filename)
+    except Exception as error:  # not cached while offline, no such repo or file, no network, gated repo
+        raise FileNotFoundError(
+            f"pretrained_asr={name_or_path!r}: found no {filename} in the Hugging Face repo {repo_id}, online "
+            f"or in the cache {huggingface_hub.constants.HF_HUB_CACHE} ({type(error).__name__}); pass a "
+            "local .nemo path or set pretrained_weights: false") from None
+
+
+def load_nemo_checkpoint(path: str) -> tuple[dict, dict]:
+    """A `.nemo` file, a tar (or tar.gz) of model_config.yaml and model_weights.ckpt: (config, state dict)."""
+    try:
+        archive = tarfile.open(path, "r:*")
+    except tarfile.ReadError:
+        raise ValueError(f"{path} is not a .nemo file (not a tar archive)") from None
+    with archive, tempfile.TemporaryDirectory() as tmp:
+        members = {os.path.normpath(m.name): m for m in archive.getmembers() if m.isfile()}
+        absent = [name for name in ("model_config.yaml", "model_weights.ckpt") if name not in members]
+        if absent:
+            raise ValueError(f"{path} is not a .nemo checkpoint: it has no {' or '.join(absent)}")
+        config = yaml.safe_load(archive.extractfile(members["model_config.yaml"]))
+        weights_path = os.path.join(tmp, "model_weights.ckpt")  # torch.load wants a seekable file
+        with open(weights_path, "wb") as f:
+            shutil.copyfileobj(archive.extractfile(members["model_weights.ckpt"]), f)
+        try:
+            state_dict = load_checkpoint(weights_path)
+        except ValueError as e:  # name the .nemo file, not the temporary copy of its weights
+            raise ValueError(str(e).replace(weights_path, f"{path} (its model_weights.ckpt)")) from None
+    return config, state_dict
