@@ -43,8 +43,8 @@ from lhotse.utils import compute_num_frames
 from torch.nn.utils.rnn import pad_sequence
 
 from config import loader_defaults
+from prompts import merge_turns
 
-ROLES = ("system", "user", "assistant")
 DATA_KEYS = ("input_cfg", "shar_path", "cuts_path", "manifest_filepath")  # what names a loader's data
 SUPPORTED_TYPES = ("lhotse_shar", "lhotse", "nemo", "lhotse_as_conversation", "multimodal_conversation", "duplex_demo",
                    "group")
@@ -82,34 +82,6 @@ class Conversation:
         """Turns as {"role", "content"} dicts with audio replaced by the tag and same-role turns merged."""
         return merge_turns([{"role": t.role, "content": audio_locator_tag if t.audio is not None else t.text}
                             for t in self.turns])
-
-
-def merge_turns(turns: list[dict]) -> list[dict]:
-    """Normalise turns to {"role", "content"} and join consecutive same-role turns with one space.
-
-    Accepts {"role", "content"} and NeMo's {"role", "slots": {"message"}} (also its "system_and_user" role with
-    slots "system" and "message"); other keys (such as "audio") are ignored here.
-    """
-    flat = []
-    for turn in turns:
-        slots = turn.get("slots", {})
-        if turn.get("role") == "system_and_user":
-            flat += [("system", slots.get("system")), ("user", slots.get("message"))]
-        else:
-            flat.append((turn.get("role"), turn.get("content", slots.get("message"))))
-    merged = []
-    for role, text in flat:
-        if role not in ROLES:
-            raise ValueError(f"unknown turn role {role!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(text, str):
-            raise ValueError(f"a {role} turn needs its text as a string under 'content' (got {text!r})")
-        if merged and merged[-1]["role"] == role:
-            merged[-1]["content"] += " " + text
-        else:
-            merged.append({"role": role, "content": text})
-    if not merged:
-        raise ValueError("empty conversation")
-    return merged
 
 
 def cut_to_conversation(cut: Cut) -> Conversation:

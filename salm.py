@@ -45,9 +45,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from checkpoint import PretrainedMixin
 from config import model_defaults
-from data import SALMDataset, left_pad, load_audio_files, merge_turns, right_pad
+from data import SALMDataset, left_pad, load_audio_files, right_pad
 from metrics import word_errors
 from perception import setup_perception
+from prompts import make_prompt_formatter
 
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that are not supervised
 DEFAULT_ASR_PROMPT = "Repeat after me, typing in lowercase."  # NeMo salm_eval's; configs/salm.yaml trains with it
@@ -325,81 +326,6 @@ def answer(model: SALM, prompts: list[list[dict]], audios: list[np.ndarray], max
     return texts, int(lengths.sum())
 
 
-class Llama2PromptFormatter:
-    """NeMo's `llama2` prompt format. Each turn is tokenised on its own; BOS/EOS are added as ids, never as text:
-
-    user:                <s>[INST] {message} [/INST]
-    system + user:       <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{message} [/INST]
-    assistant:           {message} </s>
-    """
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-
-    def encode_dialog(self, turns: list[dict]) -> dict[str, Tensor]:
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        pieces, system = [], None  # pieces: (token ids, is_assistant)
-        for turn in merge_turns(turns):
-            role, text = turn["role"], turn["content"]
-            if system is not None and role != "user":
-                raise ValueError("prompt_format llama2: a system turn must be followed by a user turn")
-            if role == "system":
-                system = text
-            elif role == "user":
-                if system is not None:
-                    text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
-                pieces.append(([bos] + _encode(self.tokenizer, f"[INST] {text} [/INST]"), False))
-                system = None
-            else:
-                pieces.append((_encode(self.tokenizer, f"{text} ") + [eos], True))
-        if system is not None:
-            raise ValueError("prompt_format llama2: a system turn must be followed by a user turn")
-        return _pack(pieces)
-
-
-class ChatTemplatePromptFormatter:
-    """The tokenizer's own Hugging Face chat template, so any instruct LLM can be used.
-
-    The rendered text is cut where each assistant turn starts (the end of the prompt rendered up to that turn with
-    the generation prompt) and ends (the end of the conversation rendered through it, which includes the template's
-    end-of-turn token); each piece is tokenised on its own, so training and generation prompts tokenise alike.
-    """
-
-    def __init__(self, tokenizer) -> None:
-        if not tokenizer.chat_template:
-            raise ValueError("prompt_format chat_template: the tokenizer has no chat_template; use an instruct LLM "
-                             "or prompt_format: llama2")
-        self.tokenizer = tokenizer
-
-    def encode_dialog(self, turns: list[dict]) -> dict[str, Tensor]:
-        turns = merge_turns(turns)
-        full = self._render(turns, generation_prompt=turns[-1]["role"] != "assistant")
-        cuts = [0]
-        for i, turn in enumerate(turns):
-            if turn["role"] == "assistant":
-                before, through = self._render(turns[:i], True), self._render(turns[: i + 1], False)
-                if not (through.startswith(before) and full.startswith(through)):
-                    raise ValueError("prompt_format chat_template: this chat template renders a conversation "
-                                     "differently from its prefixes, so assistant turns cannot be located")
-                cuts += [len(before), len(through)]
-        cuts.append(len(full))
-        pieces = [(_encode(self.tokenizer, full[a:b]), k % 2 == 1) for k, (a, b) in enumerate(zip(cuts, cuts[1:]))]
-        return _pack(pieces)
-
-    def _render(self, turns: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-PROMPT_FORMATTERS = {"llama2": Llama2PromptFormatter, "chat_template": ChatTemplatePromptFormatter}
-
-
-def make_prompt_formatter(name: str, tokenizer):
-    if name not in PROMPT_FORMATTERS:
-        raise ValueError(f"unknown prompt_format '{name}': use 'llama2' or 'chat_template' (the LLM's own chat "
-                         "template; it stands in for NeMo's model-specific formats such as llama3, qwen, gemma)")
-    return PROMPT_FORMATTERS[name](tokenizer)
-
-
 def replace_placeholders_and_build_targets(
     input_ids: Tensor,
     embeds: Tensor,
@@ -526,16 +452,6 @@ def _masked_cross_entropy_sum(logits: Tensor, target_ids: Tensor) -> tuple[Tenso
         logits.flatten(0, 1).float(), target_ids.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss_sum, (target_ids != IGNORE_INDEX).sum()
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _pack(pieces: list[tuple[list[int], bool]]) -> dict[str, Tensor]:
-    ids = [i for piece, _ in pieces for i in piece]
-    mask = [is_assistant for piece, is_assistant in pieces for _ in piece]
-    return {"input_ids": torch.tensor(ids, dtype=torch.long), "mask": torch.tensor(mask, dtype=torch.bool)}
 
 
 def _audio_paths(turn: dict) -> list:

@@ -5,7 +5,9 @@ that the fixtures write, so every test runs offline in seconds.
 """
 
 import copy
+import json
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +19,14 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import DynamicCache, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 import salm
-from salm import SALM, replace_placeholders_and_build_targets
+from prompts import make_prompt_formatter
+from salm import SALM, load_tokenizer, replace_placeholders_and_build_targets
 
 TAG = "<|audioplaceholder|>"
 SAMPLE_RATE = 16000
 SHIPPED_LLM = Path(__file__).resolve().parents[1] / "assets" / "tiny-llm"
+# Made by NeMo 3.0 itself: its prompt formats' output
+NEMO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "nemo"
 # NeMo's tests/collections/speechlm2/test_salm.py::test_salm_dataset, decoded with TinyLlama's tokenizer
 NEMO_LLAMA2_PROMPT = "<s> [INST] Repeat after me: <|audioplaceholder|>  [/INST] Some text transcription. </s>"
 NEMO_TURNS = [
@@ -216,7 +221,9 @@ def test_chat_template_formatter(llm_dir):
 
 
 def test_config_errors(llm_dir):
-    with pytest.raises(ValueError, match="'llama2' or 'chat_template'"):
+    with pytest.raises(ValueError, match="unknown prompt_format 'qwen2': use one of llama2, "):
+        make_model(llm_dir, prompt_format="qwen2")
+    with pytest.raises(ValueError, match=r"prompt_format qwen needs <\|im_start\|>, <\|im_end\|>"):
         make_model(llm_dir, prompt_format="qwen")
     with pytest.raises(FileNotFoundError, match="local directory.*pretrained_weights: false"):
         salm.load_llm("some-org/not-in-the-cache", pretrained_weights=True)
@@ -477,3 +484,83 @@ def test_ctc_loss_weight_adds_ctc_of_single_clip_conversations(llm_dir):
     # both terms share CE's normaliser, the supervised tokens, so losses of micro-batches add up exactly
     torch.testing.assert_close(out["loss"], ce_loss + 0.5 * ctc_sum / count, atol=1e-4, rtol=1e-5)
     assert out["log"]["ctc_loss"] == pytest.approx(float(ctc_sum) / num_targets, rel=1e-5)
+
+
+# ---- NeMo's prompt formats ---------------------------------------------------------------------
+
+def nemo_fixture(name: str) -> dict:
+    return json.loads((NEMO_FIXTURES / name).read_text())
+
+
+NEMO_PROMPTS = nemo_fixture("prompt_formats.json")  # NeMo's encode_dialog of one conversation
+NEMO_FORMATS = ["llama2", "llama3", "qwen", "qwen3", "gemma", "mistral", "plain", "phi2_qa",
+                "phi2_chat", "phi2_code", "nemotron-h"]
+
+
+@pytest.fixture(scope="module")
+def nemo_tokenizer():
+    """assets/tiny-llm's tokenizer with the special tokens NeMo's formats use (ids 1000-1013)."""
+    return load_tokenizer(str(NEMO_FIXTURES / "tokenizer"), TAG)
+
+
+def nemo_conversation(with_system: bool) -> list[dict]:
+    conversation = NEMO_PROMPTS["conversation"]
+    system = [{"role": "system", "content": conversation["system"]}] if with_system else []
+    return system + [{"role": role, "content": text} for role, text in conversation["turns"]]
+
+
+def mask_string(mask: torch.Tensor) -> str:
+    return "".join("01"[m] for m in mask.tolist())
+
+
+@pytest.mark.parametrize("name", NEMO_FORMATS)
+def test_prompt_formats_match_nemo(name, nemo_tokenizer):
+    nemo = NEMO_PROMPTS["formats"][name]
+    formatter = make_prompt_formatter(name, nemo_tokenizer)
+    has_system = "with_system_error" not in nemo  # NeMo's format has a system role
+    turns = nemo_conversation(has_system)
+    seed = nemo["train"].get("python_random_seed")  # qwen3 places /no_think by `random`
+    train = formatter.encode_dialog(turns, rng=random.Random(seed) if seed is not None else None)
+    assert train["input_ids"].tolist() == nemo["train"]["input_ids"]
+    assert mask_string(train["mask"]) == nemo["train"]["mask"]
+    inference = formatter.encode_dialog(turns[:-1])
+    assert inference["input_ids"].tolist() == nemo["inference"]["input_ids"]
+    assert nemo_tokenizer.decode(inference["input_ids"]) == nemo["inference"]["text"]
+    if not has_system:  # NeMo asserts; we say why
+        with pytest.raises(ValueError, match=f"prompt_format {name} has no system role"):
+            formatter.encode_dialog(nemo_conversation(True))
+
+
+@pytest.mark.parametrize("case", ["train_with_think_blocks_seed0", "train_with_empty_think_seed1",
+                                  "train_seed2"])
+def test_qwen3_thinking_matches_nemo(case, nemo_tokenizer):
+    nemo = NEMO_PROMPTS["extra_qwen3"][case]
+    turns = nemo["turns"] if isinstance(nemo["turns"], list) else nemo_conversation(True)
+    turns = [{"role": t["role"], "content": t.get("content") or t["slots"]["message"]}
+             for t in turns]
+    encoded = make_prompt_formatter("qwen3", nemo_tokenizer).encode_dialog(
+        turns, rng=random.Random(nemo["python_random_seed"]))
+    assert encoded["input_ids"].tolist() == nemo["input_ids"]
+    assert mask_string(encoded["mask"]) == nemo["mask"]
+
+
+def test_qwen3_tags_follow_the_conversation_not_the_global_rng(nemo_tokenizer):
+    formatter = make_prompt_formatter("qwen3", nemo_tokenizer)
+    texts = []
+    for i in range(12):
+        turns = [{"role": "user", "content": f"Say {i}: {TAG}"},
+                 {"role": "assistant", "content": "ok"}]
+        random.seed(i)
+        first = formatter.encode_dialog(turns)["input_ids"]
+        random.seed(i + 100)  # a resumed run, a worker process: another global state, same prompt
+        assert torch.equal(formatter.encode_dialog(turns)["input_ids"], first)
+        texts.append(nemo_tokenizer.decode(first))
+    assert any("/no_think Say" in t for t in texts) and any(f"{TAG} /no_think" in t for t in texts)
+
+
+def test_prompt_formats_name_the_tokens_the_tokenizer_lacks():
+    with pytest.raises(ValueError, match=r"llama3 needs <\|begin_of_text\|>, <\|start_header_id"):
+        make_model(SHIPPED_LLM, prompt_format="llama3")
+    model = make_model(SHIPPED_LLM, prompt_format="plain")  # plain text needs nothing special
+    assert model.tokenizer.decode(model.encode_dialog(NEMO_TURNS)["input_ids"]) == (
+        "Repeat after me: <|audioplaceholder|>Some text transcription.")
