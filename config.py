@@ -62,6 +62,10 @@ class ListOf:
         self.item = item
 
 
+class PathOrListOf(ListOf):
+    """A list whose items follow `item`, or the path of a YAML file holding one (read_input_cfg)."""
+
+
 class MapOf:
     """A dict of user-chosen names (validation sets), each value following `value`."""
 
@@ -99,8 +103,8 @@ INPUT_CFG = Keys(
 
 # Options of one lhotse dataloader; validation sets listed under `datasets` inherit them.
 LOADER = dict(
-    input_cfg=ListOf(INPUT_CFG), shar_path=None, cuts_path=None, manifest_filepath=None,
-    tarred_audio_filepaths=None,
+    input_cfg=PathOrListOf(INPUT_CFG), shar_path=None, cuts_path=None, manifest_filepath=None,
+    tarred_audio_filepaths=None, slice_length=None,
     sample_rate=16000, batch_size=None, batch_duration=None, quadratic_duration=None,
     use_bucketing=False, num_buckets=30, bucket_duration_bins=None, bucket_buffer_size=10000,
     num_cuts_for_bins_estimate=10000, shuffle_buffer_size=10000, shuffle=False, drop_last=False,
@@ -113,7 +117,8 @@ LOADER = dict(
 SCHEMA = {
     "name": None,
     "model": dict(  # model_defaults() fills these for models built from a plain dict too
-        pretrained_llm=None, pretrained_asr=None, pretrained_audio_codec=None, scoring_asr=None,
+        pretrained_llm=None, tokenizer_path=None, pretrained_asr=None, pretrained_audio_codec=None,
+        scoring_asr=None,
         pretrained_weights=True, audio_locator_tag=None, prompt_format="llama2",
         freeze_params=[], prevent_freeze_params=[], lora=ANY,
         perception=ANY, speech_decoder=ANY, optimizer=ANY, lr_scheduler=ANY,
@@ -210,6 +215,23 @@ def cli(main) -> None:
         sys.exit(2)
 
 
+def read_input_cfg(path: str | Path) -> list:
+    """An `input_cfg` given as a path: the YAML file's list of entries (or its `input_cfg` key's),
+    checked like entries written in the config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"input_cfg {path}: no such file")
+    try:
+        entries = parse_yaml(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"input_cfg {path} is not valid YAML: {' '.join(str(e).split())}") \
+            from None
+    if isinstance(entries, dict) and "input_cfg" in entries:
+        entries = entries["input_cfg"]
+    _check(entries, ListOf(INPUT_CFG), "input_cfg", path, [])
+    return entries
+
+
 def save_config(cfg: dict, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
 
@@ -286,6 +308,8 @@ def _schema_at(parts):
 def _check(value, schema, key, path, ignored):
     if schema is ANY or schema is IGNORED:
         return
+    if isinstance(schema, PathOrListOf) and isinstance(value, str):
+        return  # checked when the file is read
     if isinstance(schema, ListOf):
         if not isinstance(value, list):
             raise ConfigError(f"{key} in {path} must be a list, got {value!r}")

@@ -4,10 +4,14 @@ Readers (the `type` of an `input_cfg` entry, or a loader section's own `shar_pat
 `manifest_filepath`):
   lhotse_shar               `shar_path`: a lhotse Shar directory (cuts + audio tars; path-independent)
   lhotse                    `cuts_path`: a lhotse cut manifest (jsonl.gz)
-  nemo                      `manifest_filepath`: NeMo ASR JSON lines {"audio_filepath", "duration", "text"}
+  nemo                      `manifest_filepath`: NeMo ASR JSON lines {"audio_filepath", "duration",
+                            "text"}; a line's other keys (`context`, ...) go to cut.custom
+  nemo_tarred               ... and `tarred_audio_filepaths`: NeMo's tarred shards (audio_N.tar with
+                            manifest_N.json); `_OP_0..N_CL_` and `{0..N}` expand to the shards
   lhotse_as_conversation    any of the above, each cut read as [system?] [user context?] [user audio]
                             [assistant transcript]; `tags` (e.g. `context`, `system_prompt`) are attached to cuts
-  multimodal_conversation   `manifest_filepath`: NeMo's multimodal conversation JSON lines
+  multimodal_conversation   `manifest_filepath`: NeMo's multimodal conversation JSON lines; `tags`
+                            context and system_prompt become turns, as in NeMo
   duplex_demo               `shar_path`: demo question/answer utterances, joined into duplex conversations
   group                     a nested `input_cfg`; entries are mixed by `weight` when training
 Every item the readers yield has a `.duration`, so lhotse's samplers batch cuts and conversations alike.
@@ -28,6 +32,7 @@ import math
 import random
 import re
 import sys
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import count
@@ -42,12 +47,18 @@ from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
 from lhotse.utils import compute_num_frames
 from torch.nn.utils.rnn import pad_sequence
 
-from config import loader_defaults
+from config import loader_defaults, read_input_cfg
 from prompts import merge_turns
 
 DATA_KEYS = ("input_cfg", "shar_path", "cuts_path", "manifest_filepath")  # what names a loader's data
-SUPPORTED_TYPES = ("lhotse_shar", "lhotse", "nemo", "lhotse_as_conversation", "multimodal_conversation", "duplex_demo",
-                   "group")
+SUPPORTED_TYPES = ("lhotse_shar", "lhotse", "nemo", "nemo_tarred", "lhotse_as_conversation",
+                   "multimodal_conversation", "duplex_demo", "group")
+# input_cfg keys NeMo accepts but does not act on: refused, with what to use instead
+NO_EFFECT_KEYS = {
+    "system_prompt": "NeMo ignores it there: put it under tags ({system_prompt: ...}) or on lines",
+    "context": "NeMo ignores it there: put it under tags ({context: ...}) or on each line",
+    "shuffle_shards": "not a NeMo option: shards are shuffled when the loader's shuffle is true",
+}
 MAX_WARNINGS = 5  # unreadable-audio warnings printed per process; after that they are only counted
 MAX_EMPTY_BATCHES = 100  # training batches in a row with nothing usable before the data is declared broken
 TIMESTAMP_TOKEN = re.compile(r"<\|\d+\|>")  # "<|12|>" frame timestamps some duplex corpora put in the text
@@ -122,18 +133,20 @@ class SALMDataset(torch.utils.data.Dataset):
     """Turns a sampled mini-batch (a CutSet of conversations or ASR cuts) into SALM's tensors.
 
     `encode_dialog(turns) -> {"input_ids", "mask"}` is the model's prompt formatter. Conversations whose audio
-    cannot be read, whose answer is empty or whose length exceeds `max_tokens` are skipped and counted in
+    cannot be read, whose answer is empty or whose length is outside `min_tokens`..`max_tokens`
+    (tokens, each audio tag counted as its clip's frames, as NeMo counts) are skipped and counted in
     batch["skipped"]; a batch with nothing left is {"skipped", "empty": True}.
     """
 
     def __init__(self, encode_dialog, pad_id: int, sample_rate: int, audio_locator_tag: str,
-                 token_equivalent_duration: float = 0.08, max_tokens: int | None = None):
+                 token_equivalent_duration: float = 0.08, max_tokens: int | None = None,
+                 min_tokens: int | None = None):
         self.encode_dialog = encode_dialog
         self.pad_id = pad_id
         self.sample_rate = sample_rate
         self.audio_locator_tag = audio_locator_tag
         self.token_equivalent_duration = token_equivalent_duration
-        self.max_tokens = max_tokens
+        self.max_tokens, self.min_tokens = max_tokens, min_tokens
 
     def __getitem__(self, items: CutSet) -> dict:
         audios, conversations, token_ids, masks, skipped = [], [], [], [], Counter()
@@ -149,10 +162,14 @@ class SALMDataset(torch.utils.data.Dataset):
                 _skip(skipped, e)
                 continue
             encoded = self.encode_dialog(turns)
-            num_audio_frames = sum(math.ceil(len(a) / self.sample_rate / self.token_equivalent_duration)
-                                   for a in clip_audios)
-            if self.max_tokens and len(encoded["input_ids"]) + num_audio_frames > self.max_tokens:
+            seconds_per_frame = self.token_equivalent_duration
+            frames = [math.ceil(len(a) / self.sample_rate / seconds_per_frame) for a in clip_audios]
+            length = len(encoded["input_ids"]) + sum(frames) - len(frames)  # frames replace tags
+            if self.max_tokens and length > self.max_tokens:
                 skipped["longer than max_tokens"] += 1
+                continue
+            if self.min_tokens and length < self.min_tokens:
+                skipped["shorter than min_tokens"] += 1
                 continue
             audios.extend(clip_audios)
             conversations.append(conversation)
@@ -264,13 +281,22 @@ def read_inputs(ds_cfg: dict, train: bool, skipped: Counter | None = None, what=
     skipped = Counter() if skipped is None else skipped
     entries = ds_cfg.get("input_cfg")
     if not entries:
-        entry = {k: ds_cfg[k] for k in DATA_KEYS[1:] if ds_cfg.get(k)}
+        entry = {k: ds_cfg[k] for k in (*DATA_KEYS[1:], "tarred_audio_filepaths") if ds_cfg.get(k)}
         if not entry:
             raise ValueError(f"{what} names no data: set one of {', '.join(DATA_KEYS)}")
         entries = [entry]
     defaults = {"seed": ds_cfg.get("seed") or 0, "shard_seed": ds_cfg.get("shard_seed"),
-                "shuffle": bool(train and ds_cfg.get("shuffle"))}
+                "shuffle": bool(train and ds_cfg.get("shuffle")),
+                "slice_length": ds_cfg.get("slice_length")}
     return _read_group(entries, defaults, train, skipped)
+
+
+def loader_values(ds_cfg: dict, key: str) -> list:
+    """Every value a loader section sets for `key`: its own and its input_cfg entries'."""
+    entries = ds_cfg.get("input_cfg") or []
+    entries = read_input_cfg(entries) if isinstance(entries, (str, Path)) else entries
+    values = [ds_cfg.get(key)] + [v for entry in entries for v in loader_values(entry, key)]
+    return [v for v in values if v is not None]
 
 
 class DuplexS2SDataset(torch.utils.data.Dataset):
@@ -451,15 +477,28 @@ def _duration_filter(cuts, ds_cfg, counter):
 
 def _read_group(entries, defaults, train, skipped):
     parts, weights = [], []
+    if isinstance(entries, (str, Path)):  # NeMo's input_cfg may be a YAML file's path
+        entries = read_input_cfg(entries)
     for entry in entries:
         kind = entry.get("type") or _guess_type(entry)
         if kind not in SUPPORTED_TYPES:
             raise ValueError(f"input_cfg type '{kind}' is not supported; use one of {', '.join(SUPPORTED_TYPES)}")
+        for key, use in NO_EFFECT_KEYS.items():
+            if entry.get(key) is not None:
+                raise ValueError(f"input_cfg entry key {key} is not supported: {use}")
         options = {**defaults, **{k: v for k, v in entry.items() if v is not None}}
+        tarred = entry.get("tarred_audio_filepaths") or kind == "nemo_tarred"
+        sliceable = tarred or entry.get("shar_path") or kind == "group"
+        if options.get("slice_length") and not sliceable:
+            raise ValueError(f"slice_length applies to tarred NeMo data and lhotse_shar only (as "
+                             f"in NeMo); the input_cfg entry of type '{kind}' is neither")
         if kind == "group":
             items = _read_group(entry.get("input_cfg") or [], options, train, skipped)
         elif kind == "multimodal_conversation":
-            items = CutSet(_MultimodalJsonl(entry["manifest_filepath"], skipped))
+            if tarred:
+                raise ValueError("multimodal_conversation with tarred_audio_filepaths is not "
+                                 "supported: untar the audio beside the JSONL, or make Shar")
+            items = CutSet(_MultimodalJsonl(entry["manifest_filepath"], skipped, entry.get("tags")))
         else:
             items = _read_cuts(entry, options, kind, skipped)
         if entry.get("tags"):
@@ -488,6 +527,11 @@ def _guess_type(entry):
 
 
 def _read_cuts(entry, options, kind, skipped):
+    seed = options["shard_seed"] if isinstance(options.get("shard_seed"), int) else options["seed"]
+    if entry.get("tarred_audio_filepaths") or kind == "nemo_tarred":
+        tarred = _NeMoTarred(entry.get("manifest_filepath"), entry.get("tarred_audio_filepaths"),
+                             skipped, options["shuffle"], seed, options.get("slice_length"))
+        return CutSet(tarred)
     for key in ("shar_path", "cuts_path", "manifest_filepath"):
         path = entry.get(key)
         if path and not Path(path).exists():
@@ -495,14 +539,28 @@ def _read_cuts(entry, options, kind, skipped):
     if kind == "duplex_demo":
         return read_duplex_demo(entry["shar_path"], seed=options["seed"])
     if entry.get("shar_path"):
-        shard_seed = options.get("shard_seed")
-        seed = shard_seed if isinstance(shard_seed, int) else options["seed"]
-        return CutSet.from_shar(in_dir=entry["shar_path"], shuffle_shards=options["shuffle"], seed=seed)
-    if entry.get("cuts_path"):
-        return CutSet.from_file(entry["cuts_path"])
+        return CutSet.from_shar(in_dir=entry["shar_path"], shuffle_shards=options["shuffle"],
+                                seed=seed, slice_length=options.get("slice_length"))
+    if entry.get("cuts_path"):  # relative audio paths are relative to the manifest, as in NeMo
+        cuts = CutSet.from_file(entry["cuts_path"])
+        return cuts.map(_ResolvePaths(entry["cuts_path"]), apply_fn=None)
     if entry.get("manifest_filepath"):
         return CutSet(_NeMoAsrManifest(entry["manifest_filepath"], skipped))
     raise ValueError(f"input_cfg entry of type '{kind}' needs shar_path, cuts_path or manifest_filepath")
+
+
+class _ResolvePaths:
+    """Relative audio paths of a cut manifest's recordings (custom ones too) from its folder."""
+
+    def __init__(self, manifest):
+        self.manifest = Path(manifest)
+
+    def __call__(self, cut):
+        for recording in [getattr(cut, "recording", None), *(cut.custom or {}).values()]:
+            for source in getattr(recording, "sources", None) or []:
+                if source.type == "file" and isinstance(source.source, str):
+                    source.source = str(_resolve_path(source.source, self.manifest))
+        return cut
 
 
 class _AttachTags:
@@ -527,29 +585,138 @@ class _Chain:
 
 
 class _NeMoAsrManifest:
-    """NeMo's ASR manifest: JSON lines with audio_filepath, duration, text (offset optional)."""
+    """NeMo's ASR manifest: JSON lines with audio_filepath, duration, text (offset, lang optional).
+    As in NeMo, a line's other keys (text, lang too) go to cut.custom; `_skipme` lines are skipped.
+    """
 
     def __init__(self, path, skipped):
         self.path, self.skipped = Path(path), skipped
 
     def __iter__(self):
         for i, row in _json_lines(self.path):
+            if row.get("_skipme"):
+                continue
             try:
                 cut = _audio_cut(f"{self.path.stem}-{i}", _resolve_path(row["audio_filepath"], self.path),
                                  row.get("duration"), row.get("offset", 0.0))
             except AudioError as e:
                 _skip(self.skipped, e)
                 continue
-            cut.supervisions = [SupervisionSegment(id=cut.id, recording_id=cut.recording_id, start=0.0,
-                                                   duration=cut.duration, text=row.get("text", ""))]
-            yield cut
+            yield _with_manifest_fields(cut, row)
+
+
+class _NeMoTarred:
+    """NeMo's tarred ASR data: each tar audio_N.tar with its manifest manifest_N.json (shard N
+    from the file names), or one manifest whose lines carry shard_id. Members are read in tar
+    order, their audio kept in memory; a line's audio_filepath is the member's name (plus -subN for
+    more segments of one file). With `shuffle` the shard order is drawn from `seed` and the pass;
+    `slice_length` reads that many members from a random start in each shard (NeMo's)."""
+
+    def __init__(self, manifests, tars, skipped, shuffle=False, seed=0, slice_length=None):
+        if not manifests or not tars:
+            raise ValueError("nemo_tarred data needs manifest_filepath and tarred_audio_filepaths")
+        manifests, tars = expand_sharded_paths(manifests), expand_sharded_paths(tars)
+        for path in manifests + tars:
+            if not Path(path).is_file():
+                hint = " (brackets are not expanded: write _OP_0..N_CL_ or {0..N})" * ("[" in path)
+                raise FileNotFoundError(f"tarred data: no such file {path}{hint}")
+        self.tars = {_shard_number(t, r"audio[^/]*_(\d+)[^/]*\.tar"): t for t in tars}
+        self.one_manifest = len(manifests) == 1  # then its lines say their shard_id
+        if self.one_manifest:
+            self.manifests = {shard: manifests[0] for shard in self.tars}
+        else:
+            pattern = r"manifest[^/]*_(\d+)[^/]*\.json"
+            self.manifests = {_shard_number(m, pattern): m for m in manifests}
+        if set(self.manifests) != set(self.tars):
+            raise ValueError(f"tarred data: the shard numbers of the manifests "
+                             f"{sorted(self.manifests)} and of the tars {sorted(self.tars)} differ")
+        self.skipped, self.shuffle, self.seed = skipped, shuffle, seed
+        self.slice_length = slice_length
+        self.epoch = 0
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        shards = sorted(self.tars)
+        if self.shuffle:
+            rng.shuffle(shards)
+        for shard in shards:
+            rows = {}  # member name -> its lines
+            for _, row in _json_lines(Path(self.manifests[shard])):
+                if not self.one_manifest or row.get("shard_id", shard) == shard:
+                    member = re.sub(r"-sub\d+(?=\.\w+$|$)", "", row["audio_filepath"])
+                    rows.setdefault(member, []).append(row)
+            first = 0
+            if self.slice_length and self.slice_length < len(rows):
+                first = rng.randint(0, len(rows) - self.slice_length)
+            yield from self._shard(self.tars[shard], rows, first)
+
+    def _shard(self, tar_path, rows, first):
+        with tarfile.open(tar_path, mode="r|*") as tar:
+            for i, member in enumerate(tar):
+                if i < first or not member.isfile():
+                    continue
+                if self.slice_length and i >= first + self.slice_length:
+                    break
+                if member.name not in rows:
+                    raise ValueError(f"{tar_path}: member {member.name} has no manifest line")
+                data = tar.extractfile(member).read()
+                try:
+                    recording = Recording.from_bytes(data, recording_id=member.name)
+                except Exception as e:  # lhotse/soundfile raise many types for corrupt audio
+                    error = AudioError(f"cannot read {member.name} in {tar_path}: {_reason(e)}")
+                    _skip(self.skipped, error)
+                    continue
+                for row in sorted(rows[member.name], key=lambda r: r["audio_filepath"]):
+                    if row.get("_skipme"):
+                        continue
+                    offset = row.get("offset") or 0.0
+                    duration = min(row.get("duration") or math.inf, recording.duration - offset)
+                    cut = recording.to_cut().truncate(offset=offset, duration=duration)
+                    yield _with_manifest_fields(cut.with_id(row["audio_filepath"]), row)
+
+
+def expand_sharded_paths(spec) -> list[str]:
+    """NeMo's sharded paths: `_OP_0..9_CL_` or `{0..9}` (zero padding kept), `{a,b}`; lists as is.
+    Unlike NeMo, (), [] and <> stay what they are, so such paths need no escaping."""
+    if isinstance(spec, (list, tuple)):
+        return [str(p) for p in spec]
+    text = str(spec).replace("_OP_", "{").replace("_CL_", "}")
+    brace = re.search(r"\{([^{}]*)\}", text)
+    if not brace:
+        return [text]
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", brace[1])
+    choices = ([str(i).zfill(len(span[1])) for i in range(int(span[1]), int(span[2]) + 1)] if span
+               else brace[1].split(","))
+    head, tail = text[:brace.start()], text[brace.end():]
+    return [path for choice in choices for path in expand_sharded_paths(head + choice + tail)]
+
+
+def _shard_number(path: str, pattern: str) -> int:
+    found = re.search(pattern, path)
+    if not found:
+        raise ValueError(f"tarred data: cannot tell the shard number of {path} (NeMo's names: "
+                         "audio_N.tar, manifest_N.json)")
+    return int(found[1])
+
+
+def _with_manifest_fields(cut: Cut, row: dict) -> Cut:
+    """A cut with the transcript of a NeMo manifest line and the line's other keys in cut.custom."""
+    cut.supervisions = [SupervisionSegment(id=cut.id, recording_id=cut.recording_id, start=0.0,
+                                           duration=cut.duration, text=row.get("text", ""),
+                                           language=row.get("lang"))]
+    skip = {"audio_filepath", "duration", "offset", "sampling_rate", "sample_rate", "_skipme"}
+    cut.custom = {k: v for k, v in row.items() if k not in skip} or None
+    return cut
 
 
 class _MultimodalJsonl:
-    """NeMo's multimodal conversation JSON lines: {"id", "conversations": [{"from", "type", "value"}, ...]}."""
+    """NeMo's multimodal conversation JSON lines: {"id", "conversations": [{"from", "type", ...}]}.
+    As in NeMo, tags.context comes first when the conversation starts with the user's audio, and
+    tags.system_prompt before that unless it starts with a system turn."""
 
-    def __init__(self, path, skipped):
-        self.path, self.skipped = Path(path), skipped
+    def __init__(self, path, skipped, tags=None):
+        self.path, self.skipped, self.tags = Path(path), skipped, tags or {}
 
     def __iter__(self):
         for i, row in _json_lines(self.path):
@@ -561,6 +728,11 @@ class _MultimodalJsonl:
             except AudioError as e:
                 _skip(self.skipped, e)
                 continue
+            starts_with_audio = turns[0].role == "user" and turns[0].audio is not None
+            if self.tags.get("context") is not None and starts_with_audio:
+                turns.insert(0, Turn("user", text=self.tags["context"]))
+            if self.tags.get("system_prompt") is not None and turns[0].role != "system":
+                turns.insert(0, Turn("system", text=self.tags["system_prompt"]))
             yield Conversation(example_id, turns, dict(row.get("custom") or {}))
 
     def _turn(self, turn, cut_id):

@@ -5,14 +5,18 @@
     python infer.py evaluate --model runs/salm --inputs assets/demo/asr_val more.jsonl
     python infer.py duplex   --model runs/s2s_duplex --audio question.wav --out answer/
 
---model: an export directory (save_pretrained) or a train.py checkpoint (a .ckpt file, or the run directory).
---inputs, each one dataset named after its file or directory: lhotse Shar directories, lhotse cut manifests
-(.jsonl.gz), NeMo ASR manifests ({"audio_filepath", "duration", "text"} lines), NeMo multimodal conversation
-manifests ({"id", "conversations"} lines), YAML files holding an `input_cfg` list, or audio files (together
-the dataset "audio"). ASR items are written as {"id", "duration", "text", "pred_text"} lines and are prompted
-with their `context` or, without one, with NeMo salm_eval's "Repeat after me, typing in lowercase."
-(--user-prompt replaces it; '' for none); conversations are written back with the generated assistant turn
-in place of the last one. generate and evaluate run SALM, duplex the duplex models; export takes all three.
+--model: an export directory (save_pretrained) or a train.py checkpoint (a .ckpt file, or the run
+directory); for SALM also NeMo's own: a Lightning .ckpt, or an HF-style export directory
+(config.json + model.safetensors).
+--inputs, each one dataset named after its file or directory: lhotse Shar directories, lhotse cut
+manifests (.jsonl.gz), NeMo ASR manifests ({"audio_filepath", "duration", "text"} lines), NeMo
+multimodal conversation manifests ({"id", "conversations"} lines), YAML files holding an `input_cfg`
+list, or audio files (together the dataset "audio"). ASR items are written as {"id", "duration",
+"text", "pred_text", "prompt"} lines, prompted with their `context` (a manifest line's key, or tags)
+or, without one, with NeMo salm_eval's "Repeat after me, typing in lowercase." (--user-prompt
+replaces it; '' for none); conversations are written back with the generated assistant turn in place
+of the last one. "prompt" is the text the model was given.
+generate and evaluate run SALM, duplex the duplex models; export takes all three.
 Metrics (metrics.py): WER and BLEU after Whisper's text normalizer, per dataset and their mean.
 """
 import argparse
@@ -24,7 +28,6 @@ from pathlib import Path
 
 import soundfile
 import torch
-import yaml
 from lhotse.cut import Cut
 from tqdm import tqdm
 
@@ -129,15 +132,11 @@ def read_datasets(inputs: list[str]) -> dict[str, list]:
     return datasets
 
 
-def _input_cfg(path: Path) -> list[dict]:
+def _input_cfg(path: Path) -> list[dict] | str:
     if path.is_dir():
         return [{"type": "lhotse_shar", "shar_path": str(path)}]
     if path.suffix in (".yaml", ".yml"):
-        spec = yaml.safe_load(path.read_text())
-        entries = spec.get("input_cfg") if isinstance(spec, dict) else spec
-        if not isinstance(entries, list):
-            raise ValueError(f"--inputs {path}: a YAML input is a list of input_cfg entries (or has an input_cfg key)")
-        return entries
+        return str(path)  # a NeMo input_cfg file (data.py reads it)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         first = next((line for line in f if line.strip()), "{}")
@@ -202,7 +201,10 @@ def generate(model, datasets: dict[str, list], output_dir: str | Path, system_pr
                 seconds += time.perf_counter() - tic
                 num_tokens += tokens
                 audio_seconds += sum(len(a) for a in audios) / model.sampling_rate
-                rows += [(_record(i, c, r, h), r, h) for i, c, r, h in zip(batch, conversations, references, hypotheses)]
+                rendered = [model.tokenizer.decode(model.encode_dialog(p)["input_ids"])
+                            for p in prompts]  # what the model read, as text
+                rows += [(_record(*row), row[2], row[3])
+                         for row in zip(batch, conversations, references, hypotheses, rendered)]
             progress.update(len(items[start : start + batch_size]))
         progress.close()
         path = output_dir / f"{name}.jsonl"
@@ -214,10 +216,13 @@ def generate(model, datasets: dict[str, list], output_dir: str | Path, system_pr
     return results
 
 
-def _record(item, conversation: Conversation, reference: str | None, hypothesis: str) -> dict:
-    """ASR items: NeMo salm_eval's line; conversations: NeMo's multimodal conversation with the answer appended."""
+def _record(item, conversation: Conversation, reference: str | None, hypothesis: str,
+            prompt: str) -> dict:
+    """ASR items: NeMo salm_eval's line; conversations: NeMo's multimodal conversation with the
+    answer appended. Both with "prompt": the text the model was given (audio as the locator tag)."""
     if isinstance(item, Cut):
-        return {"id": item.id, "duration": round(item.duration, 3), "text": reference or "", "pred_text": hypothesis}
+        return {"id": item.id, "duration": round(item.duration, 3), "text": reference or "",
+                "pred_text": hypothesis, "prompt": prompt}
     turns = []
     for turn in conversation.turns + [Turn("assistant", hypothesis)]:
         if turn.audio is None:
@@ -226,7 +231,8 @@ def _record(item, conversation: Conversation, reference: str | None, hypothesis:
         source = turn.audio.recording.sources[0]
         turns.append({"from": turn.role.capitalize(), "type": "audio", "duration": round(turn.audio.duration, 3),
                       "offset": turn.audio.start, "value": source.source if source.type == "file" else turn.audio.id})
-    return {"id": conversation.id, "conversations": turns, **({"custom": conversation.custom} if conversation.custom else {})}
+    custom = {"custom": conversation.custom} if conversation.custom else {}
+    return {"id": conversation.id, "conversations": turns, **custom, "prompt": prompt}
 
 
 def evaluate(results: dict[str, list], metric: str = "auto", output_dir: Path | None = None) -> dict[str, float]:

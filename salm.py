@@ -33,6 +33,7 @@ Where this differs from NeMo, on purpose:
 """
 
 import copy
+import math
 import re
 import warnings
 from pathlib import Path
@@ -45,7 +46,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from checkpoint import PretrainedMixin
 from config import model_defaults
-from data import SALMDataset, left_pad, load_audio_files, right_pad
+from data import SALMDataset, left_pad, load_audio_files, loader_values, right_pad
 from metrics import word_errors
 from perception import setup_perception
 from prompts import make_prompt_formatter
@@ -197,9 +198,19 @@ class SALM(SpeechLLM):
     def make_dataset(self, data_cfg: dict) -> SALMDataset:
         """The dataset that turns sampled conversations into this model's batches (see data.py). Conversations
         longer than `max_tokens` or the LLM's context (max_position_embeddings) are skipped and counted."""
+        for section in ("train_ds", "validation_ds"):  # NeMo's data keys for what the model defines
+            for key, ours in (("token_equivalent_duration", self.token_equivalent_duration),
+                              ("audio_locator_tag", self.audio_locator_tag),
+                              ("prompt_format", self.cfg["prompt_format"])):
+                for value in loader_values(data_cfg.get(section) or {}, key):
+                    if value == ours or isinstance(value, float) and math.isclose(value, ours):
+                        continue
+                    raise ValueError(f"data.{section}: {key} {value!r} is not the model's "
+                                     f"{ours!r}; remove it (the model's value is used)")
         return SALMDataset(self.encode_dialog, self.text_pad_id, self.sampling_rate, self.audio_locator_tag,
                            token_equivalent_duration=self.token_equivalent_duration,
-                           max_tokens=self.context_limit(data_cfg["train_ds"].get("max_tokens")))
+                           max_tokens=self.context_limit(data_cfg["train_ds"].get("max_tokens")),
+                           min_tokens=data_cfg["train_ds"].get("min_tokens"))
 
     @torch.no_grad()
     def validation_step(self, batch: dict, generate: bool = False) -> dict:

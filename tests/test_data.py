@@ -1,4 +1,6 @@
+import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -7,8 +9,9 @@ import torch
 from lhotse import CutSet, Recording, SupervisionSegment
 from lhotse.cut import MonoCut
 
-from data import (Conversation, SALMDataset, TrainBatches, Turn, cut_to_conversation, left_pad, load_audio_files,
-                  make_val_loaders, read_inputs, right_pad)
+from data import (Conversation, SALMDataset, TrainBatches, Turn, cut_to_conversation,
+                  expand_sharded_paths, left_pad, load_audio_files, make_val_loaders, read_inputs,
+                  right_pad)
 
 TAG = "<|audioplaceholder|>"
 
@@ -185,6 +188,11 @@ def test_empty_transcript_and_max_tokens(tmp_path):
     assert batch["skipped"]["empty transcript"] == 1
     long_batch = salm_dataset(max_tokens=8)[CutSet.from_cuts(cuts[1:])]
     assert long_batch["skipped"]["longer than max_tokens"] == 2
+    # NeMo's count: the tokens with each audio tag as its clip's frames (utt1: 5 tokens, 8 frames)
+    one = CutSet.from_cuts(cuts[1:2])
+    assert salm_dataset(min_tokens=12, max_tokens=12)[one]["ids"] == ["utt1"]
+    short = salm_dataset(min_tokens=13)[CutSet.from_cuts(cuts[1:2])]
+    assert short["empty"] and short["skipped"]["shorter than min_tokens"] == 1
 
 
 def test_left_and_right_pad():
@@ -235,3 +243,165 @@ def test_manifest_lines_with_missing_audio_are_skipped(tmp_path):
     batches = TrainBatches({"manifest_filepath": str(tmp_path / "m.json"), "batch_size": 4}, salm_dataset())
     assert len(next(iter(batches))["ids"]) == 1
     assert batches.skipped["unreadable audio"] == 1
+
+
+# ---- NeMo's data fields, tarred data and input_cfg files ---------------------------------------
+
+def read_one(entry: dict, **loader) -> list:
+    return list(read_inputs({"input_cfg": [entry], **loader}, train=False))
+
+
+def test_nemo_manifest_lines_keep_their_fields_and_prompts(tmp_path):
+    (tmp_path / "audio").mkdir()
+    tone(tmp_path / "audio" / "a.wav", 0.5)
+    lines = [{"audio_filepath": "audio/a.wav", "duration": 0.5, "text": "one", "lang": "en",
+              "context": "Say it:"},
+             {"audio_filepath": str(tone(tmp_path / "b.wav", 0.5)), "duration": 0.5, "text": "two",
+              "context": "Spell it:", "system_prompt": "Be brief.", "speaker": 7},
+             {"audio_filepath": "audio/a.wav", "duration": 0.5, "text": "three", "_skipme": True}]
+    (tmp_path / "m.json").write_text("\n".join(json.dumps(line) for line in lines))
+    cuts = read_one({"type": "nemo", "manifest_filepath": str(tmp_path / "m.json")})
+    assert len(cuts) == 2  # _skipme
+    assert cuts[0].custom == {"text": "one", "lang": "en", "context": "Say it:"}  # as in NeMo
+    assert cuts[0].supervisions[0].language == "en"
+    assert cuts[1].custom["speaker"] == 7
+    assert cut_to_conversation(cuts[0]).prompt_turns(TAG) == [
+        {"role": "user", "content": f"Say it: {TAG}"}, {"role": "assistant", "content": "one"}]
+    assert cut_to_conversation(cuts[1]).prompt_turns(TAG)[:2] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Spell it: {TAG}"}]
+    tagged = read_one({"type": "lhotse_as_conversation", "tags": {"context": "Repeat:"},
+                       "manifest_filepath": str(tmp_path / "m.json")})  # tags win, as in NeMo
+    assert [c.prompt_turns(TAG)[-2]["content"] for c in tagged] == [f"Repeat: {TAG}"] * 2
+
+
+def test_multimodal_conversation_tags_become_turns(tmp_path):
+    tone(tmp_path / "a.wav", 0.5)
+
+    def text(role, value):
+        return {"from": role, "type": "text", "value": value}
+
+    audio, answer = {"from": "User", "type": "audio", "value": "a.wav"}, text("Assistant", "hi")
+    rows = [{"id": "audio-first", "conversations": [audio, answer]},
+            {"id": "text-first", "conversations": [text("User", "Hear:"), audio, answer]},
+            {"id": "own-system", "conversations": [text("System", "Mine."), audio, answer]}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    tags = {"system_prompt": "Be brief.", "context": "Transcribe:"}
+    items = read_one({"type": "multimodal_conversation", "tags": tags,
+                      "manifest_filepath": str(tmp_path / "c.jsonl")})
+    turns = {c.id: c.prompt_turns(TAG) for c in items}
+    system = {"role": "system", "content": "Be brief."}
+    assert turns["audio-first"][:2] == [system, {"role": "user", "content": f"Transcribe: {TAG}"}]
+    # the context goes only before a conversation's opening audio
+    assert turns["text-first"][:2] == [system, {"role": "user", "content": f"Hear: {TAG}"}]
+    assert turns["own-system"][0] == {"role": "system", "content": "Mine."}
+    assert items[0].custom["system_prompt"] == "Be brief."  # tags are attached too, as in NeMo
+
+
+def write_tarred(folder, shards: int, per_shard: int, rate=16000) -> dict:
+    """A NeMo tarred set as NeMo's convert_to_tarred_audio_dataset.py writes it: audio_N.tar and
+    sharded_manifests/manifest_N.json, audio_filepath the member; returns {member: samples}."""
+    (folder / "sharded_manifests").mkdir(parents=True)
+    samples = {}
+    for shard in range(shards):
+        lines = []
+        with tarfile.open(folder / f"audio_{shard}.tar", "w") as tar:
+            for i in range(per_shard):
+                name = f"utt{shard}_{i}.wav"
+                wave = 0.1 * np.sin(np.arange(rate // 2) * (i + 1 + shard) / 10)
+                samples[name] = wave.astype(np.float32)
+                buffer = io.BytesIO()
+                sf.write(buffer, samples[name], rate, format="WAV", subtype="FLOAT")
+                member = tarfile.TarInfo(name)
+                member.size = buffer.tell()
+                buffer.seek(0)
+                tar.addfile(member, buffer)
+                lines.append({"audio_filepath": name, "duration": 0.5, "text": f"text {name}",
+                              "shard_id": shard, "context": f"ctx {shard}"})
+        lines.append({"audio_filepath": f"utt{shard}_0-sub1.wav", "offset": 0.25, "duration": 0.25,
+                      "text": "second half", "shard_id": shard})  # a second segment of one member
+        (folder / "sharded_manifests" / f"manifest_{shard}.json").write_text(
+            "\n".join(json.dumps(line) for line in lines))
+    return samples
+
+
+def test_nemo_tarred_input(tmp_path):
+    folder = tmp_path / "tarred [v1]"  # brackets stay brackets (NeMo would make them braces)
+    samples = write_tarred(folder, shards=3, per_shard=4)
+    entry = {"type": "nemo_tarred",
+             "manifest_filepath": str(folder / "sharded_manifests" / "manifest__OP_0..2_CL_.json"),
+             "tarred_audio_filepaths": str(folder / "audio__OP_0..2_CL_.tar")}
+    cuts = read_one(entry)
+    assert len(cuts) == 15
+    assert [c.id for c in cuts[:5]] == ["utt0_0-sub1.wav", "utt0_0.wav", "utt0_1.wav", "utt0_2.wav",
+                                        "utt0_3.wav"]
+    by_id = {c.id: c for c in cuts}
+    np.testing.assert_array_equal(by_id["utt1_2.wav"].load_audio()[0], samples["utt1_2.wav"])
+    second_half = samples["utt2_0.wav"][4000:]
+    np.testing.assert_array_equal(by_id["utt2_0-sub1.wav"].load_audio()[0], second_half)
+    assert by_id["utt1_2.wav"].supervisions[0].text == "text utt1_2.wav"
+    turns = cut_to_conversation(by_id["utt1_2.wav"]).prompt_turns(TAG)
+    assert turns[0]["content"] == f"ctx 1 {TAG}"
+    batch = salm_dataset()[CutSet(cuts[:3])]  # audio in memory, no file to open
+    assert batch["audio_lens"].tolist() == [4000, 8000, 8000]
+
+    # one manifest with shard_id keys, as the loader's own keys; {a..b}; shards shuffled per pass
+    one = folder / "all.json"
+    one.write_text("".join((folder / "sharded_manifests" / f"manifest_{i}.json").read_text() + "\n"
+                           for i in range(3)))
+    loader = {"manifest_filepath": str(one),
+              "tarred_audio_filepaths": str(folder / "audio_{0..2}.tar")}
+    assert [c.id for c in read_inputs(loader, train=False)] == [c.id for c in cuts]
+    shuffled = read_inputs({**loader, "shuffle": True, "seed": 3}, train=True)
+    first, second = [c.id for c in shuffled], [c.id for c in shuffled]
+    assert sorted(first) == sorted(c.id for c in cuts) and first != second  # a shard order per pass
+
+    sliced = read_one(dict(entry, slice_length=2))  # two members from a random start in each shard
+    members = {}
+    for cut in sliced:
+        members.setdefault(cut.id.split("_")[0], set()).add(int(cut.id.split("_")[1][0]))
+    assert sorted(members) == ["utt0", "utt1", "utt2"]
+    assert all(len(m) == 2 and max(m) - min(m) == 1 for m in members.values())  # consecutive
+    with pytest.raises(FileNotFoundError, match=r"audio_\[0..2\].tar \(brackets are not expanded"):
+        read_one(dict(entry, tarred_audio_filepaths=str(folder / "audio_[0..2].tar")))
+    with pytest.raises(ValueError, match="shard numbers of the manifests"):
+        read_one(dict(entry, tarred_audio_filepaths=str(folder / "audio__OP_0..1_CL_.tar")))
+
+
+def test_sharded_path_expansion():
+    assert expand_sharded_paths("a/_OP_0..2_CL_.tar") == ["a/0.tar", "a/1.tar", "a/2.tar"]
+    assert expand_sharded_paths("m_{08..10}.json") == ["m_08.json", "m_09.json", "m_10.json"]
+    assert expand_sharded_paths("{a,b}/x_{0..1}") == ["a/x_0", "a/x_1", "b/x_0", "b/x_1"]
+    assert expand_sharded_paths("d(1)/[x]<y>.tar") == ["d(1)/[x]<y>.tar"]  # NeMo: d{1}/{x}{y}.tar
+    assert expand_sharded_paths(["p_{0..1}"]) == ["p_{0..1}"]  # a list is taken as is, as in NeMo
+
+
+def test_cut_manifest_audio_paths_are_relative_to_the_manifest(tmp_path):
+    (tmp_path / "data" / "wav").mkdir(parents=True)
+    cut = make_cuts(tmp_path / "data" / "wav", 1)[0]
+    cut.recording.sources[0].source = "wav/utt0.flac"  # written relative to the manifest's folder
+    CutSet.from_cuts([cut]).to_file(tmp_path / "data" / "cuts.jsonl.gz")
+    cuts = read_one({"type": "lhotse", "cuts_path": str(tmp_path / "data" / "cuts.jsonl.gz")})
+    assert cuts[0].recording.sources[0].source == str(tmp_path / "data" / "wav" / "utt0.flac")
+    assert cuts[0].load_audio().shape[1] == 8000
+
+
+def test_input_cfg_from_a_yaml_file_and_keys_nemo_does_not_act_on(tmp_path):
+    make_cuts(tmp_path, 2).to_file(tmp_path / "c.jsonl.gz")
+    (tmp_path / "inputs.yaml").write_text(f"- type: lhotse_as_conversation\n"
+                                          f"  cuts_path: {tmp_path / 'c.jsonl.gz'}\n"
+                                          "  tags: {context: 'Repeat:'}\n")
+    items = list(read_inputs({"input_cfg": str(tmp_path / "inputs.yaml")}, train=False))
+    assert [i.prompt_turns(TAG)[0]["content"] for i in items] == [f"Repeat: {TAG}"] * 2
+    nested = [{"type": "group", "input_cfg": str(tmp_path / "inputs.yaml")}]
+    assert len(list(read_inputs({"input_cfg": nested}, train=False))) == 2
+    (tmp_path / "bad.yaml").write_text("- type: lhotse\n  cut_path: x\n")
+    with pytest.raises(ValueError, match="unknown config key 'input_cfg.0.cut_path'"):
+        read_inputs({"input_cfg": str(tmp_path / "bad.yaml")}, train=False)
+
+    entry = {"type": "lhotse_as_conversation", "cuts_path": str(tmp_path / "c.jsonl.gz")}
+    uses = {"system_prompt": "tags", "context": "tags", "shuffle_shards": "loader's shuffle"}
+    for key, use in uses.items():
+        with pytest.raises(ValueError, match=f"entry key {key} is not supported: .*{use}"):
+            read_one({**entry, key: "x"})
+    with pytest.raises(ValueError, match="slice_length applies to tarred NeMo data and lhotse_sh"):
+        read_one(entry, slice_length=4)

@@ -190,7 +190,8 @@ def test_generate_on_the_demo_validation_set(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "out" / "asr_val.jsonl").read_text().splitlines()]
     demo = {c.id: c for c in CutSet.from_shar(in_dir=str(ASR_VAL))}
     assert len(rows) == len(demo) == 60 and {r["id"] for r in rows} == set(demo)
-    assert all(set(r) == {"id", "duration", "text", "pred_text"} for r in rows)
+    assert all(set(r) == {"id", "duration", "text", "pred_text", "prompt"} for r in rows)
+    assert all(r["prompt"] == f"<s>[INST] {PROMPT} <|audioplaceholder|> [/INST]" for r in rows)
     assert all(r["text"] == demo[r["id"]].supervisions[0].text for r in rows)
     assert [r["duration"] for r in rows] == sorted((r["duration"] for r in rows), reverse=True)
     out = capsys.readouterr().out
@@ -220,6 +221,36 @@ def test_conversations_audio_files_and_prompts(tmp_path, cuts, capsys):
         assert chat["conversations"][2]["value"] in {str(p) for p in paths}
     audio = [json.loads(line) for line in (tmp_path / "out" / "audio.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in audio) == sorted(p.stem for p in paths[:2]) and all(r["text"] == "" for r in audio)
+
+
+def test_generated_rows_show_the_prompt_each_line_became(tmp_path, cuts):
+    _, checkpoint = make_checkpoint(tmp_path)
+    for i, cut in enumerate(cuts[:2]):
+        soundfile.write(tmp_path / f"{i}.wav", cut.load_audio()[0], 16000)
+    contexts = ["Write down what you hear.", "Spell it out:"]
+    manifest = tmp_path / "asr.json"  # NeMo ASR lines with their own prompts
+    lines = [{"audio_filepath": f"{i}.wav", "duration": cuts[i].duration, "text": "x", "context": c}
+             for i, c in enumerate(contexts)]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    chats = tmp_path / "chats.jsonl"  # a conversation whose system prompt comes from its tags
+    turns = [{"from": "User", "type": "audio", "value": "0.wav"},
+             {"from": "Assistant", "type": "text", "value": "x"}]
+    chats.write_text(json.dumps({"id": "c0", "conversations": turns}))
+    inputs = tmp_path / "chats.yaml"
+    inputs.write_text(f"- type: multimodal_conversation\n  manifest_filepath: {chats}\n"
+                      "  tags: {system_prompt: You are a careful listener.}\n")
+    infer.main(["generate", "--model", str(checkpoint), "--inputs", str(manifest), str(inputs),
+                "--output-dir", str(tmp_path / "out"), "--max-new-tokens", "2"])
+    lines = (tmp_path / "out" / "asr.jsonl").read_text().splitlines()
+    rows = {r["duration"]: r for r in map(json.loads, lines)}
+    for i, context in enumerate(contexts):
+        prompt = rows[round(cuts[i].duration, 3)]["prompt"]
+        assert prompt == f"<s>[INST] {context} <|audioplaceholder|> [/INST]"
+    chat = json.loads((tmp_path / "out" / "chats.jsonl").read_text())
+    assert chat["prompt"] == ("<s>[INST] <<SYS>>\nYou are a careful listener.\n<</SYS>>\n\n"
+                              "<|audioplaceholder|> [/INST]")
+    system = {"from": "System", "type": "text", "value": "You are a careful listener."}
+    assert chat["conversations"][0] == system
 
 
 def test_prompts_around_the_audio(cuts):

@@ -564,3 +564,18 @@ def test_prompt_formats_name_the_tokens_the_tokenizer_lacks():
     model = make_model(SHIPPED_LLM, prompt_format="plain")  # plain text needs nothing special
     assert model.tokenizer.decode(model.encode_dialog(NEMO_TURNS)["input_ids"]) == (
         "Repeat after me: <|audioplaceholder|>Some text transcription.")
+
+
+# ---- data keys the model defines -------------------------------------------------------------
+
+def test_data_keys_the_model_defines_must_agree_with_it(llm_dir):
+    model = make_model(llm_dir)
+    model.make_dataset({"train_ds": {"token_equivalent_duration": 0.08,
+                                     "input_cfg": [{"audio_locator_tag": TAG}]}})
+    with pytest.raises(ValueError, match="train_ds: token_equivalent_duration 0.04 is not the mo"):
+        model.make_dataset({"train_ds": {"token_equivalent_duration": 0.04}})
+    with pytest.raises(ValueError, match="train_ds: prompt_format 'qwen' is not the model's"):
+        model.make_dataset({"train_ds": {"prompt_format": "qwen"}})
+    nested = {"input_cfg": [{"input_cfg": [{"audio_locator_tag": "<audio>"}]}]}
+    with pytest.raises(ValueError, match="validation_ds: audio_locator_tag '<audio>' is not the"):
+        model.make_dataset({"train_ds": {}, "validation_ds": nested})
