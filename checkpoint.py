@@ -6,6 +6,11 @@
     PretrainedMixin                  save_pretrained / from_pretrained for the project's models
     load_nemo_checkpoint(path)       a NeMo `.nemo` archive: (config, state dict)
 
+NeMo-trained SALMs load too (`load_model`, `SALM.from_pretrained`, `infer.py --model`): a Lightning
+`.ckpt` (weights under `state_dict`, the model config under `hyper_parameters.cfg`) or NeMo's
+HF-style export (config.json + model.safetensors, as published for canary-qwen-2.5b). Their names
+differ from ours in one place: the token embedding, moved out of NeMo's LLM (NEMO_EMBEDDING).
+
 An export directory (`save_pretrained`), laid out as Hugging Face lays out a model:
     config.json        the resolved model config; pretrained_llm (and pretrained_audio_codec) point at the copies
                        below, pretrained_weights is false (every weight comes from model.safetensors)
@@ -32,6 +37,15 @@ from torch import nn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 LLM_DIR, CODEC_DIR = "llm", "codec"
+# The name map between NeMo's SALM and ours. NeMo moves the LLM's input embedding to the top level
+# (`embed_tokens.weight`); here it stays in the LLM, under LLM_EMBEDDINGS[0] (LoRA: [1], peft's).
+# Every other name is the same. With tied embeddings NeMo lists the shared tensor once, as the LLM's
+# `lm_head.weight` (the top-level module comes after the LLM); its exports store it as embed_tokens.
+NEMO_EMBEDDING = "embed_tokens."
+LLM_EMBEDDINGS = ("llm.model.embed_tokens.", "llm.base_model.model.model.embed_tokens.")
+NEMO_EXPORT_KEYS = ("model_type", "architectures", "dtype", "torch_dtype")  # added by NeMo's export
+NEMO_INIT_KEYS = ("pretrained_perception_from_s2s", "pretrained_s2s_model", "init_from_checkpoint")
+PREPROCESSOR_BUFFERS = "perception.preprocessor.featurizer."  # window, filterbank: from the config
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -67,9 +81,9 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, state: dict | None = None) -> dict:
     """A train.py checkpoint's contents: "model" (the state dict), "config" (the full config), ..."""
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config')")
     return state
@@ -87,13 +101,22 @@ def read_model(path: str | Path) -> tuple[dict, dict, str | None]:
         if saved_dtype not in DTYPES:
             raise ValueError(f"{path / WEIGHTS_NAME} says its weights are {saved_dtype!r}; expected one of "
                              f"{', '.join(DTYPES)}")
+        if any(name.startswith(NEMO_EMBEDDING) for name in state):  # a NeMo export
+            cfg, state = nemo_model_config(cfg, path), from_nemo_names(state, cfg.get("lora"))
         return cfg, state, saved_dtype
     checkpoint = find_checkpoint(path)
     if checkpoint is None:
         raise FileNotFoundError(f"{path}: neither an export directory (config.json + model.safetensors) nor "
-                                "a train.py checkpoint (.ckpt file, or a run directory holding "
-                                "checkpoints/last.ckpt)")
-    state = read_checkpoint(checkpoint)
+                                "a train.py or NeMo Lightning checkpoint (.ckpt file, or a run "
+                                "directory holding checkpoints/last.ckpt); convert a NeMo "
+                                "distributed checkpoint directory with NeMo's to_hf.py first")
+    state = load_checkpoint(checkpoint)
+    nemo = isinstance(state, dict) and isinstance(state.get("hyper_parameters"), dict)
+    if nemo and "state_dict" in state:
+        cfg = state["hyper_parameters"].get("cfg") or {}  # a NeMo Lightning checkpoint
+        cfg = nemo_model_config({**cfg, "pretrained_weights": False}, checkpoint)
+        return cfg, from_nemo_names(state["state_dict"], cfg.get("lora")), None
+    state = read_checkpoint(checkpoint, state)
     return {**state["config"]["model"], "pretrained_weights": False}, state["model"], None
 
 
@@ -108,7 +131,8 @@ def load_model(path: str | Path, choose_class, dtype: torch.dtype | None = None)
         raise ValueError(f"{path} does not fit the model its config builds: {str(e).splitlines()[-1]}") \
             from None
     aliases = tied_aliases(model)
-    missing = [k for k in result.missing_keys if k not in aliases and not k.startswith("audio_codec.")]
+    missing = [k for k in result.missing_keys
+               if k not in aliases and not k.startswith(("audio_codec.", PREPROCESSOR_BUFFERS))]
     if missing or result.unexpected_keys:
         raise ValueError(f"{path} does not fit the model its config builds: missing {missing[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
@@ -126,7 +150,8 @@ class PretrainedMixin:
         path.mkdir(parents=True, exist_ok=True)
         cfg = copy.deepcopy(self.cfg)
         # the ASR checkpoint's config is already in cfg["perception"], its weights in model.safetensors
-        cfg.update(pretrained_llm=LLM_DIR, pretrained_weights=False, pretrained_asr=None)
+        cfg.update(pretrained_llm=LLM_DIR, tokenizer_path=None, pretrained_weights=False,
+                   pretrained_asr=None)
         self.tokenizer.save_pretrained(path / LLM_DIR)
         self.llm.config.save_pretrained(path / LLM_DIR)
         codec = getattr(self, "audio_codec", None)
@@ -172,7 +197,52 @@ def pretrained_config(path: str | Path) -> dict:
     for key in ("pretrained_llm", "pretrained_audio_codec"):
         if cfg.get(key) and (path / cfg[key]).exists():
             cfg[key] = str(path / cfg[key])
+    if (path / "tokenizer_config.json").is_file():  # NeMo's export: a tokenizer beside config.json
+        cfg["tokenizer_path"] = str(path)
+    if (path / "llm_backbone" / CONFIG_NAME).is_file():  # ... and the LLM's config
+        cfg["pretrained_llm"] = str(path / "llm_backbone")
     cfg["pretrained_weights"] = False
+    return cfg
+
+
+def from_nemo_names(state: dict, lora: dict | None = None) -> dict:
+    """A NeMo SALM state dict under our names (`lora`: the config's lora section; None: no LoRA)."""
+    ours = LLM_EMBEDDINGS[lora is not None]
+    return {ours + k.removeprefix(NEMO_EMBEDDING) if k.startswith(NEMO_EMBEDDING) else k: v
+            for k, v in state.items()}
+
+
+def to_nemo_name(name: str) -> str:
+    """Our parameter name -> NeMo's."""
+    for ours in LLM_EMBEDDINGS:
+        if name.startswith(ours):
+            return NEMO_EMBEDDING + name.removeprefix(ours)
+    return name
+
+
+def nemo_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) as NeMo's SALM.named_parameters() lists them: a tied embedding once, as the
+    LLM's lm_head."""
+    named = [(to_nemo_name(n), p) for n, p in model.named_parameters(remove_duplicate=False)]
+    named.sort(key=lambda item: item[0].startswith(NEMO_EMBEDDING))  # stable: the LLM's names first
+    seen = set()
+    return [(n, p) for n, p in named if id(p) not in seen and not seen.add(id(p))]
+
+
+def nemo_model_config(cfg: dict, path) -> dict:
+    """A NeMo SALM config as ours: export bookkeeping and initialisation sources dropped (the
+    weights come from the file); options that change the computation and are not implemented here
+    refused."""
+    cfg = {k: v for k, v in cfg.items() if k not in NEMO_EXPORT_KEYS + NEMO_INIT_KEYS}
+    for key in ("encoder_chunk_size_seconds", "trust_remote_code", "use_nemo_automodel"):
+        if cfg.get(key):
+            raise ValueError(f"{path}: the NeMo option {key}={cfg[key]!r} is not supported here")
+    perception = cfg.get("perception") or {}
+    if not (perception.get("preprocessor") and perception.get("encoder")):
+        raise ValueError(f"{path}: its config has no perception.preprocessor / encoder (NeMo fills "
+                         "them in from pretrained_asr when it builds the model): load it in NeMo "
+                         "and save_pretrained it, or copy both sections from the ASR model's "
+                         "model_config.yaml into its config")
     return cfg
 
 

@@ -41,7 +41,8 @@ ENCODER_FREE_KEYS = {
 PREPROCESSOR_OFF_KEYS = {"exact_pad": False, "nb_augmentation_prob": 0.0, "stft_exact_pad": False, "stft_conv": False}
 ENCODER_OFF_KEYS = {
     "reduction": None, "reduction_factor": 1, "stochastic_depth_drop_prob": 0.0, "global_tokens": 0,
-    "global_attn_separate": False, "conv_dual_mode": False,
+    "global_attn_separate": False, "conv_dual_mode": False, "att_chunk_context_size": None,
+    "conv_context_style": "regular",
 }
 
 

@@ -15,13 +15,16 @@ divided by their count.
     model.save_pretrained("exports/salm")                          # config.json + model.safetensors + llm/
     model = SALM.from_pretrained("exports/salm")                   # offline, weights loaded strictly
 
-Parameter names, as `freeze_params` / `prevent_freeze_params` regexes see them (`re.match`):
-    llm.model.embed_tokens.weight        token embedding. NeMo moves it out of the LLM to `embed_tokens.*`; here it
-                                         stays inside, so `^llm\\.` covers it and `^embed_tokens\\.` matches nothing.
+The parameter names `freeze_params` / `prevent_freeze_params` regexes see (`re.match`) are NeMo's
+(checkpoint.nemo_named_parameters), so NeMo's patterns act on the same tensors as in NeMo:
+    embed_tokens.weight                  the token embedding (outside the LLM in NeMo; here its
+                                         tensor is llm.model.embed_tokens.weight). Tied to the
+                                         output head, it is listed once, as llm.lm_head.weight:
+                                         `^llm\\.` covers it, `^embed_tokens\\.` matches nothing.
     llm.model.layers.0.self_attn.q_proj.weight, llm.model.norm.weight, llm.lm_head.weight
-                                         (with tied embeddings lm_head.weight is the embedding, listed once)
     llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight   (with `lora:`, peft's names)
     perception.preprocessor.*, perception.encoder.*, perception.modality_adapter.*, perception.proj.*
+State dicts and exports keep our names; checkpoint.py maps NeMo's checkpoints onto them.
 
 Where this differs from NeMo, on purpose:
 * Position ids come from the attention mask, in training and in generation alike. NeMo's training forward passes
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from checkpoint import PretrainedMixin
+from checkpoint import PretrainedMixin, nemo_named_parameters
 from config import model_defaults
 from data import SALMDataset, left_pad, load_audio_files, loader_values, right_pad
 from metrics import word_errors
@@ -62,13 +65,16 @@ class SpeechLLM(PretrainedMixin, nn.Module):
     def __init__(self, cfg: dict, audio_locator_tag: str | None = None) -> None:
         super().__init__()
         self.cfg = cfg = model_defaults(cfg)
-        self.tokenizer = load_tokenizer(cfg["pretrained_llm"], audio_locator_tag)
+        tokenizer_path = cfg["tokenizer_path"] or cfg["pretrained_llm"]  # NeMo's key, as in NeMo
+        self.tokenizer = load_tokenizer(tokenizer_path, audio_locator_tag)
         self.llm = load_llm(cfg["pretrained_llm"], cfg["pretrained_weights"], cfg["lora"])
         self.perception, cfg["perception"] = setup_perception(cfg, output_dim=self.embed_tokens.embedding_dim)
 
-    def freeze(self) -> None:
-        """Apply `freeze_params` / `prevent_freeze_params` (call once every module exists)."""
-        apply_freezing(self, self.cfg["freeze_params"], self.cfg["prevent_freeze_params"])
+    def freeze(self, named_parameters: list | None = None) -> None:
+        """Apply `freeze_params` / `prevent_freeze_params` (call once every module exists) to the
+        parameters under the names `named_parameters` gives (default: ours)."""
+        cfg = self.cfg
+        apply_freezing(self, cfg["freeze_params"], cfg["prevent_freeze_params"], named_parameters)
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -103,7 +109,7 @@ class SALM(SpeechLLM):
         super().__init__(cfg, cfg["audio_locator_tag"])
         self.audio_locator_tag = cfg["audio_locator_tag"]
         self.formatter = make_prompt_formatter(self.cfg["prompt_format"], self.tokenizer)
-        self.freeze()
+        self.freeze(nemo_named_parameters(self))  # the patterns mean what they mean in NeMo
 
     @property
     def text_vocab_size(self) -> int:
@@ -196,8 +202,10 @@ class SALM(SpeechLLM):
         return ctc_sum, int(target_lens.sum())
 
     def make_dataset(self, data_cfg: dict) -> SALMDataset:
-        """The dataset that turns sampled conversations into this model's batches (see data.py). Conversations
-        longer than `max_tokens` or the LLM's context (max_position_embeddings) are skipped and counted."""
+        """The dataset that turns sampled conversations into this model's batches (see data.py).
+        Conversations shorter than `min_tokens`, or longer than `max_tokens` or the LLM's context
+        (max_position_embeddings), are skipped and counted. NeMo's data keys for what the model
+        defines (token_equivalent_duration, audio_locator_tag, prompt_format) must agree with it."""
         for section in ("train_ds", "validation_ds"):  # NeMo's data keys for what the model defines
             for key, ours in (("token_equivalent_duration", self.token_equivalent_duration),
                               ("audio_locator_tag", self.audio_locator_tag),
@@ -214,7 +222,8 @@ class SALM(SpeechLLM):
 
     @torch.no_grad()
     def validation_step(self, batch: dict, generate: bool = False) -> dict:
-        """Summed loss and teacher-forced token accuracy, to be summed over batches (see `validation_summary`).
+        """Loss and teacher-forced token accuracy, summed and as this batch's token means, to be
+        summed over batches and ranks (see `validation_summary`).
 
         With generate=True the last assistant turn of each conversation is also answered greedily from the
         conversation before it: "pairs" (reference, hypothesis) and word error counts for the WER.
@@ -224,16 +233,23 @@ class SALM(SpeechLLM):
         loss_sum, count = _masked_cross_entropy_sum(logits, inputs["target_ids"])
         supervised = inputs["target_ids"] != IGNORE_INDEX
         correct = (logits.argmax(-1) == inputs["target_ids"])[supervised].sum()
-        out = {"loss_sum": float(loss_sum), "correct": int(correct), "count": int(count)}
+        n = max(int(count), 1)
+        out = {"loss_sum": float(loss_sum), "correct": int(correct), "count": int(count),
+               "batches": int(count > 0), "batch_loss": float(loss_sum) / n,
+               "batch_acc": int(correct) / n}
         if generate:
             out.update(self._answer_last_turns(batch))
         return out
 
     @staticmethod
     def validation_summary(totals: dict) -> dict:
-        """Summed `validation_step` outputs of one validation set -> loss, acc (and wer when generated)."""
-        count = max(totals["count"], 1)
-        summary = {"loss": totals["loss_sum"] / count, "acc": totals["correct"] / count}
+        """Summed `validation_step` outputs of a validation set -> loss, acc (and wer if generated).
+
+        loss and acc are NeMo's: the mean over batches of each batch's token mean (so curves compare
+        with NeMo's val_loss / val_acc), not the token-weighted mean over the set.
+        """
+        batches = max(totals["batches"], 1)
+        summary = {"loss": totals["batch_loss"] / batches, "acc": totals["batch_acc"] / batches}
         if "ref_words" in totals:
             summary["wer"] = totals["word_errors"] / max(totals["ref_words"], 1)
         return summary
@@ -423,11 +439,12 @@ def load_llm(pretrained_llm: str, pretrained_weights: bool, lora_cfg: dict | Non
     return get_peft_model(llm, config)
 
 
-def apply_freezing(model: nn.Module, freeze_params: list[str], prevent_freeze_params: list[str]) -> None:
-    """Freeze parameters whose name `re.match`es a freeze pattern, unless a prevent pattern matches too.
-
-    A prevent match (and every `.lora_` parameter) is made trainable; parameters matching neither keep their
-    state (peft's frozen base weights stay frozen). Prints the counts; warns for a pattern that matched nothing.
+def apply_freezing(model: nn.Module, freeze_params: list[str], prevent_freeze_params: list[str],
+                   named_parameters: list | None = None) -> None:
+    """Freeze parameters whose name `re.match`es a freeze pattern unless a prevent pattern (or
+    `.lora_`) matches too, as NeMo's freeze_and_subset does: nothing is unfrozen, so peft's frozen
+    base weights stay frozen. `named_parameters`: the (name, parameter) list the patterns see
+    (default: the model's own). Prints the counts; warns for a pattern that matched nothing.
     """
     def compile_all(key, patterns):
         try:
@@ -439,13 +456,11 @@ def apply_freezing(model: nn.Module, freeze_params: list[str], prevent_freeze_pa
     prevent = compile_all("prevent_freeze_params", prevent_freeze_params)
     lora = re.compile(r"^.+\.lora_.+$")
     used = set()
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters() if named_parameters is None else named_parameters:
         freeze_hits = [p for p in freeze if p.match(name)]
         prevent_hits = [p for p in prevent if p.match(name)]
         used.update(freeze_hits + prevent_hits)
-        if prevent_hits or lora.match(name):
-            param.requires_grad = True
-        elif freeze_hits:
+        if freeze_hits and not prevent_hits and not lora.match(name):
             param.requires_grad = False
     # a pattern naming only buffers (NeMo's `^perception\.preprocessor\.` hits the mel filterbank) is no typo
     used.update(p for name, _ in model.named_buffers() for p in freeze + prevent if p.match(name))

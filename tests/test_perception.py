@@ -408,3 +408,42 @@ def test_a_pickled_payload_in_a_nemo_file_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="pickled objects are refused"):
         load_nemo_checkpoint(str(tmp_path / "evil.nemo"))
     assert not (tmp_path / "pwned.txt").exists()
+
+
+# NeMo 3.0's constructor arguments with their defaults (inspect.signature of ConformerEncoder and
+# AudioToMelSpectrogramPreprocessor), as a NeMo 3.0 model_config.yaml spells them out
+NEMO3_ENCODER_DEFAULTS = dict(
+    feat_out=-1, causal_downsampling=False, subsampling="striding", subsampling_factor=4,
+    subsampling_conv_chunking_factor=1, subsampling_conv_channels=-1, reduction=None,
+    reduction_position=None, reduction_factor=1, ff_expansion_factor=4,
+    self_attention_model="rel_pos", n_heads=4, att_context_size=None, att_context_probs=None,
+    att_chunk_context_size=None, att_context_style="regular", xscaling=True, untie_biases=True,
+    pos_emb_max_len=5000, conv_kernel_size=31, conv_norm_type="batch_norm", conv_context_size=None,
+    conv_context_style="regular", use_bias=True, dropout=0.1, dropout_pre_encoder=0.1,
+    dropout_emb=0.1, dropout_att=0.0, stochastic_depth_drop_prob=0.0,
+    stochastic_depth_mode="linear", stochastic_depth_start_layer=1, global_tokens=0,
+    global_tokens_spacing=1, global_attn_separate=False, use_pytorch_sdpa=False,
+    use_pytorch_sdpa_backends=None, sync_max_audio_length=True,
+)
+NEMO3_PREPROCESSOR_DEFAULTS = dict(
+    sample_rate=16000, window_size=0.02, window_stride=0.01, n_window_size=None,
+    n_window_stride=None, window="hann", normalize="per_feature", n_fft=None, preemph=0.97,
+    features=64, lowfreq=0, highfreq=None, log=True, log_zero_guard_type="add",
+    log_zero_guard_value=2**-24, dither=1e-5, pad_to=16, frame_splicing=1, exact_pad=False,
+    pad_value=0, mag_power=2.0, rng=None, nb_augmentation_prob=0.0, nb_max_freq=4000,
+    mel_norm="slaney", use_torchaudio=False, stft_exact_pad=False, stft_conv=False,
+)
+
+
+def test_nemo3_encoder_and_preprocessor_configs_load():
+    mel = MelSpectrogram(**NEMO3_PREPROCESSOR_DEFAULTS).eval()
+    encoder = ConformerEncoder(feat_in=64, n_layers=1, d_model=32, **NEMO3_ENCODER_DEFAULTS).eval()
+    features, lengths = mel(0.1 * torch.randn(1, 16000), torch.tensor([16000]))
+    encoded, encoded_lens = encoder(features, lengths)
+    assert features.shape == (1, 64, 112)  # pad_to 16: 101 frames -> 112
+    assert encoded.shape == (1, 32, 28) and encoded_lens.tolist() == [25]
+    refused = {"att_chunk_context_size": [[70], [1, 2], [0, 1]], "conv_context_style": "dcc"}
+    for key, value in refused.items():
+        with pytest.raises(ValueError, match=f"encoder.{key}=.* is not supported; set it to"):
+            ConformerEncoder(feat_in=64, n_layers=1, d_model=32,
+                             **dict(NEMO3_ENCODER_DEFAULTS, **{key: value}))

@@ -16,16 +16,19 @@ import soundfile
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 import salm
+from checkpoint import nemo_named_parameters, to_nemo_name
+from data import Conversation, Turn, audio_file_cut
 from prompts import make_prompt_formatter
 from salm import SALM, load_tokenizer, replace_placeholders_and_build_targets
 
 TAG = "<|audioplaceholder|>"
 SAMPLE_RATE = 16000
 SHIPPED_LLM = Path(__file__).resolve().parents[1] / "assets" / "tiny-llm"
-# Made by NeMo 3.0 itself: its prompt formats' output
+# Made by NeMo 3.0 itself: its prompt formats' output; a tiny SALM's weights, config, names, outputs
 NEMO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "nemo"
 # NeMo's tests/collections/speechlm2/test_salm.py::test_salm_dataset, decoded with TinyLlama's tokenizer
 NEMO_LLAMA2_PROMPT = "<s> [INST] Repeat after me: <|audioplaceholder|>  [/INST] Some text transcription. </s>"
@@ -234,12 +237,10 @@ def test_config_errors(llm_dir):
 def test_freeze_and_prevent_on_the_salm_tree(llm_dir, capsys):
     nemo_defaults = [r"^llm\..+$", r"^embed_tokens\..+$", r"^perception\.preprocessor\..+$",
                      r"^perception\.encoder\..+$"]
-    with pytest.warns(UserWarning, match=r"\^embed_tokens.*matches no parameter"):
-        model = make_model(llm_dir, freeze_params=nemo_defaults)
+    model = make_model(llm_dir, freeze_params=nemo_defaults)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("perception.modality_adapter.", "perception.proj.")) for n in trainable)
     assert {n for n, _ in model.named_parameters() if n.startswith("perception.proj.")} <= trainable
-    assert not model.llm.get_input_embeddings().weight.requires_grad  # `^llm\.` covers the embedding
     num_trainable = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
     total = sum(p.numel() for p in model.parameters())
     assert f"Parameters | trainable={num_trainable:,} ({100 * num_trainable / total:.2f}%) | total={total:,}" in (
@@ -247,8 +248,51 @@ def test_freeze_and_prevent_on_the_salm_tree(llm_dir, capsys):
 
     model = make_model(llm_dir, freeze_params=nemo_defaults[:1], prevent_freeze_params=[r"^llm\.lm_head\."])
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen == {n for n, _ in model.named_parameters() if n.startswith("llm.") and "lm_head" not in n}
+    assert frozen == {n for n, _ in model.named_parameters()
+                      if n.startswith("llm.") and "lm_head" not in n and "embed_tokens" not in n}
     assert model.llm.lm_head.weight.requires_grad  # prevent wins
+
+
+def frozen(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def test_freeze_patterns_act_on_the_tensors_they_name_in_nemo(llm_dir):
+    # NeMo keeps the embedding outside the LLM, as `embed_tokens.weight`; untied (llm_dir): alone
+    embedding_only = make_model(llm_dir, freeze_params=[r"^embed_tokens\..+$"])
+    assert frozen(embedding_only) == {"llm.model.embed_tokens.weight"}
+    llm_frozen = frozen(make_model(llm_dir, freeze_params=[r"^llm\..+$"]))
+    assert "llm.lm_head.weight" in llm_frozen and "llm.model.embed_tokens.weight" not in llm_frozen
+    # tied (NeMo's tiny SALM): NeMo lists the shared tensor once, as llm.lm_head.weight
+    with pytest.warns(UserWarning, match=r"\^embed_tokens.*matches no parameter"):
+        assert frozen(nemo_tiny_salm(freeze_params=[r"^embed_tokens\..+$"])) == set()
+    model = nemo_tiny_salm(freeze_params=[r"^llm\..+$"])
+    assert not model.embed_tokens.weight.requires_grad
+    assert frozen(model) == {n for n, _ in model.named_parameters() if n.startswith("llm.")}
+
+    # the names the patterns see are the names of NeMo's SALM.named_parameters()
+    record = nemo_fixture("nemo_salm_state_dict.json")
+    plain, lora = record["plain"], record["lora"]
+    state_names = set(plain["state_dict (name: shape if float32 else [shape, dtype])"])
+    buffers = set(plain["buffers_in_state_dict"])
+    parameters = state_names - buffers - {"embed_tokens.weight"}  # the tied embedding: listed once
+    assert {n for n, _ in nemo_named_parameters(nemo_tiny_salm())} == parameters
+    model = nemo_tiny_salm(lora=lora["cfg_lora"])
+    names = {to_nemo_name(n) for n in model.state_dict()}
+    llm_names = {n for n in names if n.startswith("llm.")}
+    key = "state_dict_llm_entries (all non-llm.* entries identical to plain)"
+    assert llm_names == set(lora[key])
+    assert names - llm_names == {n for n in state_names if not n.startswith("llm.")}
+    untrained = {n for n, p in nemo_named_parameters(model) if not p.requires_grad}
+    assert untrained == set(lora["requires_grad_false_after_init"])
+
+
+def test_prevent_freeze_params_never_unfreezes_as_in_nemo(llm_dir):
+    # NeMo's prevent_freeze_params only shields from freeze_params: peft's frozen base stays frozen
+    model = make_model(llm_dir, lora={"task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8},
+                       freeze_params=[r"^llm\..+$"], prevent_freeze_params=[r"^llm\..+$"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("llm.")}
+    assert trained == {n for n, _ in model.named_parameters() if ".lora_" in n}
 
 
 def test_lora_keeps_only_lora_and_unfrozen_parameters_trainable(llm_dir):
@@ -566,7 +610,147 @@ def test_prompt_formats_name_the_tokens_the_tokenizer_lacks():
         "Repeat after me: <|audioplaceholder|>Some text transcription.")
 
 
-# ---- data keys the model defines -------------------------------------------------------------
+# ---- NeMo checkpoints ----------------------------------------------------------------------------
+
+NEMO_STATE_NAMES = "state_dict (name: shape if float32 else [shape, dtype])"  # a fixture key
+
+
+def nemo_salm_cfg(**overrides) -> dict:
+    """The config NeMo's tiny SALM was built from, its LLM and tokenizer paths made absolute."""
+    cfg = nemo_fixture("nemo_salm_tiny_generate.json")["salm_cfg"]
+    return {**cfg, "pretrained_llm": str(NEMO_FIXTURES / cfg["pretrained_llm"]),
+            "tokenizer_path": str(NEMO_FIXTURES / cfg["tokenizer_path"]), **overrides}
+
+
+def nemo_tiny_salm(**overrides) -> SALM:
+    torch.manual_seed(0)
+    return SALM(nemo_salm_cfg(**overrides)).eval()
+
+
+def write_nemo_export(path: Path, cfg: dict, state: dict) -> Path:
+    """A directory as NeMo's SALM.save_pretrained writes it: config.json (the SALM config and
+    two keys) and model.safetensors under NeMo's names."""
+    path.mkdir(parents=True)
+    nemo_keys = {"model_type": "nemo_speechlm",
+                 "architectures": ["NeMoSpeechLMForConditionalGeneration"]}
+    (path / "config.json").write_text(json.dumps({**cfg, **nemo_keys}))
+    save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors",
+              metadata={"format": "pt"})
+    return path
+
+
+def write_nemo_lightning_checkpoint(path: Path, cfg: dict, state: dict) -> Path:
+    """A file laid out as Lightning's trainer.save_checkpoint writes NeMo's SALM."""
+    torch.save({"epoch": 1, "global_step": 1, "pytorch-lightning_version": "2.4.0",
+                "state_dict": state, "loops": {}, "callbacks": {}, "optimizer_states": [],
+                "lr_schedulers": [], "hparams_name": "kwargs", "hyper_parameters": {"cfg": cfg}},
+               path)
+    return path
+
+
+@pytest.mark.parametrize("source", ["export", "lightning"])
+def test_nemo_trained_salm_gives_nemo_outputs(source, tmp_path):
+    record = nemo_fixture("nemo_salm_tiny_generate.json")
+    # NeMo's names, the tied LM head stored once (as embed_tokens), the mel buffers left out
+    state = load_file(NEMO_FIXTURES / "nemo_salm_tiny.safetensors")
+    if source == "export":
+        model = SALM.from_pretrained(write_nemo_export(tmp_path / "nemo", nemo_salm_cfg(), state))
+    else:
+        state["llm.lm_head.weight"] = state["embed_tokens.weight"]  # Lightning keeps both names
+        names = nemo_fixture("nemo_salm_state_dict.json")["plain"][NEMO_STATE_NAMES]
+        mel = {"perception.preprocessor.featurizer.window", "perception.preprocessor.featurizer.fb"}
+        assert set(state) == set(names) - mel  # the mel buffers come from the config
+        checkpoint = write_nemo_lightning_checkpoint(tmp_path / "a.ckpt", nemo_salm_cfg(), state)
+        model = SALM.from_pretrained(checkpoint)
+
+    nemo = record["generate"]
+    torch.manual_seed(1)
+    audio, audio_lens = 0.1 * torch.randn(1, 16000), torch.tensor([16000])
+    with torch.no_grad():
+        embeds, _ = model.perception(audio, audio_lens)
+    assert list(embeds.shape) == nemo["perception_out_shape"]
+    assert float(embeds.sum()) == pytest.approx(nemo["perception_out_sum"], rel=1e-5)
+    prompt_ids = model.encode_dialog(nemo["prompts"][0])["input_ids"].tolist()
+    assert prompt_ids == nemo["prompt_input_ids(llama2)"]
+    answer = model.generate(nemo["prompts"], audios=audio, audio_lens=audio_lens, max_new_tokens=6)
+    assert answer.tolist() == nemo["output_ids"]
+    text_only = nemo["text_only"]
+    prompt = model.encode_dialog(text_only["prompts"][0])["input_ids"].tolist()
+    new_tokens = model.generate(text_only["prompts"], max_new_tokens=6)[0].tolist()
+    key = "output_ids (HF returns prompt+new tokens when input_ids are given)"
+    assert [prompt + new_tokens] == text_only[key]  # NeMo returns prompt + new tokens here
+
+    # NeMo's teacher-forced batch, from our data pipeline: the same ids, mask, loss and accuracy
+    teacher_forced = record["teacher_forced_batch"]
+    torch.manual_seed(2)
+    clips = [0.1 * torch.randn(16000), 0.1 * torch.randn(8000)]
+    for i, clip in enumerate(clips):  # float WAV: the samples come back exactly
+        write_audio(tmp_path / f"a{i}.wav", clip.numpy(), SAMPLE_RATE, "FLOAT")
+    cuts = [audio_file_cut(tmp_path / f"a{i}.wav") for i in range(2)]
+    first = [Turn("user", "Transcribe this:"), Turn("user", audio=cuts[0]),
+             Turn("assistant", "the cat sat")]
+    conversations = [Conversation("1", first),
+                     Conversation("2", [Turn("user", audio=cuts[1]), Turn("assistant", "a dog")])]
+    batch = model.make_dataset({"train_ds": {}})[conversations]
+    assert batch["input_ids"].tolist() == teacher_forced["batch_input_ids"]
+    assert batch["loss_mask"].long().tolist() == teacher_forced["batch_loss_mask"]
+    out = model.validation_step(batch)
+    assert out["batch_loss"] == pytest.approx(teacher_forced["loss"], rel=1e-5)
+    assert out["batch_acc"] == teacher_forced["acc"]
+
+
+LORA_CFG = {"task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+
+
+@pytest.mark.parametrize("lora", [None, LORA_CFG])
+def test_nemo_named_weights_load_and_generate_as_ours(lora, llm_dir, tmp_path):
+    cfg = make_cfg(llm_dir, **({"lora": lora} if lora else {}))
+    torch.manual_seed(0)
+    model = SALM(copy.deepcopy(cfg)).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; a trained adapter is not
+            param.data.normal_(0, 0.3)
+    prompts = [[{"role": "user", "content": f"Repeat after me: {TAG}"}]]
+    audio, audio_lens = 0.1 * torch.randn(1, 12000), torch.tensor([12000])
+    expected = model.generate(prompts, audio, audio_lens, max_new_tokens=8, min_new_tokens=8)
+    # NeMo's SALM keeps the embedding at the top level (self.embed_tokens = llm.model.embed_tokens)
+    llm = "llm.base_model.model." if lora else "llm."
+    state = {("embed_tokens.weight" if k == f"{llm}model.embed_tokens.weight" else k): v
+             for k, v in model.state_dict().items()}
+    assert f"{llm}lm_head.weight" in state  # untied (llm_dir): its own tensor
+    export = write_nemo_export(tmp_path / "nemo", cfg, state)
+    checkpoint = write_nemo_lightning_checkpoint(tmp_path / "nemo.ckpt", cfg, state)
+    for path in (export, checkpoint):
+        loaded = SALM.from_pretrained(path)
+        generated = loaded.generate(prompts, audio, audio_lens, max_new_tokens=8, min_new_tokens=8)
+        assert torch.equal(generated, expected)
+    state.pop(f"{llm}model.norm.weight")
+    with pytest.raises(ValueError, match="does not fit the model"):  # still checked strictly
+        SALM.from_pretrained(write_nemo_export(tmp_path / "broken", cfg, state))
+
+
+def test_nemo_config_without_the_asr_sections_is_refused(tmp_path):
+    cfg = nemo_salm_cfg(pretrained_asr="nvidia/canary-1b-flash")
+    for section in ("preprocessor", "encoder"):  # NeMo fills them in from pretrained_asr
+        del cfg["perception"][section]
+    checkpoint = write_nemo_lightning_checkpoint(tmp_path / "x.ckpt", cfg, {})
+    with pytest.raises(ValueError, match="no perception.preprocessor / encoder .*save_pretrained"):
+        SALM.from_pretrained(checkpoint)
+
+
+# ---- validation as NeMo averages it; data keys the model defines --------------------------------
+
+def test_validation_loss_is_the_mean_of_batch_means_as_in_nemo(llm_dir):
+    model = make_model(llm_dir)
+    outs = [model.validation_step(make_batch(model, CONVERSATIONS[:1])),
+            model.validation_step(make_batch(model, CONVERSATIONS[1:]))]
+    totals = {k: sum(o[k] for o in outs) for k in outs[0]}
+    summary = SALM.validation_summary(totals)
+    assert summary["loss"] == pytest.approx(sum(o["loss_sum"] / o["count"] for o in outs) / 2)
+    assert summary["acc"] == pytest.approx(sum(o["correct"] / o["count"] for o in outs) / 2)
+    assert outs[0]["count"] != outs[1]["count"]  # so the token-weighted mean is another number
+    assert summary["loss"] != pytest.approx(totals["loss_sum"] / totals["count"])
+
 
 def test_data_keys_the_model_defines_must_agree_with_it(llm_dir):
     model = make_model(llm_dir)
