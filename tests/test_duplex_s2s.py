@@ -434,7 +434,7 @@ def test_nemo_codec_path_names_supported_kinds():
 
 # ---- command line -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("speech_decoder", [False, True], ids=["duplex", "speech_decoder"])
+@pytest.mark.parametrize("speech_decoder", **DECODERS)
 def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, speech_decoder):
     model = build(llm_dir, speech_decoder)
     config = {"model": model_cfg(llm_dir, speech_decoder), "data": DATA_CFG}
