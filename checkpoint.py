@@ -5,6 +5,7 @@
     load_model(path, choose_class)   a model from an export directory or a train.py checkpoint
     PretrainedMixin                  save_pretrained / from_pretrained for the project's models
     load_nemo_checkpoint(path)       a NeMo `.nemo` archive: (config, state dict)
+    load_nemo_duplex_weights(model, ckpt)  NeMo duplex weights, renamed by NEMO_DUPLEX_NAMES
 
 NeMo-trained SALMs load too (`load_model`, `SALM.from_pretrained`, `infer.py --model`): a Lightning
 `.ckpt` (weights under `state_dict`, the model config under `hyper_parameters.cfg`) or NeMo's
@@ -22,6 +23,7 @@ import copy
 import json
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import tempfile
@@ -182,7 +184,11 @@ class PretrainedMixin:
         without peft, that computes what the adapted one did."""
         if self.cfg.get("lora") is None:
             raise ValueError("this model has no LoRA adapters to merge (its config has no 'lora' section)")
-        self.llm = self.llm.merge_and_unload()
+        if hasattr(self.llm, "merge_and_unload"):
+            self.llm = self.llm.merge_and_unload()
+        else:  # the duplex models wrap only the LLM's decoder stack
+            prefix = self.llm.base_model_prefix
+            setattr(self.llm, prefix, getattr(self.llm, prefix).merge_and_unload())
         self.cfg = {k: v for k, v in self.cfg.items() if k != "lora"}
 
 
@@ -303,3 +309,43 @@ def load_nemo_checkpoint(path: str) -> tuple[dict, dict]:
         except ValueError as e:  # name the .nemo file, not the temporary copy of its weights
             raise ValueError(str(e).replace(weights_path, f"{path} (its model_weights.ckpt)")) from None
     return config, state_dict
+
+
+# NeMo speechlm2's duplex parameter names -> this project's (DuplexS2SModel and
+# DuplexS2SSpeechDecoderModel). NeMo keeps only the LLM's decoder stack as `llm`, moves its
+# embedding and output head to the top and calls the speech decoder `speech_generation`. The first
+# rule whose pattern matches renames the tensor; None drops it.
+NEMO_DUPLEX_NAMES = (
+    (r"^_control_codes$", None),  # speech BOS / EOS / delay ids: derived from the codec here
+    (r"^audio_codec\.", None),  # a NeMo codec (.nemo); ours is the pretrained_audio_codec
+    (r"\.causal_mask$", None),  # constant tril(ones) buffers (100 MB a layer at 5000 frames)
+    (r"^speech_generation\.", "speech_decoder."),
+    (r"^embed_tokens\.", "llm.model.embed_tokens."),
+    (r"^lm_head\.", "llm.lm_head."),
+    (r"^llm\.", "llm.model."),  # LoRA: llm.base_model.model.* -> llm.model.base_model.model.*
+)
+NEMO_UNUSED = ("embed_audio_tokens.", "audio_head.")  # NeMo's speech-decoder model never uses them
+
+
+def load_nemo_duplex_weights(model: nn.Module, source: str | Path | dict) -> None:
+    """Load a NeMo duplex model's weights (a Lightning .ckpt's `state_dict`, or the state dict
+    itself) into `model`, renamed by NEMO_DUPLEX_NAMES. Every weight of `model` but the codec's must
+    be there, with the same shape (the audio heads need a codec with NeMo's codebooks)."""
+    state = source if isinstance(source, dict) else load_checkpoint(source)
+    state = state.get("state_dict", state)
+    own, renamed = model.state_dict(), {}
+    for name, tensor in state.items():
+        new = next((re.sub(p, r, name) if r else None for p, r in NEMO_DUPLEX_NAMES
+                    if re.search(p, name)), name)
+        if new is None or (new not in own and name.startswith(NEMO_UNUSED)):
+            continue
+        lora = new.replace("llm.model.", "llm.model.base_model.model.", 1)  # embed_tokens, LoRA
+        renamed[lora if new not in own and lora in own else new] = tensor
+    shapes = [f"{k} {tuple(renamed[k].shape)} here {tuple(v.shape)}" for k, v in own.items()
+              if k in renamed and renamed[k].shape != v.shape]
+    missing = [k for k in own if k not in renamed and not k.startswith("audio_codec.")]
+    unexpected = [k for k in renamed if k not in own]
+    if shapes or missing or unexpected:
+        raise ValueError(f"the NeMo weights do not fit this model: shapes differ {shapes[:3]}, "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(renamed, strict=False)

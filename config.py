@@ -88,7 +88,8 @@ TARGETS = {
     "model.perception.modality_adapter": CONFORMER + IDENTITY,
     "model.speech_decoder": ("nemo.collections.speechlm2.modules.speech_generation.TransformerARSpeechDecoder",
                              "nemo.collections.speechlm2.modules.TransformerARSpeechDecoder",
-                             "speech_decoder.SpeechDecoder"),
+                             "speech_decoder.SpeechDecoder",
+                             "speech_decoder.TransformerARSpeechDecoder"),
     "model.optimizer": tuple(f"torch.optim.{name}" for name in OPTIMIZERS),
     "model.lr_scheduler": ("nemo.core.optim.lr_scheduler.CosineAnnealing",),
     "trainer.strategy": ("lightning.pytorch.strategies.DDPStrategy",),  # ignored: torchrun and train.py set up DDP

@@ -25,9 +25,15 @@ frame's codes.
 
     python infer.py duplex --model runs/s2s_duplex --audio question.wav --out answer/
 
-Parameter names (for `freeze_params`): llm.model.* and llm.lm_head.* (the Hugging Face LLM, as in SALM),
-perception.*, embed_audio_tokens.{k}.*, audio_head.* (speech_decoder.* instead of those two in the speech-decoder
-model) and audio_codec.model.* (the codec: always frozen, fp32, in eval mode).
+Parameter names (for `freeze_params`): llm.model.* and llm.lm_head.* (the Hugging Face LLM, as in
+SALM; with `lora`, llm.model.base_model.model.*), perception.*, embed_audio_tokens.{k}.*,
+audio_head.* (speech_decoder.* instead of those two in the speech-decoder model) and
+audio_codec.model.* (the codec: always frozen, fp32, in eval mode). NeMo's names (llm.layers.*,
+embed_tokens.*, lm_head.*, speech_generation.*) load with checkpoint.load_nemo_duplex_weights.
+
+As in NeMo: LoRA wraps only the LLM's decoder stack (the embedding and output head stay trainable);
+a tokenizer without pad and unk tokens pads the text channel with id 0; validation answers every
+validation conversation (`offline_inference`) and logs txt_bleu and, with a `scoring_asr`, asr_bleu.
 
 Where this differs from NeMo, on purpose:
 * The loss covers each session's frames only; NeMo also sums the cross-entropy over the padding of shorter
@@ -36,9 +42,10 @@ Where this differs from NeMo, on purpose:
   streams silently. The check runs at start-up and names the key to change.
 * Control codes are replaced by the codec's codes of silence before decoding (NeMo uses frame 0 of the batch).
 * The speech-decoder model has no unused `embed_audio_tokens` / `audio_head`.
-* BLEU is corpus BLEU over all sessions, for ASR-BLEU too (NeMo's ASR-BLEU passes its references wrongly), after
-  infer.py's text normalizer.
 * Generated text is decoded turn by turn (split at BOS) and the turns joined with spaces.
+* Validation also logs the teacher-forced losses (val_loss, val_text_loss, val_audio_loss); NeMo
+  logs none.
+* The scoring ASR is a SALM of this project or a transformers ASR model, not a NeMo transducer.
 """
 
 import json
@@ -56,7 +63,7 @@ from checkpoint import CONFIG_NAME, find_checkpoint, read_checkpoint
 from data import DuplexS2SDataset
 from metrics import bleu
 from salm import DEFAULT_ASR_PROMPT, SALM, SpeechLLM, answer, frozen_modules_to_eval
-from speech_decoder import DecoderCache, SpeechDecoder, sample_codes
+from speech_decoder import DecoderCache, build_speech_decoder, sample_codes
 
 NUM_CONTROL_CODES = 3  # speech BOS, EOS and delay ids follow the codebook ids
 SUPPORTED_CODECS = ("mimi", "encodec", "dac")
@@ -67,6 +74,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 class DuplexS2SModel(SpeechLLM):
     """LLM + streaming perception + frozen audio codec. `cfg` is the `model` section of the config."""
 
+    pad_fallback_id = 0  # NeMo's get_pad_id: the pad token, else unk, else id 0
+    lora_on_decoder_stack = True  # NeMo's duplex LoRA: the embedding and output head stay trainable
+
     def __init__(self, cfg: dict) -> None:
         super().__init__(cfg)
         cfg = self.cfg
@@ -75,8 +85,9 @@ class DuplexS2SModel(SpeechLLM):
         self.audio_loss_weight = cfg["audio_loss_weight"]
         self.user_channel_weight = cfg["duplex_user_channel_weight"]
         if self.text_pad_id in (self.text_bos_id, self.text_eos_id):
-            raise ValueError(f"the tokenizer of {cfg['pretrained_llm']} has no pad or unk token distinct from "
-                             "BOS/EOS; the text channel needs one for silent frames")
+            raise ValueError(f"the tokenizer of {cfg['pretrained_llm']} pads with id "
+                             f"{self.text_pad_id}, its BOS or EOS; the text channel needs a "
+                             "distinct id for silent frames")
         codec_frame = 1 / self.audio_codec.frame_rate
         if not math.isclose(codec_frame, self.perception.token_equivalent_duration, rel_tol=1e-3):
             raise ValueError(
@@ -202,25 +213,34 @@ class DuplexS2SModel(SpeechLLM):
         return text_sum, audio_sum, int(mask.sum())
 
     @torch.no_grad()
-    def validation_step(self, batch: dict, generate: bool = False) -> dict:
-        """Summed teacher-forced losses; with generate=True also the sessions answered by `offline_inference`:
-        "pairs" (reference agent text, generated text) and, with a scoring ASR, "asr_pairs" (reference, transcript
-        of the generated speech)."""
+    def validation_step(self, batch: dict, generate: bool = True) -> dict:
+        """NeMo's validation, whatever `generate` says (it is SALM's choice): the sessions answered
+        by `offline_inference`, as "pairs" (reference agent text, generated text) and, with a
+        scoring ASR, "asr_pairs" (reference, transcript of the generated speech). Also the summed
+        teacher-forced losses, which NeMo does not compute."""
         inputs = self.prepare_inputs(batch)
         logits = self(inputs["user_embeds"], inputs["text_inputs"], inputs["audio_inputs"])
         text_sum, audio_sum, num_frames = self.loss_sums(logits["text_logits"], logits["audio_logits"], inputs)
         out = {"text_loss_sum": float(text_sum), "audio_loss_sum": float(audio_sum) / self.num_codebooks,
                "num_frames": num_frames}
-        if generate:
-            scorer = self._scoring_asr()
-            results = self.offline_inference(batch["source_audio"], batch["source_audio_lens"],
-                                             decode_audio=scorer is not None)
-            out["pairs"] = list(zip(batch["target_texts"], results["text"]))
-            if scorer is not None:
-                clips = [a[:n] for a, n in zip(results["audio"], results["audio_len"])]
-                transcripts = scorer.transcribe(clips, self.audio_codec.sample_rate)
-                out["asr_pairs"] = list(zip(batch["target_texts"], transcripts))
+        scorer = self._scoring_asr()
+        results = self.offline_inference(batch["source_audio"], batch["source_audio_lens"],
+                                         decode_audio=scorer is not None)
+        out["pairs"] = list(zip(batch["target_texts"], results["text"]))
+        if scorer is not None:
+            clips = [a[:n] for a, n in zip(results["audio"], results["audio_len"])]
+            transcripts = scorer.transcribe(clips, self.audio_codec.sample_rate)
+            out["asr_pairs"] = list(zip(batch["target_texts"], transcripts))
         return out
+
+    def validation_metrics(self) -> dict:
+        """The metrics validation logs (per set and their mean), each None or why it is not logged.
+        Loads the scoring ASR: train.py asks before the first step, so a bad one fails at once."""
+        asr = None if self._scoring_asr() else (
+            "ASR-BLEU needs a scoring ASR: set model.scoring_asr to a SALM checkpoint or export of "
+            "this project or a transformers ASR model, or monitor val_txt_bleu or val_loss")
+        metrics = dict.fromkeys(("loss", "text_loss", "audio_loss", "txt_bleu"))
+        return {**metrics, "asr_bleu": asr}
 
     def validation_summary(self, totals: dict) -> dict:
         """Summed `validation_step` outputs of one validation set -> losses and BLEU scores."""
@@ -291,7 +311,7 @@ class DuplexS2SModel(SpeechLLM):
 
     def decode_text(self, ids: Tensor) -> str:
         """Text channel -> the agent's words: each turn (from a BOS) decoded on its own, turns joined by spaces."""
-        ids = ids.tolist()
+        ids = [t for t in ids.tolist() if t != self.text_pad_id]  # as NeMo: the pad may be a text token
         starts = [0] + [i for i, t in enumerate(ids) if t == self.text_bos_id] + [len(ids)]
         turns = [self.tokenizer.decode(ids[a:b], skip_special_tokens=True).strip() for a, b in zip(starts, starts[1:])]
         return " ".join(t for t in turns if t)
@@ -302,8 +322,8 @@ class DuplexS2SSpeechDecoderModel(DuplexS2SModel):
     the LLM reads text + user only; the decoder reads the LLM's last hidden state and the previous frame's codes."""
 
     def _build_audio_output(self, hidden_size: int) -> None:
-        self.speech_decoder = SpeechDecoder(self.cfg["speech_decoder"], hidden_size, self.num_codebooks,
-                                            self.speech_vocab_size)
+        self.speech_decoder = build_speech_decoder(self.cfg["speech_decoder"], hidden_size,
+                                                   self.num_codebooks, self.speech_vocab_size)
 
     def forward(self, user_embeds: Tensor, text_ids: Tensor, audio_ids: Tensor, state: "DuplexState | None" = None):
         hidden = self._llm_hidden(self._fuse(user_embeds, text_ids), state)
@@ -488,6 +508,12 @@ class Transcriber:
         self.prompt = scoring_asr_prompt(name_or_path) if prompt is None else prompt
         self.batch_size = batch_size
         path = Path(name_or_path)
+        if path.suffix == ".nemo" or path.name.startswith("stt_"):
+            raise ValueError(f"scoring_asr '{name_or_path}': NeMo ASR models (.nemo files, "
+                             "names such as stt_en_fastconformer_transducer_large) are not "
+                             "supported, their transducer decoding is out of scope; use a SALM "
+                             "checkpoint or export of this project or a transformers "
+                             "speech-recognition model (e.g. openai/whisper-small)")
         if _is_project_model(path):
             self.salm = SALM.from_pretrained(path, torch.float32).to(device)
             self.sample_rate = self.salm.sampling_rate

@@ -62,12 +62,16 @@ class SpeechLLM(PretrainedMixin, nn.Module):
     """What SALM and the duplex models share: the config with its defaults (`self.cfg`), a tokenizer, a Hugging
     Face LLM (`self.llm`, LoRA-wrapped with a `lora` section) and the audio perception in the LLM's space."""
 
+    pad_fallback_id: int | None = None  # no pad and no unk token: pad with EOS (load_tokenizer)
+    lora_on_decoder_stack = False  # LoRA wraps the whole causal LM (see load_llm)
+
     def __init__(self, cfg: dict, audio_locator_tag: str | None = None) -> None:
         super().__init__()
         self.cfg = cfg = model_defaults(cfg)
         tokenizer_path = cfg["tokenizer_path"] or cfg["pretrained_llm"]  # NeMo's key, as in NeMo
-        self.tokenizer = load_tokenizer(tokenizer_path, audio_locator_tag)
-        self.llm = load_llm(cfg["pretrained_llm"], cfg["pretrained_weights"], cfg["lora"])
+        self.tokenizer = load_tokenizer(tokenizer_path, audio_locator_tag, self.pad_fallback_id)
+        self.llm = load_llm(cfg["pretrained_llm"], cfg["pretrained_weights"], cfg["lora"],
+                            self.lora_on_decoder_stack)
         self.perception, cfg["perception"] = setup_perception(cfg, output_dim=self.embed_tokens.embedding_dim)
 
     def freeze(self, named_parameters: list | None = None) -> None:
@@ -404,23 +408,35 @@ def frozen_modules_to_eval(modules: list[nn.Module]) -> None:
             module.eval()
 
 
-def load_tokenizer(pretrained_llm: str, audio_locator_tag: str | None):
-    """HF tokenizer with the audio locator tag as a special token; a missing pad token falls back to unk, then eos."""
+def load_tokenizer(pretrained_llm: str, audio_locator_tag: str | None,
+                   pad_fallback_id: int | None = None):
+    """HF tokenizer with the audio locator tag as a special token. A missing pad token falls back to
+    unk, then to eos, or with `pad_fallback_id` to that id (NeMo's duplex models: 0, and a warning).
+    """
     try:
         tokenizer = AutoTokenizer.from_pretrained(pretrained_llm)
     except (OSError, ValueError) as e:  # ValueError: a directory without usable tokenizer files
         raise _not_found(pretrained_llm, e) from None
     if audio_locator_tag is not None:
         tokenizer.add_special_tokens({"extra_special_tokens": [audio_locator_tag]}, replace_extra_special_tokens=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    elif tokenizer.pad_token is None and pad_fallback_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_fallback_id)
+        warnings.warn(f"the tokenizer of {pretrained_llm} has no pad or unk token: padding with id "
+                      f"{pad_fallback_id} ({tokenizer.pad_token!r}), as NeMo does")
     return tokenizer
 
 
-def load_llm(pretrained_llm: str, pretrained_weights: bool, lora_cfg: dict | None = None) -> nn.Module:
+def load_llm(pretrained_llm: str, pretrained_weights: bool, lora_cfg: dict | None = None,
+             lora_on_decoder_stack: bool = False) -> nn.Module:
     """A local directory or hub name, in fp32; pretrained_weights=False builds the same architecture, random init.
     With `lora_cfg` (the config's `lora` section) it is wrapped with peft LoRA adapters (`LoraConfig(**lora_cfg)`),
-    which freeze its base weights."""
+    which freeze its base weights. With `lora_on_decoder_stack` (the duplex models, as NeMo's) only
+    the decoder stack is wrapped, without a task type: the embedding and output head stay trainable.
+    """
     try:
         if pretrained_weights:
             llm = AutoModelForCausalLM.from_pretrained(pretrained_llm, dtype=torch.float32)
@@ -432,11 +448,18 @@ def load_llm(pretrained_llm: str, pretrained_weights: bool, lora_cfg: dict | Non
         return llm
     from peft import LoraConfig, get_peft_model
 
+    if lora_on_decoder_stack:
+        lora_cfg = {k: v for k, v in lora_cfg.items() if k != "task_type"}
     try:
         config = LoraConfig(**lora_cfg)
     except TypeError as e:
         raise ValueError(f"model.lora: {e}") from None
-    return get_peft_model(llm, config)
+    if not lora_on_decoder_stack:
+        return get_peft_model(llm, config)
+    setattr(llm, llm.base_model_prefix, get_peft_model(llm.get_decoder(), config))
+    for layer in (llm.get_input_embeddings(), llm.get_output_embeddings()):
+        layer.weight.requires_grad = True
+    return llm
 
 
 def apply_freezing(model: nn.Module, freeze_params: list[str], prevent_freeze_params: list[str],

@@ -60,6 +60,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
 
     # 3. model, optimizer, schedule, data; the state of a resumed run
     run = setup(cfg, device, rank, world_size, resume_path)
+    check_monitor(exp, run.model, run.val_loaders)
     loggers = make_loggers(exp, log_dir, cfg) if master else []
     if master:
         start_run_dir(log_dir, cfg, resume_path)
@@ -325,6 +326,25 @@ def validate(model, loaders: dict, limit, device, autocast_dtype, generate: bool
     results.update({k: sum(v) / len(v) for k, v in per_metric.items()})
     model.train()
     return results, pairs
+
+
+def check_monitor(exp: dict, model, val_loaders: dict) -> None:
+    """A checkpoint monitor that validation will not log is an error before the first step, not at
+    the first checkpoint (for the models that list their validation metrics: the duplex models)."""
+    params = exp["checkpoint_callback_params"]
+    if not (exp["create_checkpoint_callback"] and val_loaders and params["save_top_k"]
+            and hasattr(model, "validation_metrics")):
+        return
+    metrics, monitor = model.validation_metrics(), params["monitor"]
+    suffixes = ["", *(f"_{name}" for name in val_loaders)]
+    names = {f"val_{metric}{suffix}": metric for metric in metrics for suffix in suffixes}
+    if monitor not in names:
+        logged = [name for name, metric in names.items() if not metrics[metric]]
+        raise ConfigError(f"checkpoint monitor '{monitor}' is not a validation metric of this "
+                          f"model; pick one of {', '.join(logged)}")
+    if metrics[names[monitor]]:
+        raise ConfigError(f"checkpoint monitor '{monitor}' is never logged: "
+                          f"{metrics[names[monitor]]}")
 
 
 def save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, best, params, results, ranks, master):

@@ -28,7 +28,7 @@ LARGE_LLM = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
                  intermediate_size=5632, vocab_size=32000, head_dim=64, max_position_embeddings=2048,
                  tie_word_embeddings=False)
 LARGE_ENCODER = dict(d_model=512, n_layers=17, n_heads=8, subsampling_factor=8, subsampling_conv_channels=256)
-LARGE_SPEECH_DECODER = dict(d_model=1024, n_layers=12, n_heads=16, d_kv=64, d_ff=4096)
+LARGE_SPEECH_DECODER = dict(d_model=768, n_layers=12, d_ffn=3072, sa_n_heads=12)  # NeMo's example
 # Dense bf16 tensor-core TFLOPs by GPU name; float32 matmuls run as TF32 (train.py turns it on) at half of these.
 PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 125, "L4": 121}
 

@@ -7,7 +7,8 @@ the latter with and without its speech decoder's KV cache.
 Each model answers the user channel of a demo conversation (repeated to `--seconds`) with `offline_inference`:
 perception once, then one step per frame (LLM with its KV cache, text and codec heads or the speech decoder),
 then the codec decodes the agent's speech. RTF = wall seconds / audio seconds (below 1: faster than real time).
-Without the KV cache the speech decoder recomputes all past frames at every frame (speech_decoder.use_cache false).
+Without the KV cache the speech decoder recomputes all past frames at every frame (its use_cache
+off, as NeMo's decoder does).
 """
 from functools import partial
 from pathlib import Path

@@ -361,7 +361,8 @@ def test_training_on_a_manifest_with_every_bad_kind_finishes(tmp_path):
 
 def test_a_conversation_longer_than_the_duplex_context_is_skipped(monkeypatch):
     monkeypatch.chdir(ROOT)
-    cfg = load_config("configs/s2s_duplex_speech_decoder.yaml", ["model.speech_decoder.max_seq_len=64"], report=None)
+    cfg = load_config("configs/s2s_duplex_speech_decoder.yaml",
+                      ["model.speech_decoder.max_length_causal_mask=64"], report=None)
     model = train.build_model(cfg["model"])
     dataset = model.make_dataset(cfg["data"])
     assert dataset.max_frames == 64  # the speech decoder's limit is below the LLM's 1024 positions

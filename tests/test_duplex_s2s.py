@@ -1,4 +1,6 @@
+import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import yaml
 from lhotse import CutSet, Recording, SupervisionSegment
 from lhotse.cut import MonoCut
 from lhotse.testing.dummies import dummy_recording
@@ -18,10 +21,13 @@ from transformers import EncodecConfig, EncodecModel, LlamaConfig, PreTrainedTok
 
 import duplex_s2s
 import infer
+import train
+from checkpoint import load_nemo_duplex_weights
+from config import ConfigError, load_config
 from data import read_duplex_demo, read_inputs
 from duplex_s2s import DuplexS2SModel, DuplexS2SSpeechDecoderModel, check_data_config, load_audio_codec
-
-from salm import DEFAULT_ASR_PROMPT, SALM
+from salm import DEFAULT_ASR_PROMPT, SALM, load_tokenizer
+from speech_decoder import TransformerARSpeechDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MIMI = ROOT / "assets" / "tiny-mimi"
@@ -31,6 +37,11 @@ DATA_CFG = dict(frame_length=0.08, source_sample_rate=16000, target_sample_rate=
                 output_roles=["agent", "assistant"])
 SPEECH_DECODER = dict(d_model=32, n_layers=1, n_heads=4, d_kv=8, d_ff=64, max_seq_len=512, dropout=0.0,
                       layernorm_epsilon=1e-5, activation_function="gelu_new", init_method_std=0.02, use_cache=True)
+NEMO_SPEECH_DECODER = dict(n_layers=1, d_model=32, d_ffn=64, sa_n_heads=4, kernel_size=3,
+                           apply_norm_out=True,
+                           max_length_causal_mask=512, use_learnable_pos_emb=True)  # NeMo's keys
+DECODERS = dict(argvalues=[False, True, "nemo"],
+                ids=["duplex", "speech_decoder", "nemo_speech_decoder"])
 NO_DROPOUT = dict(dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0, dropout_att=0.0)
 CAUSAL = dict(causal_downsampling=True, att_context_size=[70, 1], att_context_style="chunked_limited",
               conv_context_size="causal", conv_norm_type="layer_norm")
@@ -68,7 +79,8 @@ def model_cfg(llm_dir, speech_decoder=False, causal=True, **overrides) -> dict:
                        "modality_adapter": adapter},
     }
     if speech_decoder:
-        cfg["speech_decoder"] = dict(SPEECH_DECODER)
+        decoder = NEMO_SPEECH_DECODER if speech_decoder == "nemo" else SPEECH_DECODER
+        cfg["speech_decoder"] = dict(decoder)
     return {**cfg, **overrides}
 
 
@@ -247,7 +259,7 @@ def test_loss_matches_hand_computation(llm_dir, monkeypatch):
     assert (out["loss_sum"] / out["count"]).item() == pytest.approx(3 * text_loss + 1 * audio_loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("speech_decoder", [False, True], ids=["duplex", "speech_decoder"])
+@pytest.mark.parametrize("speech_decoder", **DECODERS)
 def test_training_steps_drive_both_losses_down(llm_dir, conversations, speech_decoder):
     model = build(llm_dir, speech_decoder)
     batch = make_batch(model, conversations[:2])
@@ -265,7 +277,7 @@ def test_training_steps_drive_both_losses_down(llm_dir, conversations, speech_de
     assert not any(p.grad is not None for p in model.audio_codec.parameters())
 
 
-@pytest.mark.parametrize("speech_decoder", [False, True], ids=["duplex", "speech_decoder"])
+@pytest.mark.parametrize("speech_decoder", **DECODERS)
 def test_offline_inference_on_one_second(llm_dir, speech_decoder):
     model = build(llm_dir, speech_decoder)
     out = model.offline_inference(torch.randn(1, 16000), torch.tensor([16000]))
@@ -280,12 +292,15 @@ def test_offline_inference_on_one_second(llm_dir, speech_decoder):
         torch.randn(1, 16000), torch.tensor([16000]))["tokens_audio"].shape == (1, 13, K)
 
 
-@pytest.mark.parametrize("speech_decoder", [False, True], ids=["duplex", "speech_decoder"])
+@pytest.mark.parametrize("speech_decoder", **DECODERS)
 def test_cached_loop_equals_full_forward_over_its_outputs(llm_dir, conversations, speech_decoder):
     model = build(llm_dir, speech_decoder, seed=1)
     with torch.no_grad():  # make the outputs vary: a random model answers with the same token every frame
         model.lm_head.weight.mul_(30)
-        (model.audio_head if not speech_decoder else model.speech_decoder.head).weight.mul_(30)
+        decoder = getattr(model, "speech_decoder", None)
+        head = model.audio_head if not speech_decoder else getattr(decoder, "head", None)
+        head = head or decoder.final_proj
+        head.weight.mul_(30)
     audio = make_batch(model, conversations[:1])["source_audio"][:, :40000]
     out = model.offline_inference(audio, torch.tensor([audio.size(1)]), decode_audio=False)
     text, codes = out["tokens_text"], out["tokens_audio"]  # (1, T), (1, T, K)
@@ -419,7 +434,7 @@ def test_nemo_codec_path_names_supported_kinds():
 
 # ---- command line -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("speech_decoder", [False, True], ids=["duplex", "speech_decoder"])
+@pytest.mark.parametrize("speech_decoder", **DECODERS)
 def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, speech_decoder):
     model = build(llm_dir, speech_decoder)
     config = {"model": model_cfg(llm_dir, speech_decoder), "data": DATA_CFG}
@@ -455,3 +470,307 @@ def test_train_script_lowers_both_losses(config, tmp_path):
     first, last = [float(v) for v in logged[0]], [float(v) for v in logged[-1]]
     assert last[0] < 0.5 * first[0] and last[1] < 0.8 * first[1], run.stdout
     assert "val_txt_bleu" in run.stdout and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+# ---- NeMo interop: validation, weights, LoRA, padding, NeMo's example configs --------------------
+
+NEMO_FIXTURES = ROOT / "tests" / "fixtures" / "nemo"
+# NeMo's examples/speechlm2/conf/s2s_duplex*.yaml, verbatim (their git blob ids)
+NEMO_CONFIGS = {"s2s_duplex.yaml": "a3801abcd32bc363791cfd751cdd441a90601c68",
+                "s2s_duplex_speech_decoder.yaml": "acfe2c7958ad442ce1c0d82ce64687c821069161"}
+NEMO_DECODER_KEYS = ["n_layers", "d_model", "d_ffn", "sa_n_heads", "kernel_size", "p_dropout",
+                     "p_dropout_out", "has_xattn", "xa_d_memory", "xa_n_heads", "is_causal",
+                     "apply_norm_to_cond", "apply_norm_out", "max_length_causal_mask",
+                     "cond_on_prev_audio_tokens", "detach_input", "use_learnable_pos_emb"]
+
+
+def test_every_validation_answers_the_conversations(llm_dir, conversations):
+    model = build(llm_dir)
+    batch = make_batch(model, conversations[:2])
+    # the periodic validation (generate=False) answers them too, as NeMo's validation does
+    results, pairs = train.validate(model, {"demo": [batch]}, 1.0, torch.device("cpu"), None)
+    assert [ref for ref, _ in pairs] == batch["target_texts"]
+    assert {"val_txt_bleu_demo", "val_txt_bleu", "val_loss_demo", "val_loss"} <= set(results)
+    assert "val_asr_bleu" not in results  # no scoring ASR
+
+
+def test_a_monitor_validation_never_logs_fails_before_training(llm_dir):
+    model = build(llm_dir)
+    exp = {"create_checkpoint_callback": True,
+           "checkpoint_callback_params": {"monitor": "val_asr_bleu", "save_top_k": 1}}
+    loaders = {"val_set_0": []}
+    with pytest.raises(ConfigError, match=r"^checkpoint monitor 'val_asr_bleu' is never logged: "
+                                          r"ASR-BLEU needs a scoring ASR: set model.scoring_asr "):
+        train.check_monitor(exp, model, loaders)
+    for monitor in ("val_txt_bleu", "val_txt_bleu_val_set_0", "val_loss",
+                    "val_audio_loss_val_set_0"):
+        params = {"monitor": monitor, "save_top_k": 1}
+        train.check_monitor({**exp, "checkpoint_callback_params": params}, model, loaders)
+    typo = {**exp, "checkpoint_callback_params": {"monitor": "val_wer", "save_top_k": 1}}
+    with pytest.raises(ConfigError, match="'val_wer' is not a validation metric of this model; "
+                                          "pick one of val_loss, val_loss_val_set_0, val_text_"):
+        train.check_monitor(typo, model, loaders)
+    model._scorer = object()  # a scoring ASR is there
+    train.check_monitor(exp, model, loaders)
+
+
+@pytest.mark.parametrize("name", ["stt_en_fastconformer_transducer_large", "/models/asr.nemo"])
+def test_nemo_scoring_asr_says_it_is_out_of_scope_and_what_to_use(llm_dir, name):
+    with pytest.raises(ValueError, match="NeMo ASR models .* are not supported, their transducer "
+                                         "decoding is out of scope; use a SALM checkpoint or "
+                                         "export of this project or a transformers "
+                                         "speech-recognition model"):
+        build(llm_dir, scoring_asr=name).validation_metrics()
+
+
+def nemo_fixture_model(speech_decoder: bool, seed: int, **overrides):
+    """Our model built from the config NeMo's state-dict fixture was built with (the tiny codec for
+    NeMo's, a 64-frame decoder limit for NeMo's 5000: its causal masks would be 200 MB)."""
+    name = f"nemo_duplex{'_speech_decoder' if speech_decoder else ''}_state_dict.json"
+    info = json.loads((NEMO_FIXTURES / name).read_text())
+    cfg = dict(info["config"], pretrained_llm=str(ROOT / "assets" / "tiny-llm"),
+               pretrained_audio_codec=str(TINY_MIMI), pretrained_asr=None, scoring_asr=None,
+               **overrides)
+    cfg["perception"] = {k: v for k, v in cfg["perception"].items() if k != "output_dim"}
+    if speech_decoder:
+        cfg["speech_decoder"] = dict(cfg["speech_decoder"], max_length_causal_mask=64)
+    torch.manual_seed(seed)
+    cls = DuplexS2SSpeechDecoderModel if speech_decoder else DuplexS2SModel
+    return cls(cfg).eval(), info
+
+
+def nemo_named(model) -> dict:
+    """Our model's weights under NeMo's names, written from NeMo's layout (llm = the decoder stack,
+    embed_tokens and lm_head at the top, speech_generation), with the tensors only NeMo has."""
+    renames = (("llm.model.base_model.model.embed_tokens.", "embed_tokens."),
+               ("llm.model.embed_tokens.", "embed_tokens."), ("llm.lm_head.", "lm_head."),
+               ("llm.model.", "llm."), ("speech_decoder.", "speech_generation."))
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("audio_codec."):
+            continue
+        ours, nemo = next(((a, b) for a, b in renames if name.startswith(a)), ("", ""))
+        state[nemo + name.removeprefix(ours)] = tensor
+    state["_control_codes"] = torch.tensor([256, 257, 258])
+    state["audio_codec.audio_encoder.pre_conv.conv.weight"] = torch.zeros(2, 1, 3)
+    if hasattr(model, "speech_decoder"):
+        for i in range(len(model.speech_decoder.t5_decoder.layers)):
+            mask = torch.ones(64, 64).tril().view(1, 1, 64, 64)
+            state[f"speech_generation.t5_decoder.layers.{i}.self_attention.causal_mask"] = mask
+        state.update({f"embed_audio_tokens.{k}.weight": torch.zeros(259, 128) for k in range(8)})
+        state.update({"audio_head.weight": torch.zeros(8 * 259, 128),
+                      "audio_head.bias": torch.zeros(8 * 259)})
+    return state
+
+
+@pytest.mark.parametrize("speech_decoder", [False, True], ids=["duplex", "speech_decoder"])
+def test_nemo_named_weights_load_and_answer_as_the_model_they_came_from(speech_decoder, tmp_path):
+    source, info = nemo_fixture_model(speech_decoder, seed=0)
+    state = nemo_named(source)
+    # the names are NeMo's: those of the model NeMo 3.0 built from this config
+    assert set(state) - {"audio_codec.audio_encoder.pre_conv.conv.weight"} == \
+        {name for name in info["state_dict"] if not name.startswith("audio_codec.")}
+    # a Lightning checkpoint's state_dict, or the state dict itself
+    torch.save({"state_dict": state, "global_step": 7, "hyper_parameters": {"cfg": info["config"]}},
+               tmp_path / "nemo.ckpt")
+    audio = 0.1 * torch.randn(1, 24000, generator=torch.Generator().manual_seed(0))
+    expected = source.offline_inference(audio, torch.tensor([24000]))
+    for weights in (tmp_path / "nemo.ckpt", state):
+        target, _ = nemo_fixture_model(speech_decoder, seed=1)
+        load_nemo_duplex_weights(target, weights)
+        got = target.offline_inference(audio, torch.tensor([24000]))
+        assert torch.equal(got["tokens_text"], expected["tokens_text"])
+        assert torch.equal(got["tokens_audio"], expected["tokens_audio"])
+        torch.testing.assert_close(got["audio"], expected["audio"])
+    # NeMo's codec has 2016 codes per codebook, the tiny one 256: the audio heads cannot load
+    nemo_head = torch.zeros(info["state_dict"]["audio_head.weight"])
+    nemo_shapes = {**state, "audio_head.weight": nemo_head}
+    if not speech_decoder:
+        with pytest.raises(ValueError, match=r"shapes differ \['audio_head.weight \(16152, 128\) "
+                                             r"here \(2072, 128\)'\]"):
+            load_nemo_duplex_weights(target, nemo_shapes)
+    with pytest.raises(ValueError, match=r"missing \['perception.proj.weight'\]"):
+        load_nemo_duplex_weights(target,
+                                 {k: v for k, v in state.items() if k != "perception.proj.weight"})
+
+
+def test_lora_wraps_the_decoder_stack_only_as_in_nemo(conversations):
+    lora = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "task_type": "CAUSAL_LM"}
+    model, _ = nemo_fixture_model(False, seed=0, lora=lora)
+    # NeMo's parameters, with LoRA installed as NeMo's duplex models do (wrapping `llm` only)
+    nemo = json.loads((NEMO_FIXTURES / "nemo_duplex_lora_parameters.json").read_text())
+    nemo = nemo["parameters"]
+    ours = {name: p for name, p in model.named_parameters(remove_duplicate=False)
+            if not name.startswith("audio_codec.")}
+    renames = (("embed_tokens.", "llm.model.base_model.model.embed_tokens."),
+               ("lm_head.", "llm.lm_head."), ("llm.", "llm.model."))
+    for name, (shape, trainable) in nemo.items():
+        prefix, ours_prefix = next((a, b) for a, b in renames + (("", ""),) if name.startswith(a))
+        param = ours[ours_prefix + name.removeprefix(prefix)]
+        assert param.requires_grad == trainable, name
+        if not name.startswith(("embed_audio_tokens.", "audio_head.")):  # NeMo's codec differs
+            assert list(param.shape) == shape, name
+    assert len(ours) == len(nemo) + 1  # + the embedding: lm_head's tensor, which NeMo lists once
+    assert model.embed_tokens.weight.requires_grad and model.lm_head.weight.requires_grad
+    # the adapters and the embedding learn; the merged model answers as the adapted one
+    model.train()
+    model.training_step(make_batch(model, conversations[:1]))["loss"].backward()
+    assert model.embed_tokens.weight.grad.abs().max() > 0
+    lora_b = model.llm.model.base_model.model.layers[0].self_attn.q_proj.lora_B.default.weight
+    assert lora_b.grad.abs().max() > 0  # (A's gradient is 0 while B is at its initial 0)
+    model.eval()
+    audio = torch.randn(1, 16000)
+    before = model.offline_inference(audio, torch.tensor([16000]), decode_audio=False)
+    model.merge_lora()
+    after = model.offline_inference(audio, torch.tensor([16000]), decode_audio=False)
+    assert not any("lora" in name for name in model.state_dict())
+    assert torch.equal(before["tokens_text"], after["tokens_text"])
+    assert torch.equal(before["tokens_audio"], after["tokens_audio"])
+
+
+def test_nemo_named_lora_weights_load(tmp_path):
+    lora = {"r": 4, "lora_alpha": 8}
+    source, _ = nemo_fixture_model(False, seed=0, lora=lora)
+    with torch.no_grad():  # LoRA's B starts at zero: give the adapters something to carry
+        for name, param in source.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    state = nemo_named(source)
+    assert "llm.base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in state
+    target, _ = nemo_fixture_model(False, seed=1, lora=lora)
+    load_nemo_duplex_weights(target, state)
+    audio = torch.randn(1, 16000)
+    expected = source.offline_inference(audio, torch.tensor([16000]), decode_audio=False)
+    got = target.offline_inference(audio, torch.tensor([16000]), decode_audio=False)
+    assert torch.equal(got["tokens_text"], expected["tokens_text"])
+    assert torch.equal(got["tokens_audio"], expected["tokens_audio"])
+
+
+@pytest.fixture(scope="session")
+def llm_dir_without_pad(tmp_path_factory):
+    """A Llama-3-like tokenizer: BOS and EOS (added last), no pad and no unk token."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([" ".join(WORDS)] * 3, trainer)
+    tokenizer.add_special_tokens(["<|begin|>", "<|end|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin|>",
+                                   eos_token="<|end|>")
+    path = tmp_path_factory.mktemp("llm_without_pad")
+    fast.save_pretrained(path)
+    LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, bos_token_id=fast.bos_token_id,
+                eos_token_id=fast.eos_token_id).save_pretrained(path)
+    return path
+
+
+def test_a_tokenizer_without_pad_or_unk_pads_with_id_0_as_nemo(llm_dir_without_pad, conversations):
+    with pytest.warns(UserWarning, match="has no pad or unk token: padding with id 0"):
+        model = build(llm_dir_without_pad)
+    assert model.text_pad_id == 0 and model.text_bos_id > 0 and model.text_eos_id > 0
+    batch = make_batch(model, conversations[:1])
+    silent = batch["target_tokens"][0, :5]  # the agent is silent while the user asks
+    assert silent.tolist() == [0] * 5
+    text = model.decode_text(batch["target_tokens"][0])  # id 0 is "!": pads are dropped, as NeMo
+    assert "!" not in text and text.split()[:3] == batch["target_texts"][0].split()[:3]
+    salm_tokenizer = load_tokenizer(str(llm_dir_without_pad), None)
+    assert salm_tokenizer.pad_token_id == model.text_eos_id  # SALM pads with EOS
+
+
+def nemo_overrides(shar: Path, out: Path, speech_decoder: bool) -> list[str]:
+    """Paths and sizes only: NeMo's example configs offline on a CPU, with the tiny LLM and codec,
+    no pretrained ASR but a small encoder, small adapter and speech decoder, conversations in
+    `shar`."""
+    encoder = ("{feat_in: 80, n_layers: 1, d_model: 32, n_heads: 2, subsampling: dw_striding, "
+               "subsampling_factor: 8, subsampling_conv_channels: 16, causal_downsampling: true, "
+               "att_context_size: [70, 1], att_context_style: chunked_limited, "
+               "conv_context_size: causal, conv_norm_type: layer_norm}")
+    overrides = [
+        "model.pretrained_llm=assets/tiny-llm", "model.pretrained_weights=false",
+        "model.pretrained_audio_codec=assets/tiny-mimi", "model.pretrained_asr=null",
+        "model.scoring_asr=null", "+model.perception.preprocessor={features: 80, normalize: NA}",
+        f"+model.perception.encoder={encoder}",
+        *(f"model.perception.modality_adapter.{key}" for key in
+          ("feat_in=32", "d_model=32", "n_heads=2", "subsampling_conv_channels=16")),
+        "trainer.accelerator=cpu", "trainer.max_steps=2", "trainer.limit_val_batches=2",
+        "data.target_sample_rate=24000",  # the tiny codec's (NeMo's codec: 22050)
+        f"data.train_ds.input_cfg.0.shar_path={shar / 'train'}", "data.train_ds.num_workers=0",
+        f"data.validation_ds.datasets.val_set_0.shar_path={shar / 'val'}",
+        f"exp_manager.explicit_log_dir={out}",
+    ]
+    if speech_decoder:
+        overrides += [f"model.speech_decoder.{key}" for key in
+                      ("n_layers=1", "d_model=32", "d_ffn=64", "sa_n_heads=2",
+                       "max_length_causal_mask=512")]
+    return overrides
+
+
+def write_shar(cuts, path: Path) -> None:
+    path.mkdir(parents=True)
+    fields = {"recording": "flac", "target_audio": "flac"}
+    CutSet.from_cuts(cuts).to_shar(path, fields=fields, shard_size=100)
+
+
+def test_nemo_example_config_refuses_its_asr_bleu_monitor_at_start_up(conversations, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.chdir(ROOT)
+    write_shar(conversations[:2], tmp_path / "shar" / "train")
+    write_shar(conversations[2:3], tmp_path / "shar" / "val")
+    overrides = nemo_overrides(tmp_path / "shar", tmp_path / "run", speech_decoder=False)
+    with pytest.raises(ConfigError, match="'val_asr_bleu' is never logged: .*model.scoring_asr"):
+        train.main([str(NEMO_FIXTURES / "s2s_duplex.yaml"), *overrides])
+    assert not (tmp_path / "run" / "checkpoints").exists()  # before the first step
+
+
+@pytest.fixture(scope="module")
+def demo_shar(tmp_path_factory):
+    """The demo conversations as NeMo's duplex data (lhotse Shar, user audio + target_audio)."""
+    path = tmp_path_factory.mktemp("demo_shar")
+    write_shar(list(read_duplex_demo(ROOT / "assets" / "demo" / "qa_train"))[:16], path / "train")
+    write_shar(list(read_duplex_demo(ROOT / "assets" / "demo" / "qa_val"))[:4], path / "val")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", list(NEMO_CONFIGS))
+def test_nemo_example_configs_train_with_path_and_size_overrides(config, demo_shar, tmp_path,
+                                                                 monkeypatch, capsys):
+    path = NEMO_FIXTURES / config
+    text = path.read_text()
+    blob = hashlib.sha1(f"blob {len(text.encode())}\0".encode() + text.encode()).hexdigest()
+    assert blob == NEMO_CONFIGS[config]  # NeMo's file, verbatim: NeMo's key names
+    nemo = yaml.safe_load(text)
+    assert nemo["exp_manager"]["checkpoint_callback_params"]["monitor"] == "val_asr_bleu"
+    speech_decoder = "speech_decoder" in nemo["model"]
+    if speech_decoder:
+        assert list(nemo["model"]["speech_decoder"]) == NEMO_DECODER_KEYS
+    monkeypatch.chdir(ROOT)
+    monitor = ["exp_manager.checkpoint_callback_params.monitor=val_loss",  # no scoring ASR offline
+               "exp_manager.checkpoint_callback_params.mode=min"]
+    model = train.main([str(path), *nemo_overrides(demo_shar, tmp_path, speech_decoder), *monitor])
+    out = capsys.readouterr().out
+    assert "stopped at step 2: max_steps" in out and "val_txt_bleu_val_set_0" in out
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {"last.ckpt", "step=2.ckpt"}
+    if speech_decoder:
+        assert isinstance(model.speech_decoder, TransformerARSpeechDecoder)
+
+
+@pytest.mark.slow
+def test_nemo_example_config_monitors_asr_bleu_with_a_salm_as_scoring_asr(demo_shar, tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    salm_cfg = load_config("configs/salm.yaml", report=None)
+    salm = SALM(salm_cfg["model"])
+    (tmp_path / "salm").mkdir()
+    torch.save({"model": salm.state_dict(), "config": salm_cfg}, tmp_path / "salm" / "last.ckpt")
+    overrides = nemo_overrides(demo_shar, tmp_path / "run", speech_decoder=False)
+    overrides[overrides.index("model.scoring_asr=null")] = f"model.scoring_asr={tmp_path / 'salm'}"
+    train.main([str(NEMO_FIXTURES / "s2s_duplex.yaml"), *overrides])  # monitors val_asr_bleu, max
+    out = capsys.readouterr().out
+    assert "val_asr_bleu_val_set_0" in out and "stopped at step 2: max_steps" in out
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step=2.ckpt", weights_only=True)
+    logged = float(re.search(r"^validation: .*val_asr_bleu ([\d.]+)", out, re.M).group(1))
+    assert [step for _, step in state["best"]] == [2]
+    assert state["best"][0][0] == pytest.approx(-logged, abs=1e-4)  # mode max: kept negated

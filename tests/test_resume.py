@@ -145,8 +145,8 @@ MODELS = {
     "s2s_duplex_speech_decoder": (
         "configs/s2s_duplex_speech_decoder.yaml",
         ["data.train_ds.batch_size=2", "data.validation_ds.batch_size=2",  # one loader worker, as configured
-         "model.speech_decoder.n_layers=1", "model.speech_decoder.d_model=32", "model.speech_decoder.n_heads=2",
-         "model.speech_decoder.d_kv=16", "model.speech_decoder.d_ff=64"],
+         "model.speech_decoder.n_layers=1", "model.speech_decoder.d_model=32",
+         "model.speech_decoder.sa_n_heads=2", "model.speech_decoder.d_ffn=64"],
         (9, 3, 1000),
         ["rename:6:last.ckpt", "step:8", "midwrite:9:step=9.ckpt"],
     ),
