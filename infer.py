@@ -393,8 +393,11 @@ def timeline_svg(user: np.ndarray, user_rate: int, agent: np.ndarray, agent_rate
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="330" '
            'font-family="sans-serif" font-size="11">',
            '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{left}" y="18" font-size="13">{escape(title)}</text>']
-    lanes = (("user", 40, user, user_rate, "#1f77b4"), ("agent", 130, agent, agent_rate, "#d62728"))
+           f'<text x="{left}" y="16" font-size="13">{escape(title)}</text>',
+           f'<text x="{left}" y="30" fill="#666">shaded: the user speaking (above {USER_SPEECH_DBFS:g}'
+           " dBFS), the agent's turn (its text channel from BOS to EOS); each output is drawn where it"
+           " plays, after the step that made it</text>"]
+    lanes = (("user", 42, user, user_rate, "#1f77b4"), ("agent", 132, agent, agent_rate, "#d62728"))
     for name, y, samples, rate, color in lanes:
         for r in records:  # a chunk is heard during the frame before its output, which plays after
             if r[f"{name}_speaking"]:
@@ -413,7 +416,7 @@ def timeline_svg(user: np.ndarray, user_rate: int, agent: np.ndarray, agent_rate
     svg += [f'<text transform="translate({x(r["time"]):.1f},300) rotate(-90)">'
             f'{escape(r["token"].strip())}</text>' for r in records if r["token"].strip()]
     for t in range(int(seconds) + 1):
-        svg.append(f'<line x1="{x(t):.1f}" y1="30" x2="{x(t):.1f}" y2="305" stroke="#ccc"/>'
+        svg.append(f'<line x1="{x(t):.1f}" y1="38" x2="{x(t):.1f}" y2="305" stroke="#ccc"/>'
                    f'<text x="{x(t):.1f}" y="322" text-anchor="middle">{t} s</text>')
     return "\n".join(svg + ["</svg>"]) + "\n"
 
