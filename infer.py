@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     stream_cmd.add_argument("--out", required=True, help="output directory")
     stream_cmd.add_argument("--realtime", action="store_true",
                             help="feed 80 ms every 80 ms (default: as fast as it goes)")
+    stream_cmd.add_argument("--threads", type=int, default=1,
+                            help="torch CPU threads (default 1: a step's operations are too small to "
+                            "share, and spinning threads on busy cores stall it)")
     for cmd in (*commands.choices.values(),):
         if cmd is not export_cmd:
             cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         duplex(model, args.audio, Path(args.out))
         return None
     if args.command == "stream":
+        if model.device.type == "cpu":
+            torch.set_num_threads(args.threads)
         return stream(model, args.audio, Path(args.out), args.realtime)
     datasets = read_datasets(args.inputs)
     results = generate(model, datasets, args.output_dir, args.system_prompt, args.user_prompt, args.batch_size,
