@@ -293,7 +293,6 @@ def duplex(model: DuplexS2SModel, audio_path: str, out: Path) -> None:
     print(f"wrote {out / 'agent.wav'} and {out / 'agent.txt'}")
 
 
-
 # ----------------------------------------------------------------------------------------------
 # live streaming
 
@@ -356,7 +355,7 @@ def stream(model: DuplexS2SModel, audio_path: str, out: Path, realtime: bool = F
           f"{summary['cpu_ms_median']} / {summary['cpu_ms_p99']} ms)"
           f"{f', {late} frames late' if realtime else ''} | algorithmic latency "
           f"{summary['algorithmic_latency_ms']:g} ms | first response "
-          f"{summary['first_response_ms']} ms after the user stopped")
+          + (f"{responses[0]} ms after the user stopped" if responses else "none"))
     print(f"agent: {text}")
     print(f"wrote agent.wav, agent.txt, timeline.jsonl, timeline.svg, summary.json to {out}")
     return summary

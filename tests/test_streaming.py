@@ -78,11 +78,20 @@ def test_streamed_equals_offline(name, users):
     assert (speech - reference).abs().max() <= 1e-5 * reference.abs().max()  # float rounding
 
 
-@pytest.mark.parametrize("encoder, adapter, lookahead", [
-    ([70, 0], [70, 0], 0), ([9, 2], [9, 2], 2), ([72, 3], [70, 1], 3), ([70, 0], [70, 1], 1)])
-def test_perception_stream_equals_offline_for_any_chunking(encoder, adapter, lookahead, users):
+@pytest.mark.parametrize("encoder, adapter, lookahead, more", [
+    ([70, 0], [70, 0], 0, []), ([9, 2], [9, 2], 2, []), ([72, 3], [70, 1], 3, []),
+    ([70, 0], [70, 1], 1, []),
+    ([16, 0], [16, 0], 0, ["encoder.att_context_style=regular", "encoder.conv_norm_type=batch_norm",
+                           "modality_adapter.att_context_style=regular"])])
+def test_perception_stream_equals_offline_for_any_chunking(encoder, adapter, lookahead, more, users):
     _, model = shipped_model("duplex", 0, f"model.perception.encoder.att_context_size={encoder}",
-                             f"model.perception.modality_adapter.att_context_size={adapter}")
+                             f"model.perception.modality_adapter.att_context_size={adapter}",
+                             *(f"model.perception.{key}" for key in more))
+    if more:  # BatchNorm statistics other than the initial ones
+        with torch.no_grad():
+            for layer in model.perception.encoder.layers:
+                layer.conv.batch_norm.running_mean.normal_()
+                layer.conv.batch_norm.running_var.uniform_(0.5, 2)
     assert lookahead_frames(model.perception) == lookahead
     with torch.no_grad():
         offline, _ = model.perception(users[:, :40000], torch.tensor([40000, 40000]))  # (2, 33, H)
