@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from transformers import EncodecConfig, EncodecModel
 
 import infer
 from duplex_s2s import load_audio_codec
@@ -83,7 +84,8 @@ def test_streamed_equals_offline(name, users):
     ([70, 0], [70, 1], 1, []),
     ([16, 0], [16, 0], 0, ["encoder.att_context_style=regular", "encoder.conv_norm_type=batch_norm",
                            "modality_adapter.att_context_style=regular"])])
-def test_perception_stream_equals_offline_for_any_chunking(encoder, adapter, lookahead, more, users):
+def test_perception_stream_equals_offline_for_any_chunking(encoder, adapter, lookahead, more,
+                                                           users):
     _, model = shipped_model("duplex", 0, f"model.perception.encoder.att_context_size={encoder}",
                              f"model.perception.modality_adapter.att_context_size={adapter}",
                              *(f"model.perception.{key}" for key in more))
@@ -119,6 +121,25 @@ def test_mimi_streaming_decode_is_exact_past_its_sliding_window():
     with torch.no_grad():
         windowed = torch.cat([window.push(codes[:, t]) for t in range(8)], 1)
     assert (windowed - offline[:, : 8 * 1920]).abs().max() <= 1e-5 * offline.abs().max()
+
+
+def test_encodec_decodes_in_overlapping_windows(tmp_path):
+    """Encodec keeps LSTM state, which transformers does not carry across calls: each step decodes
+    the last 8 frames. A causal Encodec is exact within the window, close after it."""
+    torch.manual_seed(0)
+    config = EncodecConfig(sampling_rate=24000, num_filters=4, hidden_size=16, codebook_dim=16,
+                           codebook_size=32, upsampling_ratios=[8, 5, 4, 2],
+                           target_bandwidths=[1.5])
+    EncodecModel(config).save_pretrained(tmp_path)
+    codec = load_audio_codec(tmp_path)
+    codes = torch.randint(0, 32, (2, 20, codec.num_codebooks), generator=torch.Generator())
+    offline, _ = codec.decode(codes, torch.tensor([20, 20]))
+    stream = codec_stream(codec, 2)
+    assert isinstance(stream, WindowDecodeStream) and stream.window == 8
+    with torch.no_grad():
+        streamed = torch.cat([stream.push(codes[:, t]) for t in range(20)], 1)
+    errors = (streamed - offline).abs().reshape(2, 20, -1).amax((0, 2)) / offline.abs().max()
+    assert errors[:8].max() < 1e-5 and errors[8:].max() < 1e-3
 
 
 def test_session_memory_stays_flat(duplex):
