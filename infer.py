@@ -22,9 +22,9 @@ Metrics (metrics.py): WER and BLEU after Whisper's text normalizer, per dataset 
 import argparse
 import gzip
 import json
-import sys
 import os
 import statistics
+import sys
 import time
 from html import escape
 from pathlib import Path
