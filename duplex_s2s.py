@@ -17,13 +17,14 @@ frame's codes.
     out = model.offline_inference(audio_16k, audio_lens)   # greedy, frame by frame, with KV caches
     out["text"], out["audio"]                              # agent text per session, agent speech at the codec rate
 
-    state = model.new_state(batch_size=1)                  # live use: one call per 80 ms of user audio
-    text_id, codes = model.step(state, user_frame)         # user_frame (1, 1, H): that frame's perception output
+    session = model.stream(batch_size=1)      # live use (streaming.py): a step per 80 ms of audio
+    text_id, audio = session.step(user_chunk)  # (1, 1280) at 16 kHz -> (1,), (1, 1920) at 24 kHz
 
     model.save_pretrained("exports/s2s_duplex")            # or: python infer.py export --model runs/s2s_duplex ...
     model = DuplexS2SModel.from_pretrained("exports/s2s_duplex")  # or a train.py checkpoint
 
     python infer.py duplex --model runs/s2s_duplex --audio question.wav --out answer/
+    python infer.py stream --model runs/s2s_duplex --audio question.wav --out answer/ --realtime
 
 Parameter names (for `freeze_params`): llm.model.* and llm.lm_head.* (the Hugging Face LLM, as in
 SALM; with `lora`, llm.model.base_model.model.*), perception.*, embed_audio_tokens.{k}.*,
@@ -64,6 +65,7 @@ from data import DuplexS2SDataset
 from metrics import bleu
 from salm import DEFAULT_ASR_PROMPT, SALM, SpeechLLM, answer, frozen_modules_to_eval
 from speech_decoder import DecoderCache, build_speech_decoder, sample_codes
+from streaming import DuplexSession
 
 NUM_CONTROL_CODES = 3  # speech BOS, EOS and delay ids follow the codebook ids
 SUPPORTED_CODECS = ("mimi", "encodec", "dac")
@@ -283,6 +285,12 @@ class DuplexS2SModel(SpeechLLM):
         state.text = out["text_logits"][:, -1].argmax(-1)
         state.codes = sample_codes(out["audio_logits"][:, -1], temperature, top_k)
         return state.text, state.codes
+
+    def stream(self, batch_size: int = 1) -> DuplexSession:
+        """A live session of `batch_size` conversations, equal to `offline_inference`:
+        `text_ids, audio = session.step(user_chunk)` per 80 ms of each user (streaming.py). Needs a
+        causal encoder."""
+        return DuplexSession(self, batch_size)
 
     @torch.no_grad()
     def offline_inference(self, audio: Tensor, audio_lens: Tensor, decode_audio: bool = True,

@@ -4,6 +4,7 @@
     python infer.py generate --model exports/salm --inputs assets/demo/asr_val [--user-prompt ...]
     python infer.py evaluate --model runs/salm --inputs assets/demo/asr_val more.jsonl
     python infer.py duplex   --model runs/s2s_duplex --audio question.wav --out answer/
+    python infer.py stream   --model runs/s2s_duplex --audio question.wav --out live/ [--realtime]
 
 --model: an export directory (save_pretrained) or a train.py checkpoint (a .ckpt file, or the run
 directory); for SALM also NeMo's own: a Lightning .ckpt, or an HF-style export directory
@@ -16,16 +17,23 @@ list, or audio files (together the dataset "audio"). ASR items are written as {"
 or, without one, with NeMo salm_eval's "Repeat after me, typing in lowercase." (--user-prompt
 replaces it; '' for none); conversations are written back with the generated assistant turn in place
 of the last one. "prompt" is the text the model was given.
-generate and evaluate run SALM, duplex the duplex models; export takes all three.
+generate and evaluate run SALM, duplex and stream the duplex models; export takes all three.
+stream feeds the recording to a live session 80 ms at a time, as if spoken now (--realtime: at
+the pace of speech), and writes agent.wav (on the user's time axis), timeline.jsonl, timeline.svg
+and summary.json.
 Metrics (metrics.py): WER and BLEU after Whisper's text normalizer, per dataset and their mean.
 """
 import argparse
 import gzip
 import json
+import os
+import statistics
 import sys
 import time
+from html import escape
 from pathlib import Path
 
+import numpy as np
 import soundfile
 import torch
 from lhotse.cut import Cut
@@ -44,7 +52,7 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".sph")
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    """Run a subcommand; returns evaluate's metrics (for tests and notebooks)."""
+    """Run a subcommand; returns evaluate's metrics or stream's summary (for tests, notebooks)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +78,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     duplex_cmd.add_argument("--model", required=True, help=model_help)
     duplex_cmd.add_argument("--audio", required=True, help="the user's side of the conversation (any rate)")
     duplex_cmd.add_argument("--out", required=True, help="output directory")
+    stream_cmd = commands.add_parser("stream", help="a live duplex session over a recording")
+    stream_cmd.add_argument("--model", required=True, help=model_help)
+    stream_cmd.add_argument("--audio", required=True, help="the user's side (any sample rate)")
+    stream_cmd.add_argument("--out", required=True, help="output directory")
+    stream_cmd.add_argument("--realtime", action="store_true",
+                            help="feed 80 ms every 80 ms (default: as fast as it goes)")
+    stream_cmd.add_argument("--threads", type=int, default=1,
+                            help="torch CPU threads (default 1: a step's operations are too small to "
+                            "share, and spinning threads on busy cores stall it)")
     for cmd in (*commands.choices.values(),):
         if cmd is not export_cmd:
             cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -81,13 +98,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         export(args.model, args.out, dtype, args.merge_lora)
         return None
     model = load_model(args.model, model_class, dtype).to(args.device)
-    wanted = DuplexS2SModel if args.command == "duplex" else SALM
+    wanted = DuplexS2SModel if args.command in ("duplex", "stream") else SALM
     if not isinstance(model, wanted):
         raise ValueError(f"{args.model} is a {type(model).__name__}; `infer.py {args.command}` runs a "
-                         f"{wanted.__name__} (SALM: generate / evaluate; duplex models: duplex)")
+                         f"{wanted.__name__} (SALM: generate / evaluate; duplex models: duplex / "
+                         "stream)")
     if args.command == "duplex":
         duplex(model, args.audio, Path(args.out))
         return None
+    if args.command == "stream":
+        if model.device.type == "cpu":
+            torch.set_num_threads(args.threads)
+        return stream(model, args.audio, Path(args.out), args.realtime)
     datasets = read_datasets(args.inputs)
     results = generate(model, datasets, args.output_dir, args.system_prompt, args.user_prompt, args.batch_size,
                        args.max_new_tokens)
@@ -275,6 +297,138 @@ def duplex(model: DuplexS2SModel, audio_path: str, out: Path) -> None:
     print(f"{frames} frames in {elapsed:.2f} s ({1000 * elapsed / max(frames, 1):.1f} ms per frame)")
     print(f"agent: {result['text'][0]}")
     print(f"wrote {out / 'agent.wav'} and {out / 'agent.txt'}")
+
+
+# ----------------------------------------------------------------------------------------------
+# live streaming
+
+USER_SPEECH_DBFS = -40.0  # a user chunk louder than this (RMS) counts as speech
+MIN_PAUSE_FRAMES = 3  # silent chunks after speech that end a user's turn (240 ms)
+
+
+def stream(model: DuplexS2SModel, audio_path: str, out: Path, realtime: bool = False) -> dict:
+    """Feed a recording to a live session chunk by chunk; write what a listener gets: agent.wav
+    (each output plays while the next chunk is heard, so it starts a frame after the user's time
+    0), agent.txt, timeline.jsonl (a line per frame), timeline.svg and summary.json (returned)."""
+    session = model.stream(batch_size=1)
+    rate, n, frame_s = model.perception.sample_rate, session.chunk_samples, session.frame_seconds
+    audio = load_audio_files([audio_path], rate)[0]
+    audio = torch.nn.functional.pad(audio, (0, -audio.size(1) % n))  # the last chunk made whole
+    records, speech = [], [torch.zeros(model.audio_codec.samples_per_frame)]
+    agent_turn, late, start = False, 0, time.perf_counter()
+    for k in range(audio.size(1) // n):
+        chunk = audio[:, k * n : (k + 1) * n]  # heard from k to k + 1 frames
+        if realtime:  # wait until all of it has been spoken
+            time.sleep(max(0.0, start + (k + 1) * frame_s - time.perf_counter()))
+        tic, cpu = time.perf_counter(), time.process_time()
+        text, agent = session.step(chunk)
+        wall, cpu = time.perf_counter() - tic, time.process_time() - cpu
+        late += realtime and time.perf_counter() > start + (k + 2) * frame_s
+        token = int(text[0])
+        agent_turn = agent_turn or token == model.text_bos_id  # the text channel's turn: BOS .. EOS
+        loudness = 10 * np.log10(max(float(chunk.square().mean()), 1e-20))
+        records.append({
+            "frame": k, "time": round((k + 1) * frame_s, 3), "text_id": token,
+            "token": "" if token == model.text_pad_id else model.tokenizer.decode([token]),
+            "user_speaking": bool(loudness > USER_SPEECH_DBFS), "agent_speaking": agent_turn,
+            "compute_ms": round(1000 * wall, 3), "cpu_ms": round(1000 * cpu, 3)})
+        agent_turn = agent_turn and token != model.text_eos_id
+        speech.append(agent[0].cpu())
+    out.mkdir(parents=True, exist_ok=True)
+    agent_audio = torch.cat(speech).numpy()
+    soundfile.write(out / "agent.wav", agent_audio, model.audio_codec.sample_rate)
+    text = model.decode_text(torch.tensor([r["text_id"] for r in records]))
+    (out / "agent.txt").write_text(text + "\n")
+    (out / "timeline.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    responses = response_times(records, frame_s)
+    summary = {"frames": len(records), "seconds": round(len(records) * frame_s, 2),
+               "realtime": realtime, "late_frames": int(late),
+               **percentiles("compute_ms", [r["compute_ms"] for r in records]),
+               **percentiles("cpu_ms", [r["cpu_ms"] for r in records]),
+               "algorithmic_latency_ms": round(session.latency_ms, 1),
+               "first_response_ms": responses[0] if responses else None, "response_ms": responses,
+               "threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 2),
+               "agent_text": text}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    title = (f"{Path(audio_path).name}: {summary['algorithmic_latency_ms']:g} ms algorithmic "
+             f"latency, {summary['compute_ms_median']:g} ms compute per {1000 * frame_s:g} ms "
+             "frame (median)")
+    svg = timeline_svg(audio[0].numpy(), rate, agent_audio, model.audio_codec.sample_rate, records,
+                       frame_s, title)
+    (out / "timeline.svg").write_text(svg)
+    print(f"{len(records)} frames of {1000 * frame_s:g} ms | compute per frame: median "
+          f"{summary['compute_ms_median']} ms, p99 {summary['compute_ms_p99']} ms (CPU time "
+          f"{summary['cpu_ms_median']} / {summary['cpu_ms_p99']} ms)"
+          f"{f', {late} frames late' if realtime else ''} | algorithmic latency "
+          f"{summary['algorithmic_latency_ms']:g} ms | first response "
+          + (f"{responses[0]} ms after the user stopped" if responses else "none"))
+    print(f"agent: {text}")
+    print(f"wrote agent.wav, agent.txt, timeline.jsonl, timeline.svg, summary.json to {out}")
+    return summary
+
+
+def percentiles(name: str, values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    p99 = values[min(len(values) - 1, int(0.99 * len(values)))]
+    return {f"{name}_median": round(statistics.median(values), 2), f"{name}_p99": round(p99, 2),
+            f"{name}_max": round(values[-1], 2)}
+
+
+def response_times(records: list[dict], frame_s: float) -> list[float]:
+    """Per end of a user's turn (speech, then MIN_PAUSE_FRAMES silent chunks): ms from the end of
+    the user's speech to the output of the step that starts the agent's next turn (none if the user
+    speaks again first)."""
+    times = []
+    for k in range(1, len(records)):
+        pause = records[k : k + MIN_PAUSE_FRAMES]
+        if not records[k - 1]["user_speaking"] or any(r["user_speaking"] for r in pause):
+            continue
+        for j in range(k, len(records)):
+            if records[j]["user_speaking"]:
+                break
+            if records[j]["agent_speaking"] and not records[j - 1]["agent_speaking"]:
+                waited = records[j]["time"] - k * frame_s
+                times.append(round(1000 * waited + records[j]["compute_ms"], 1))
+                break
+    return times
+
+
+def timeline_svg(user: np.ndarray, user_rate: int, agent: np.ndarray, agent_rate: int,
+                 records: list[dict], frame_s: float, title: str) -> str:
+    """A self-contained SVG: the user's and the agent's waveforms, shaded where each speaks, and the
+    agent's text tokens, on one time axis."""
+    seconds, left = len(records) * frame_s, 70
+    width = left + max(800, int(100 * seconds)) + 20
+    x = lambda t: left + (width - left - 20) * t / seconds  # noqa: E731
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="330" '
+           'font-family="sans-serif" font-size="11">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{left}" y="16" font-size="13">{escape(title)}</text>',
+           f'<text x="{left}" y="30" fill="#666">shaded: the user speaking (above {USER_SPEECH_DBFS:g}'
+           " dBFS), the agent's turn (its text channel from BOS to EOS); each output is drawn where it"
+           " plays, after the step that made it</text>"]
+    lanes = (("user", 42, user, user_rate, "#1f77b4"), ("agent", 132, agent, agent_rate, "#d62728"))
+    for name, y, samples, rate, color in lanes:
+        for r in records:  # a chunk is heard during the frame before its output, which plays after
+            if r[f"{name}_speaking"]:
+                t = r["time"] - frame_s * (name == "user")
+                svg.append(f'<rect x="{x(t):.1f}" y="{y}" width="{x(t + frame_s) - x(t) + 0.5:.1f}"'
+                           f' height="80" fill="{color}" opacity="0.12"/>')
+        columns = np.array_split(samples[: int(seconds * rate)], width - left - 20)
+        peak = max(float(np.abs(samples).max()), 1e-9)
+        edges = [(left + i, c.max() / peak, c.min() / peak)
+                 for i, c in enumerate(columns) if len(c)]
+        outline = [f"{i},{y + 40 - 38 * top:.1f}" for i, top, _ in edges]
+        outline += [f"{i},{y + 40 - 38 * bottom:.1f}" for i, _, bottom in reversed(edges)]
+        svg += [f'<polygon points="{" ".join(outline)}" fill="{color}"/>',
+                f'<text x="4" y="{y + 44}">{name}</text>']
+    svg.append('<text x="4" y="264">agent text</text>')
+    svg += [f'<text transform="translate({x(r["time"]):.1f},300) rotate(-90)">'
+            f'{escape(r["token"].strip())}</text>' for r in records if r["token"].strip()]
+    for t in range(int(seconds) + 1):
+        svg.append(f'<line x1="{x(t):.1f}" y1="38" x2="{x(t):.1f}" y2="305" stroke="#ccc"/>'
+                   f'<text x="{x(t):.1f}" y="322" text-anchor="middle">{t} s</text>')
+    return "\n".join(svg + ["</svg>"]) + "\n"
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def test_duplex(capsys):
     for name in ("s2s_duplex", "s2s_duplex_speech_decoder"):
         assert figures[f"{name}_ms_per_frame"] > 0 and figures[f"{name}_rtf"] > 0
     assert "s2s_duplex_speech_decoder_nocache_over_cache" in figures
+    for name in ("s2s_duplex_stream", "s2s_duplex_speech_decoder_stream"):
+        assert {f"{name}_ms_per_frame", f"{name}_p99_ms", f"{name}_cpu_ms_per_frame"} <= set(figures)
 
 
 def test_encoder_refuses_a_streaming_config():
