@@ -420,7 +420,7 @@ def test_nemo_codec_path_names_supported_kinds():
 # ---- command line -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("speech_decoder", [False, True], ids=["duplex", "speech_decoder"])
-def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, speech_decoder):
+def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, capsys, speech_decoder):
     model = build(llm_dir, speech_decoder)
     config = {"model": model_cfg(llm_dir, speech_decoder), "data": DATA_CFG}
     (tmp_path / "run").mkdir()
@@ -431,13 +431,17 @@ def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, speech_deco
         duplex_s2s.resample(0.1 * np.random.default_rng(0).standard_normal(8000), 8000, 16000))[None],
         torch.tensor([16000]))
     assert int(expected["audio_len"][0]) == 14 * 1920
+    raw = expected["audio"][0].numpy()
+    assert np.abs(raw).max() > 1.5  # the untrained codec's output is far beyond full scale
     for i, path in enumerate([tmp_path / "run" / "last.ckpt", tmp_path / "run", tmp_path / "export"]):
         infer.main(["duplex", "--model", str(path), "--audio", str(tmp_path / "in.wav"),
                     "--out", str(tmp_path / f"out{i}")])
         agent, sample_rate = sf.read(tmp_path / f"out{i}" / "agent.wav", dtype="float32")
         assert sample_rate == 24000 and len(agent) == 14 * 1920
-        assert np.abs(agent - expected["audio"][0].clamp(-1, 1).numpy()).max() < 1e-4  # 16-bit WAV rounding
+        assert np.abs(agent).max() == pytest.approx(0.9, abs=1e-4)  # scaled to a 0.9 peak, not clipped
+        assert np.abs(agent - raw * 0.9 / np.abs(raw).max()).max() < 1e-4  # the same waveform (16-bit rounding)
         assert (tmp_path / f"out{i}" / "agent.txt").read_text().strip() == expected["text"][0]
+    assert "scaled to a peak of 0.9 instead of clipped" in capsys.readouterr().out
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------

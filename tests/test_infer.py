@@ -5,6 +5,7 @@ test can delete, to show that an export needs nothing outside its own directory.
 """
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -259,6 +260,27 @@ def test_evaluate_scores_each_dataset_and_their_mean(tmp_path, capsys, monkeypat
     out = capsys.readouterr().out
     assert "Whisper EnglishTextNormalizer (whisper-normalizer" in out and "ins " in out and "del " in out
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["wer"] == metrics["wer"]
+
+
+def test_evaluate_counts_every_item_it_drops(tmp_path, capsys, fresh_warnings):
+    _, checkpoint = make_checkpoint(tmp_path)
+    rows = []
+    for cut in list(CutSet.from_shar(in_dir=str(ASR_VAL)))[:4]:
+        soundfile.write(tmp_path / f"{cut.id}.flac", cut.load_audio()[0], 16000)
+        rows.append({"audio_filepath": f"{cut.id}.flac", "duration": cut.duration, "text": cut.supervisions[0].text})
+    whole = (tmp_path / rows[0]["audio_filepath"]).read_bytes()
+    (tmp_path / "corrupt.flac").write_bytes(whole[: len(whole) // 2])  # opens, fails when decoded
+    rows += [{"audio_filepath": "missing.wav", "duration": 1.0, "text": "gone"},  # fails when the manifest is read
+             {"audio_filepath": "corrupt.flac", "duration": rows[0]["duration"], "text": "half"}]
+    (tmp_path / "bad.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    metrics = infer.main(["evaluate", "--model", str(checkpoint), "--inputs", str(tmp_path / "bad.json"),
+                          "--output-dir", str(tmp_path / "out"), "--max-new-tokens", "2"])
+    out, err = capsys.readouterr()
+    assert "bad: 4 items (2 skipped: unreadable audio 2)," in out
+    assert re.search(r"bad: WER [\d.]+% .* over 4 items \(2 skipped: unreadable audio 2\), \d+ words", out)
+    assert metrics["skipped_bad"] == 2 and json.loads((tmp_path / "out" / "metrics.json").read_text())["skipped_bad"] == 2
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 2 and "missing.wav" in warnings[0] and "corrupt.flac" in warnings[1]
 
 
 def test_command_line_errors_are_one_line(tmp_path):

@@ -6,6 +6,7 @@ that the fixtures write, so every test runs offline in seconds.
 
 import copy
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -218,10 +219,32 @@ def test_chat_template_formatter(llm_dir):
 def test_config_errors(llm_dir):
     with pytest.raises(ValueError, match="'llama2' or 'chat_template'"):
         make_model(llm_dir, prompt_format="qwen")
-    with pytest.raises(FileNotFoundError, match="local directory.*pretrained_weights: false"):
-        salm.load_llm("some-org/not-in-the-cache", pretrained_weights=True)
-    with pytest.raises(FileNotFoundError, match="no such directory"):
-        salm.load_tokenizer("/no/such/llm", TAG)
+
+
+def test_pretrained_llm_mistakes_say_what_is_wrong(llm_dir, tmp_path, monkeypatch):
+    def message(load, name):
+        with pytest.raises(FileNotFoundError) as err:
+            load(str(name))
+        assert "\n" not in str(err.value)
+        return str(err.value).removeprefix(f"cannot load pretrained_llm '{name}': ")
+
+    tokenizer = lambda name: salm.load_tokenizer(name, TAG)
+    llm = lambda name: salm.load_llm(name, pretrained_weights=True)
+    monkeypatch.chdir(tmp_path)
+    assert message(tokenizer, "/no/such/llm").startswith("no such directory. Pass a local directory")
+    assert message(llm, "./llm").startswith("no such directory. ")
+    # a typo in a relative path reads as a hub name too; offline, hub names need the local cache
+    assert message(llm, "assets/tiny_llm").startswith("no such directory, and as a hub name it is not in the local "
+                                                      "Hugging Face cache (offline, HF_HUB_OFFLINE=1")
+    assert "pretrained_weights: false" in message(llm, "some-org/not-in-the-cache")
+    (tmp_path / "empty").mkdir()
+    both = "the directory has no config.json and no tokenizer files (tokenizer.json / tokenizer.model / vocab.json)"
+    assert message(tokenizer, "empty") == message(llm, "empty") == both
+    (tmp_path / "config_only").mkdir()
+    shutil.copy(llm_dir / "config.json", tmp_path / "config_only")
+    assert message(tokenizer, "config_only").startswith("the directory has no tokenizer files (")
+    shutil.copytree(llm_dir, tmp_path / "no_config", ignore=shutil.ignore_patterns("config.json"))
+    assert message(llm, "no_config") == "the directory has no config.json"
 
 
 def test_freeze_and_prevent_on_the_salm_tree(llm_dir, capsys):
@@ -370,7 +393,14 @@ def test_generate_from_paths_tensors_and_token_ids(llm_dir, tmp_path):
 
 @pytest.mark.parametrize("llm", ["llm_dir", "gpt2_dir"])
 def test_batched_generation_equals_one_by_one(llm, request):
+    """The same tokens and scores in a left-padded batch as alone: padding is invisible to attention (the
+    mask) and, for GPT-2's learned absolute positions, to the position ids."""
     model = make_model(request.getfixturevalue(llm))
+    with torch.no_grad():  # larger weights: at its init scale a random LLM repeats one token for every prompt
+        torch.manual_seed(3)
+        for param in model.llm.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.2)
     torch.manual_seed(2)
     cases = [([{"role": "user", "content": f"Repeat after me, please: {TAG}"}], [torch.randn(24000) * 0.1]),
              ([{"role": "user", "content": "hello"}], []),
@@ -379,12 +409,17 @@ def test_batched_generation_equals_one_by_one(llm, request):
     clips = [clip for _, clips in cases for clip in clips]
     audios = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True)
     audio_lens = torch.tensor([len(c) for c in clips])
-    batched = model.generate([turns for turns, _ in cases], audios, audio_lens, max_new_tokens=8)
-    for row, (turns, clips) in zip(batched, cases):
+    scored = dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    batched = model.generate([turns for turns, _ in cases], audios, audio_lens, **scored)
+    assert len(batched.sequences.unique()) >= 12  # the answers vary from step to step and from row to row
+    for i, (turns, clips) in enumerate(cases):
         audio = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True) if clips else None
-        alone = model.generate([turns], audio, torch.tensor([len(c) for c in clips]), max_new_tokens=8)[0]
-        assert torch.equal(row[: len(alone)], alone)
-        assert (row[len(alone):] == model.text_pad_id).all()
+        alone = model.generate([turns], audio, torch.tensor([len(c) for c in clips]), **scored)
+        n = alone.sequences.shape[1]
+        assert torch.equal(batched.sequences[i, :n], alone.sequences[0])
+        assert (batched.sequences[i, n:] == model.text_pad_id).all()
+        for step in range(n):  # every step's scores, not only their argmax
+            torch.testing.assert_close(batched.scores[step][i], alone.scores[step][0], atol=1e-4, rtol=1e-4)
 
 
 def test_generate_equals_greedy_decoding_with_forward(llm_dir):
