@@ -302,6 +302,7 @@ def test_a_missing_pretrained_llm_is_a_one_line_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("override, key", [("model.perception.modality_adapter.feat_in=???",
                                             "model.perception.modality_adapter.feat_in"),
+                                           ("trainer.max_step=3", "did you mean 'trainer.max_steps'"),
                                            ("model.pretrained_llm=/nowhere/llm", "pretrained_llm")])
 def test_the_command_line_prints_one_line_and_exits_2(tmp_path, override, key):
     out = subprocess.run([sys.executable, "train.py", CONFIG, override, f"exp_manager.explicit_log_dir={tmp_path}"],

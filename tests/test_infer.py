@@ -4,12 +4,15 @@ Models are tiny and random, built from configs/salm.yaml with small sizes and a 
 test can delete, to show that an export needs nothing outside its own directory.
 """
 import json
+import math
 import os
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import sacrebleu
 import soundfile
 import torch
 from lhotse import CutSet
@@ -17,6 +20,7 @@ from safetensors import safe_open
 
 import infer
 from config import load_config
+from conftest import SMALL_PERCEPTION
 from duplex_s2s import Transcriber, asr_bleu, resample
 from metrics import bleu, metrics_by_dataset, normalize_text, wer, wer_details, word_errors
 from salm import SALM
@@ -24,11 +28,6 @@ from train import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ASR_VAL = ROOT / "assets" / "demo" / "asr_val"
-SMALL_MODEL = [
-    "model.perception.encoder.n_layers=1", "model.perception.encoder.d_model=32", "model.perception.encoder.n_heads=2",
-    "model.perception.encoder.subsampling_conv_channels=16", "model.perception.modality_adapter.feat_in=32",
-    "model.perception.modality_adapter.d_model=32", "model.perception.modality_adapter.n_heads=2",
-]
 LORA = "+model.lora={task_type: CAUSAL_LM, r: 4, lora_alpha: 8, lora_dropout: 0.0}"
 PROMPT = "Repeat after me, typing in lowercase."
 
@@ -42,7 +41,7 @@ def make_checkpoint(tmp_path: Path, *overrides: str) -> tuple[SALM, Path]:
     """A random SALM whose LLM files live in a copy of assets/tiny-llm under tmp_path, saved as train.py does."""
     llm_dir = tmp_path / "tiny-llm"
     shutil.copytree(ROOT / "assets" / "tiny-llm", llm_dir)
-    cfg = load_config(str(ROOT / "configs" / "salm.yaml"), [*SMALL_MODEL, f"model.pretrained_llm={llm_dir}", *overrides],
+    cfg = load_config(str(ROOT / "configs" / "salm.yaml"), [*SMALL_PERCEPTION, f"model.pretrained_llm={llm_dir}", *overrides],
                       None)
     torch.manual_seed(0)
     model = SALM(cfg["model"]).eval()
@@ -327,6 +326,24 @@ def test_metrics_per_dataset_and_mean():
         metrics_by_dataset("cer", pairs)
 
 
+def test_asr_bleu_scores_what_the_asr_heard_against_the_references():
+    class Hears(Transcriber):  # a scoring ASR that transcribes every clip as it is told
+        def __init__(self, texts):
+            self.texts = texts
+
+        def transcribe(self, clips, sample_rate):
+            return list(self.texts)
+
+    clip = [np.zeros(2400, np.float32)]
+    # by hand: each n-gram of the 5-word transcript is in the 6-word reference (precisions 1), brevity
+    # penalty exp(1 - 6/5); case and punctuation are normalised away
+    score, transcripts = asr_bleu(["the cat sat on the mat"], clip, 24000, Hears(["The cat sat on the."]))
+    assert transcripts == ["The cat sat on the."] and score == pytest.approx(100 * math.exp(-0.2))
+    # the other way round: no brevity penalty; precisions 5/6, 4/5, 3/4, 2/3, geometric mean (1/3) ** (1/4)
+    score, _ = asr_bleu(["the cat sat on the"], clip, 24000, Hears(["the cat sat on the mat"]))
+    assert score == pytest.approx(100 * (1 / 3) ** 0.25)
+
+
 def test_asr_bleu_with_a_salm_export(tmp_path, cuts):
     model, _ = make_checkpoint(tmp_path)
     model.save_pretrained(tmp_path / "scorer")
@@ -334,7 +351,8 @@ def test_asr_bleu_with_a_salm_export(tmp_path, cuts):
     clips_24k = [resample(c.load_audio()[0], 16000, 24000) for c in cuts]  # e.g. a codec's output rate
     score, transcripts = asr_bleu(references, clips_24k, 24000, str(tmp_path / "scorer"))
     assert len(transcripts) == len(cuts) and all(isinstance(t, str) for t in transcripts)
-    assert score == bleu(references, transcripts)
+    assert score == sacrebleu.corpus_bleu([normalize_text(t) for t in transcripts],
+                                          [[normalize_text(r) for r in references]]).score
     transcriber = Transcriber(tmp_path / "scorer")
     clips_16k = [resample(c, 24000, 16000) for c in clips_24k]
     assert transcriber.transcribe(clips_16k, 16000) == transcripts  # the same audio at the scorer's rate
@@ -362,7 +380,7 @@ def test_asr_bleu_with_a_transformers_asr_model(tmp_path):
     clips = [0.1 * torch.randn(24000), 0.1 * torch.randn(12000)]  # 1 s and 0.5 s at 24 kHz
     score, transcripts = asr_bleu(["hello there", "yes"], clips, 24000, str(tmp_path))
     assert len(transcripts) == 2 and all(isinstance(t, str) for t in transcripts)
-    assert score == bleu(["hello there", "yes"], transcripts)
+    assert score == sacrebleu.corpus_bleu([normalize_text(t) for t in transcripts], [["hello there", "yes"]]).score
     clip_16k = resample(clips[0].numpy(), 24000, 16000)  # the longest clip: no padding in the batch
     with torch.no_grad():  # by hand: CTC greedy decoding of the 16 kHz clip
         logits = asr(**processor(clip_16k, sampling_rate=16000, return_tensors="pt")).logits

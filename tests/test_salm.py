@@ -14,13 +14,14 @@ import pytest
 import soundfile
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import DynamicCache, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+from transformers import DynamicCache, GenerationConfig, GPT2Config
 
 import salm
+from conftest import CHAT_TEMPLATE, CORPUS, TAG, byte_level_tokenizer, tiny_llama_config, write_llm_dir
+from data import right_pad
 from salm import SALM, replace_placeholders_and_build_targets
 
-TAG = "<|audioplaceholder|>"
 SAMPLE_RATE = 16000
 SHIPPED_LLM = Path(__file__).resolve().parents[1] / "assets" / "tiny-llm"
 # NeMo's tests/collections/speechlm2/test_salm.py::test_salm_dataset, decoded with TinyLlama's tokenizer
@@ -30,13 +31,6 @@ NEMO_TURNS = [
     {"role": "user", "content": TAG},
     {"role": "assistant", "content": "Some text transcription."},
 ]
-# TinyLlama-chat's template layout
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
-CORPUS = ["Repeat after me: Some text transcription.", "hello world, the quick brown fox jumps over the lazy dog",
-          "[INST] <<SYS>> Be brief. <</SYS>> [/INST]"] * 20
 PERCEPTION = {
     "preprocessor": {"sample_rate": SAMPLE_RATE, "features": 80, "window_size": 0.025, "window_stride": 0.01},
     "encoder": {"feat_in": 80, "n_layers": 1, "d_model": 32, "n_heads": 2, "subsampling": "dw_striding",
@@ -52,37 +46,6 @@ CONVERSATIONS = [
     ([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
       {"role": "user", "content": TAG}, {"role": "assistant", "content": "lazy dog"}], [10000]),
 ]
-
-
-def write_llm_dir(path, tokenizer: Tokenizer, llm_config, **special_tokens):
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_tokens)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    llm_config.vocab_size = len(fast)
-    llm_config.save_pretrained(path)
-    return path
-
-
-def byte_level_tokenizer() -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>", TAG],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    return tokenizer
-
-
-def tiny_llama_config() -> LlamaConfig:
-    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-
-
-@pytest.fixture(scope="session")
-def llm_dir(tmp_path_factory):
-    """A tiny Llama with a byte-level BPE tokenizer (pad token, audio tag and chat template included)."""
-    return write_llm_dir(tmp_path_factory.mktemp("llama"), byte_level_tokenizer(), tiny_llama_config(),
-                         bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="session")
@@ -343,14 +306,20 @@ def test_a_few_steps_on_one_batch_drive_the_loss_down(llm_dir):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_validation_with_generation_scores_the_last_answer(llm_dir):
+def test_validation_with_generation_scores_the_last_answer(llm_dir, monkeypatch):
     model = make_model(llm_dir)
-    out = model.validation_step(make_batch(model), generate=True)
-    assert [ref for ref, _ in out["pairs"]] == ["Some text transcription.", "the quick brown fox", "lazy dog"]
-    assert out["ref_words"] == 3 + 4 + 2
+    with torch.no_grad():
+        batch, loss, correct, count, _ = reference_loss_and_accuracy(model)
+    answers = ["Some text transcription.", "the quick red fox", ""]  # known answers: 0, 1 and 2 word errors
+    rows = [torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"] + [model.text_eos_id])
+            for text in answers]
+    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: right_pad(rows, model.text_pad_id)[0])
+    out = model.validation_step(batch, generate=True)
+    assert out["pairs"] == list(zip(["Some text transcription.", "the quick brown fox", "lazy dog"], answers))
     summary = SALM.validation_summary(out)
-    assert summary["loss"] == out["loss_sum"] / out["count"] and summary["acc"] == out["correct"] / out["count"]
-    assert summary["wer"] == out["word_errors"] / 9
+    assert summary["loss"] == pytest.approx(float(loss), rel=1e-5)  # the conversations one by one, by hand
+    assert summary["acc"] == correct / count
+    assert summary["wer"] == pytest.approx(3 / 9)  # red for brown; "lazy dog" missing; of 3 + 4 + 2 words
 
 
 def write_audio(path, samples: np.ndarray, sample_rate: int, subtype: str) -> np.ndarray:
