@@ -5,10 +5,11 @@
   2. apply command-line overrides: `a.b=value` sets a key the file or the schema knows, `+a.b=value` adds a key
      that is not there, `++a.b=value` sets or adds; values are parsed as YAML (`[a,b]`, `8`, `null`, `1e-4`);
      list items are addressed by index (`data.train_ds.input_cfg.0.shar_path=/x`);
-  3. check every key against SCHEMA: an unknown key (a typo) is an error naming the key, where it came from
-     (the file or the command line) and the closest valid key; a value of the wrong type is an error; keys
-     that only mean something to NeMo or Lightning are accepted and reported once as ignored, so NeMo's own
-     example files load; only free-form sections (model.lora, model.optimizer, ...) take keys SCHEMA lacks;
+  3. check every key against SCHEMA: an unknown key (a typo) is an error naming the key, where it
+     came from (the file or the command line) and the closest valid key; a value of the wrong type
+     is an error; keys that only mean something to NeMo or Lightning are accepted and reported once
+     as ignored, so NeMo's own example files load; only free-form sections (model.lora,
+     model.optimizer, ...) take keys SCHEMA lacks;
   4. fill in the schema's defaults for `trainer`, `exp_manager` and the `data` loaders;
   5. resolve `${a.b.c}` interpolations anywhere: a reference that is the whole value keeps its type, one
      inside a string is substituted as text; a cycle or a missing target is an error;
@@ -175,8 +176,9 @@ def load_config(path: str | Path, overrides: list[str] = (), report=print) -> di
     cfg = _resolve(cfg)
     missing = [key for key, value in _walk(cfg) if value == MISSING]
     if missing:
-        raise ConfigError(f"{missing[0]} is '???' (required) {where(missing[0])}: set it in the file or as "
-                          f"{missing[0]}=VALUE on the command line" + _also(missing[1:]))
+        key = missing[0]
+        raise ConfigError(f"{key} is '???' (required) {where(key)}: set it in the file or as "
+                          f"{key}=VALUE on the command line" + _also(missing[1:]))
     _check_targets(cfg, where)
     return cfg
 
@@ -215,7 +217,7 @@ def save_config(cfg: dict, path: str | Path) -> None:
 
 
 def apply_override(cfg: dict, override: str) -> str:
-    """Apply one `key=value`, `+key=value` or `++key=value` to `cfg` in place; returns the dotted key."""
+    """Apply one `key=value`, `+key=value` or `++key=value` to `cfg` in place; returns the key."""
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like key=value")
     key, text = override.split("=", 1)
@@ -235,7 +237,8 @@ def apply_override(cfg: dict, override: str) -> str:
         exists = child is not None or (isinstance(node, dict) and part in node)
         if not add and not exists and _schema_at(parts[: i + 1]) is UNKNOWN:
             add_hint = f"; use +{key}=... to add it" if _in_free_form(parts[: i + 1]) else ""
-            raise ConfigError(_unknown_message(".".join(parts[: i + 1]), "on the command line", node) + add_hint)
+            where = "on the command line"
+            raise ConfigError(_unknown_message(".".join(parts[: i + 1]), where, node) + add_hint)
         if i == len(parents):
             break
         if child is None:
@@ -287,16 +290,18 @@ def _schema_at(parts):
 
 
 def _in_free_form(parts) -> bool:
-    """Whether a key lies inside a section the schema leaves free (model.lora, model.optimizer, ...): only
-    there can `+` add a key the schema does not know."""
+    """Whether a key lies inside a section the schema leaves free (model.lora, model.optimizer,
+    ...): only there can `+` add a key the schema does not know."""
     return any(_schema_at(parts[:i]) in (ANY, IGNORED) for i in range(1, len(parts)))
 
 
 def _source(path, overridden: list[str]):
-    """`where(key)`, for messages: "on the command line" if an override set the key (or a section above it),
-    else "in <the file>"."""
+    """`where(key)`, for messages: "on the command line" if an override set the key (or a section
+    above it), else "in <the file>"."""
     def where(key: str) -> str:
-        return "on the command line" if any(key == k or key.startswith(k + ".") for k in overridden) else f"in {path}"
+        if any(key == k or key.startswith(k + ".") for k in overridden):
+            return "on the command line"
+        return f"in {path}"
     return where
 
 
@@ -367,11 +372,13 @@ def _check_targets(node, where, section=""):
 
 
 def _unknown_message(key, where, node):
-    """'unknown config key' naming where it came from and the closest key the schema or `node` knows."""
+    """'unknown config key' naming where it came from and the closest key the schema or `node`
+    (the section as it stands) knows."""
     parent, _, name = key.rpartition(".")
     schema = _schema_at(parent.split(".")) if parent else SCHEMA
-    valid = [k for k in [*(schema if isinstance(schema, dict) else ()), *(node if isinstance(node, dict) else ())]
-             if isinstance(k, str)]
+    known = [*(schema if isinstance(schema, dict) else ()),
+             *(node if isinstance(node, dict) else ())]
+    valid = [k for k in known if isinstance(k, str)]
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else ""
     return f"unknown config key '{key}' {where}{hint}"

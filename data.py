@@ -50,7 +50,7 @@ DATA_KEYS = ("input_cfg", "shar_path", "cuts_path", "manifest_filepath")  # what
 SUPPORTED_TYPES = ("lhotse_shar", "lhotse", "nemo", "lhotse_as_conversation", "multimodal_conversation", "duplex_demo",
                    "group")
 UNREADABLE = "unreadable audio"  # the skip reason of an item whose audio cannot be used
-MAX_WARNINGS = 5  # unreadable items named in a warning per process; after that they are only counted
+MAX_WARNINGS = 5  # unreadable items named in a warning per process; the rest are only counted
 MAX_EMPTY_BATCHES = 100  # training batches in a row with nothing usable before the data is declared broken
 TIMESTAMP_TOKEN = re.compile(r"<\|\d+\|>")  # "<|12|>" frame timestamps some duplex corpora put in the text
 DEMO_PAIRS_PER_CONVERSATION = (1, 2, 3)  # question/answer exchanges in one demo conversation
@@ -132,13 +132,14 @@ class AudioError(ValueError):
 
 
 class Skipped:
-    """What a data stream dropped, by reason. Items are counted once, by id, however many epochs bring them
-    back; events (a batch with nothing readable) each time. `state()` is what a checkpoint saves: reason ->
-    item ids, or reason -> count. The first MAX_WARNINGS unreadable items of a process are named in a warning
-    printed above any progress bar."""
+    """What a data stream dropped, by reason. Items are counted once, by id, however many epochs
+    bring them back; events (a batch with nothing readable) each time. `state()` is what a
+    checkpoint saves: reason -> item ids, or reason -> count. The first MAX_WARNINGS unreadable
+    items of a process are named in a warning printed above any progress bar."""
 
     def __init__(self, state: dict | None = None):
-        self.items, self.events = {}, Counter()  # reason -> {item id: None} (in order), reason -> count
+        self.items = {}  # reason -> {item id: None}, in the order they came
+        self.events = Counter()  # reason -> count
         for reason, value in (state or {}).items():
             if isinstance(value, list):
                 self.items[reason] = dict.fromkeys(value)
@@ -162,7 +163,7 @@ class Skipped:
         return Counter({reason: len(ids) for reason, ids in self.items.items()}) + self.events
 
     def state(self, events: dict | None = None) -> dict:
-        """Plain lists and ints (they load with weights_only=True), with `events` (the loop's) added."""
+        """Plain lists and ints (they load with weights_only=True), `events` (the loop's) added."""
         return {**{reason: list(ids) for reason, ids in self.items.items() if ids},
                 **(self.events + Counter(events or {}))}
 
@@ -187,9 +188,10 @@ def audio_file_cut(path: str | Path) -> Cut:
 class SALMDataset(torch.utils.data.Dataset):
     """Turns a sampled mini-batch (a CutSet of conversations or ASR cuts) into SALM's tensors.
 
-    `encode_dialog(turns) -> {"input_ids", "mask"}` is the model's prompt formatter. Conversations whose audio
-    cannot be read, whose answer is empty or whose length exceeds `max_tokens` are skipped and listed in
-    batch["skipped"] as (reason, id, warning or None); a batch with nothing left is {"skipped", "empty": True}.
+    `encode_dialog(turns) -> {"input_ids", "mask"}` is the model's prompt formatter. Conversations
+    whose audio cannot be read, whose answer is empty or whose length exceeds `max_tokens` are
+    skipped and listed in batch["skipped"] as (reason, id, warning or None); a batch with nothing
+    left is {"skipped", "empty": True}.
     """
 
     def __init__(self, encode_dialog, pad_id: int, sample_rate: int, audio_locator_tag: str,
@@ -243,8 +245,9 @@ class TrainBatches:
 
     Epochs of a rank-aware lhotse sampler over `read_inputs(ds_cfg)`; `skip` replays that many batches of
     sampling (no audio is loaded) so a resumed run continues with the batch it would have seen next.
-    `skipped` (a Skipped) records what was dropped (duration filter, unreadable audio, ...), continuing from
-    the record a resumed run saved (`Skipped.state()`), and `num_batches` counts what was drawn.
+    `skipped` (a Skipped) records what was dropped (duration filter, unreadable audio, ...),
+    continuing from the record a resumed run saved (`Skipped.state()`); `num_batches` counts what
+    was drawn.
     A batch left empty is skipped and the next one drawn; MAX_EMPTY_BATCHES of them in a row are an error.
     """
 
@@ -260,7 +263,8 @@ class TrainBatches:
         cuts = _duration_filter(read_inputs(self.ds_cfg, True, self.skipped), self.ds_cfg, self.skipped)
         sampler = make_sampler(cuts, self.ds_cfg, train=True, rank=self.rank, world_size=self.world_size)
         loader = torch.utils.data.DataLoader(
-            self.dataset, sampler=_Epochs(sampler, self._skip), batch_size=None, collate_fn=_as_built,
+            self.dataset, sampler=_Epochs(sampler, self._skip), batch_size=None,
+            collate_fn=_as_built,
             num_workers=self.ds_cfg["num_workers"], pin_memory=self.ds_cfg["pin_memory"],
             persistent_workers=self.ds_cfg["num_workers"] > 0,
             generator=torch.Generator().manual_seed(0),  # worker seeds must not draw on the global RNG (resume)
@@ -283,7 +287,8 @@ class TrainBatches:
 
 def make_val_loaders(val_cfg: dict, dataset, rank: int = 0, world_size: int = 1) -> dict:
     """One finite, ordered loader per named validation set (each rank gets every world_size-th batch);
-    each set inherits the section's shared keys. What a set drops is recorded in its loader's `skipped`."""
+    each set inherits the section's shared keys. What a set drops is recorded in its loader's
+    `skipped`."""
     shared = {k: v for k, v in val_cfg.items() if k != "datasets"}
     loaders = {}
     for name, overrides in (val_cfg.get("datasets") or {"val": {}}).items():
@@ -291,9 +296,9 @@ def make_val_loaders(val_cfg: dict, dataset, rank: int = 0, world_size: int = 1)
         skipped = Skipped()
         cuts = read_inputs(ds_cfg, train=False, skipped=skipped, what=f"validation set '{name}'")
         sampler = make_sampler(cuts, ds_cfg, train=False, rank=rank, world_size=world_size)
-        loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, collate_fn=_as_built,
-                                             num_workers=ds_cfg["num_workers"],
-                                             generator=torch.Generator().manual_seed(0))
+        loader = torch.utils.data.DataLoader(
+            dataset, sampler=sampler, batch_size=None, collate_fn=_as_built,
+            num_workers=ds_cfg["num_workers"], generator=torch.Generator().manual_seed(0))
         loaders[name] = _Recorded(loader, skipped)
     return loaders
 
@@ -321,9 +326,11 @@ def make_sampler(cuts, ds_cfg: dict, train: bool, rank: int = 0, world_size: int
     return DynamicCutSampler(cuts, **common)
 
 
-def read_inputs(ds_cfg: dict, train: bool, skipped: "Skipped | None" = None, what="the data section") -> CutSet:
+def read_inputs(ds_cfg: dict, train: bool, skipped: Skipped | None = None,
+                what="the data section") -> CutSet:
     """The items of a loader section: its `input_cfg` entries, or its own shar/cuts/manifest keys.
-    Manifest lines whose audio file is missing or unreadable are skipped and recorded in `skipped`."""
+    Manifest lines whose audio file is missing or unreadable are skipped and recorded in
+    `skipped`."""
     skipped = Skipped() if skipped is None else skipped
     entries = ds_cfg.get("input_cfg")
     if not entries:
@@ -339,8 +346,9 @@ def read_inputs(ds_cfg: dict, train: bool, skipped: "Skipped | None" = None, wha
 class DuplexS2SDataset(torch.utils.data.Dataset):
     """Conversation cuts -> the duplex batch: both audio channels and per-frame text channels.
 
-    A text channel has one token per `frame_length` frame (see `build_token_channel`). Conversations whose audio
-    cannot be read or that last more than `max_frames` frames are skipped and listed in batch["skipped"].
+    A text channel has one token per `frame_length` frame (see `build_token_channel`). Conversations
+    whose audio cannot be read or that last more than `max_frames` frames are skipped and listed in
+    batch["skipped"].
     """
 
     def __init__(self, tokenizer, pad_id: int, frame_length: float, source_sample_rate: int,
@@ -464,12 +472,12 @@ def right_pad(rows: list[torch.Tensor], value) -> tuple[torch.Tensor, torch.Tens
 
 
 def _as_built(batch: dict) -> dict:
-    """The dataset's batch unchanged (torch's default conversion would rebuild its lists and dicts)."""
+    """The dataset's batch unchanged (torch's default conversion would rebuild its containers)."""
     return batch
 
 
 class _Epochs:
-    """Iterates a sampler epoch after epoch, forever, first skipping `skip` batches (sampling only)."""
+    """A sampler epoch after epoch, forever, first skipping `skip` batches (sampling only)."""
 
     def __init__(self, sampler, skip: int):
         self.sampler, self.skip = sampler, skip
@@ -490,7 +498,7 @@ class _Epochs:
 
 
 class _Recorded:
-    """A validation loader whose batches' skips are recorded (and their warnings printed) in `skipped`."""
+    """A validation loader whose batches' skips are recorded (warnings printed) in `skipped`."""
 
     def __init__(self, loader, skipped: Skipped):
         self.loader, self.skipped = loader, skipped
@@ -550,42 +558,42 @@ def _read_group(entries, defaults, train, skipped):
 
 
 def _manifest_list_group(entry):
-    """NeMo's list of manifests (`[path, ...]`, `[[path], ...]` or `[[path, weight], ...]`) as a group of one
-    entry per manifest, each weighted by its number of lines unless it has a weight (NeMo's mixing)."""
+    """NeMo's list of manifests (`[path, ...]`, `[[path], ...]` or `[[path, weight], ...]`) as a
+    group of one entry per manifest, each weighted by its number of lines unless it has a weight
+    (NeMo's mixing)."""
     members = []
     for item in entry["manifest_filepath"]:
         path, *weight = item if isinstance(item, list) else [item]
-        lines = sum(1 for line in Path(path).read_text().splitlines() if line.strip()) if Path(path).is_file() else 1
-        members.append({**entry, "manifest_filepath": path, "weight": weight[0] if weight else lines})
+        if not weight:
+            text = Path(path).read_text() if Path(path).is_file() else ""
+            weight = [max(1, sum(1 for line in text.splitlines() if line.strip()))]
+        members.append({**entry, "manifest_filepath": path, "weight": weight[0]})
     return {"type": "group", "input_cfg": members, "weight": entry.get("weight", 1.0)}
 
 
 def check_data_paths(data_cfg: dict) -> None:
-    """Every shar_path, cuts_path and manifest_filepath of the training and validation data exists (a one-line
-    FileNotFoundError naming the key otherwise), so that a typo ends a run before the model is built."""
-    sections = [("data.train_ds", data_cfg.get("train_ds") or {})]
-    val_cfg = data_cfg.get("validation_ds") or {}
-    sections += [("data.validation_ds", val_cfg)] + [(f"data.validation_ds.datasets.{name}", cfg or {})
-                                                      for name, cfg in (val_cfg.get("datasets") or {}).items()]
-    for key, section in sections:
-        _check_paths(section, key)
+    """Every shar_path, cuts_path and manifest_filepath of the training and validation data exists
+    (a one-line FileNotFoundError naming the key otherwise), so that a typo ends a run before the
+    model is built."""
+    for name in ("train_ds", "validation_ds"):
+        _check_paths(data_cfg.get(name) or {}, f"data.{name}")
 
 
-def _check_paths(entry: dict, key: str) -> None:
-    for name in DATA_KEYS[1:]:
-        value = entry.get(name)
-        items = value if isinstance(value, list) and name == "manifest_filepath" else [value] if value else []
-        for i, item in enumerate(items):
-            where = f"{key}.{name}" + (f".{i}" if isinstance(value, list) else "")
+def _check_paths(node: dict | list, key: str) -> None:
+    for name, value in node.items() if isinstance(node, dict) else enumerate(node):
+        if name not in DATA_KEYS[1:] or not value:
+            if isinstance(value, (dict, list)):  # input_cfg entries, validation datasets
+                _check_paths(value, f"{key}.{name}")
+            continue
+        listed = isinstance(value, list) and name == "manifest_filepath"
+        for i, item in enumerate(value if listed else [value]):
+            where = f"{key}.{name}" + (f".{i}" if listed else "")
             path = item[0] if isinstance(item, list) and item else item
             if not isinstance(path, str) or isinstance(item, list) and len(item) > 2:
-                raise ValueError(f"{where} must be a path (a list of manifests: paths or [path, weight] pairs), "
-                                 f"got {item!r}")
-            if not Path(path).exists() and not re.search(r"\{|_OP_", path):  # brace patterns name many files
+                raise ValueError(f"{where} must be a path (a list of manifests: paths or [path, "
+                                 f"weight] pairs), got {item!r}")
+            if not Path(path).exists() and not re.search(r"\{|_OP_", path):  # a pattern of files
                 raise FileNotFoundError(f"{where}: {path} does not exist")
-    for i, child in enumerate(entry.get("input_cfg") or []):
-        if isinstance(child, dict):
-            _check_paths(child, f"{key}.input_cfg.{i}")
 
 
 def _guess_type(entry):
@@ -604,7 +612,7 @@ def _read_cuts(entry, options, kind, skipped):
     for key in ("shar_path", "cuts_path", "manifest_filepath"):
         path = entry.get(key)
         if path and not isinstance(path, str):
-            raise ValueError(f"{key} must be one path here, got {path!r} (a list is read for manifest_filepath)")
+            raise ValueError(f"{key} must be one path, got {path!r} (a list: manifest_filepath)")
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{key} {path} does not exist")
     if kind == "duplex_demo":
@@ -702,14 +710,13 @@ def _warn(item_id: str, warning: str) -> None:
     if item_id in _warned or len(_warned) >= MAX_WARNINGS:
         return
     _warned.add(item_id)
-    last = len(_warned) == MAX_WARNINGS
-    tqdm.write(f"warning: skipped {warning}" + (" (further unreadable items are only counted)" if last else ""),
-               file=sys.stderr)
+    more = " (further unreadable items are only counted)" if len(_warned) == MAX_WARNINGS else ""
+    tqdm.write(f"warning: skipped {warning}{more}", file=sys.stderr)
 
 
 def _audio_cut(cut_id, path, duration, offset):
-    """A cut over (part of) an audio file and all its channels (mixed to mono when loaded, as NeMo's SALM data
-    does); the file header gives its true sampling rate and length."""
+    """A cut over (part of) an audio file and all its channels (mixed to mono when loaded, as NeMo's
+    SALM data does); the file header gives its true sampling rate and length."""
     recording = _read_recording(path, cut_id)
     duration = recording.duration - offset if duration is None else min(duration, recording.duration - offset)
     return fastcopy(recording.to_cut(), id=cut_id, start=offset, duration=duration)

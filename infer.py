@@ -30,15 +30,15 @@ from tqdm import tqdm
 
 from checkpoint import DTYPES, load_model
 from config import cli
-from data import (UNREADABLE, AudioError, Conversation, Skipped, Turn, audio_file_cut, cut_to_conversation,
-                  load_audio, load_audio_files, read_inputs)
+from data import (UNREADABLE, AudioError, Conversation, Skipped, Turn, audio_file_cut,
+                  cut_to_conversation, load_audio, load_audio_files, read_inputs)
 from duplex_s2s import DuplexS2SModel
 from metrics import NORMALIZER, bleu, metrics_by_dataset, wer_details
 from salm import DEFAULT_ASR_PROMPT, SALM, answer
 from train import model_class
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".sph")
-AGENT_PEAK = 0.9  # agent.wav louder than full scale (an untrained codec's output) is scaled down to this peak
+AGENT_PEAK = 0.9  # agent speech beyond full scale (an untrained codec's) is scaled to this peak
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -110,8 +110,8 @@ def export(model_path: str | Path, out: str | Path, dtype: torch.dtype | None = 
 # inputs
 
 def read_datasets(inputs: list[str]) -> dict[str, tuple[list, Skipped]]:
-    """Each input -> its name: (its items: lhotse cuts for ASR data, Conversations for conversation data;
-    what reading it dropped, e.g. manifest lines whose audio is missing)."""
+    """Each input -> its name: (its items: lhotse cuts for ASR data, Conversations for conversation
+    data; what reading it dropped, e.g. manifest lines whose audio is missing)."""
     datasets = {}
     for spec in inputs:
         path = Path(spec)
@@ -126,10 +126,10 @@ def read_datasets(inputs: list[str]) -> dict[str, tuple[list, Skipped]]:
         name = path.name.split(".")[0] or path.name
         name = name if name not in datasets else f"{name}_{len(datasets)}"
         skipped = Skipped()
-        datasets[name] = list(read_inputs({"input_cfg": _input_cfg(path)}, train=False, skipped=skipped)), skipped
-        if not datasets[name][0]:
-            raise ValueError(f"--inputs {spec}: holds no readable items" if skipped.counts() else
-                             f"--inputs {spec}: holds no items")
+        items = list(read_inputs({"input_cfg": _input_cfg(path)}, train=False, skipped=skipped))
+        if not items:
+            raise ValueError(f"--inputs {spec}: holds no items ({_skips(skipped)})")
+        datasets[name] = items, skipped
     return datasets
 
 
@@ -174,11 +174,12 @@ def prompt_and_reference(item, system_prompt: str | None, user_prompt: str | Non
 # ---------------------------------------------------------------------------------------------------------------
 # generation
 
-def generate(model, datasets: dict[str, tuple[list, Skipped]], output_dir: str | Path, system_prompt: str | None = None,
-             user_prompt: str | None = None, batch_size: int = 16, max_new_tokens: int = 128) -> dict[str, tuple]:
+def generate(model, datasets: dict[str, tuple[list, Skipped]], output_dir: str | Path,
+             system_prompt: str | None = None, user_prompt: str | None = None, batch_size: int = 16,
+             max_new_tokens: int = 128) -> dict[str, tuple[list, Skipped]]:
     """Answer every item, longest first in batches; write `output_dir/<dataset>.jsonl` and print tokens/s and
-    RTFx (seconds of audio per second of generation). Returns per dataset (a list of (record, reference,
-    hypothesis), what was skipped: the dataset's Skipped with the items whose audio failed to load added)."""
+    RTFx (seconds of audio per second of generation). Returns per dataset (a list of (record,
+    reference, hypothesis), what was skipped, with the items whose audio failed to load added)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -211,8 +212,9 @@ def generate(model, datasets: dict[str, tuple[list, Skipped]], output_dir: str |
         progress.close()
         path = output_dir / f"{name}.jsonl"
         path.write_text("".join(json.dumps(record, ensure_ascii=False, default=str) + "\n" for record, _, _ in rows))
-        print(f"{name}: {len(rows)} items ({_skips(skipped)}), {audio_seconds:.1f} s of audio, {num_tokens} tokens "
-              f"in {seconds:.2f} s: {num_tokens / max(seconds, 1e-9):.1f} tokens/s, "
+        print(f"{name}: {len(rows)} items ({_skips(skipped)}), {audio_seconds:.1f} s of audio, "
+              f"{num_tokens} tokens in {seconds:.2f} s: "
+              f"{num_tokens / max(seconds, 1e-9):.1f} tokens/s, "
               f"RTFx {audio_seconds / max(seconds, 1e-9):.1f} -> {path}")
         results[name] = rows, skipped
     return results
@@ -233,9 +235,10 @@ def _record(item, conversation: Conversation, reference: str | None, hypothesis:
     return {"id": conversation.id, "conversations": turns, **({"custom": conversation.custom} if conversation.custom else {})}
 
 
-def evaluate(results: dict[str, tuple], metric: str = "auto", output_dir: Path | None = None) -> dict[str, float]:
-    """Print and return WER (ASR data) or BLEU (conversations) per dataset and their mean, and the number of
-    items each dataset skipped (`skipped_<name>`: they are in no score); metrics.json too."""
+def evaluate(results: dict[str, tuple[list, Skipped]], metric: str = "auto",
+             output_dir: Path | None = None) -> dict[str, float]:
+    """Print and return WER (ASR data) or BLEU (conversations) per dataset and their mean, and the
+    number of items each dataset skipped (`skipped_<name>`, in no score); metrics.json too."""
     metrics, by_key, skips = {}, {}, {}
     print(f"text normalizer: {NORMALIZER}")
     for name, (rows, skipped) in results.items():
@@ -271,8 +274,8 @@ def _skips(skipped: Skipped) -> str:
 
 
 def duplex(model: DuplexS2SModel, audio_path: str, out: Path) -> None:
-    """Answer one recording of the user: write the agent's speech and text, print the time per frame. Speech
-    beyond full scale (an untrained codec's) is scaled to a peak of AGENT_PEAK rather than clipped."""
+    """Answer one recording of the user: write the agent's speech and text, print the time per
+    frame. Speech beyond full scale (an untrained codec's) is scaled to AGENT_PEAK, not clipped."""
     audio, audio_lens = load_audio_files([audio_path], model.perception.sample_rate)
     start = time.perf_counter()
     result = model.offline_inference(audio, audio_lens)
@@ -282,8 +285,8 @@ def duplex(model: DuplexS2SModel, audio_path: str, out: Path) -> None:
     peak = float(agent.abs().max()) if len(agent) else 0.0
     if peak > 1.0:
         agent = agent * (AGENT_PEAK / peak)
-        print(f"agent speech peaked at {peak:.1f} times full scale (an untrained codec?): scaled to a peak of "
-              f"{AGENT_PEAK} instead of clipped")
+        print(f"agent speech peaked at {peak:.1f} times full scale (an untrained codec?): scaled "
+              f"to a peak of {AGENT_PEAK} instead of clipped")
     soundfile.write(out / "agent.wav", agent.numpy(), model.audio_codec.sample_rate)
     (out / "agent.txt").write_text(result["text"][0] + "\n")
     frames = int(result["tokens_len"][0])

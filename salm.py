@@ -50,8 +50,8 @@ from data import SALMDataset, left_pad, load_audio_files, merge_turns, right_pad
 from metrics import word_errors
 from perception import setup_perception
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them makes a HF tokenizer
-HUB_NAME = re.compile(r"[\w-][\w.-]*(/[\w.-]+)?")  # what else pretrained_llm may be: a Hugging Face hub name
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one makes a tokenizer
+HUB_NAME = re.compile(r"[\w-][\w.-]*(/[\w.-]+)?")  # what pretrained_llm may also be: a hub name
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that are not supervised
 DEFAULT_ASR_PROMPT = "Repeat after me, typing in lowercase."  # NeMo salm_eval's; configs/salm.yaml trains with it
 
@@ -560,7 +560,7 @@ def _strip_padding(row: Tensor, pad_id: int) -> Tensor:
 
 
 def _check_llm_dir(name: str) -> None:
-    """A local pretrained_llm directory needs config.json and tokenizer files: name what it lacks."""
+    """A local pretrained_llm directory needs config.json and tokenizer files: say what it lacks."""
     path = Path(name).expanduser()
     if not path.is_dir():
         return
@@ -568,7 +568,8 @@ def _check_llm_dir(name: str) -> None:
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         lacks.append(f"tokenizer files ({' / '.join(TOKENIZER_FILES)})")
     if lacks:
-        raise FileNotFoundError(f"cannot load pretrained_llm '{name}': the directory has no {' and no '.join(lacks)}")
+        raise FileNotFoundError(f"cannot load pretrained_llm '{name}': the directory has no "
+                                f"{' and no '.join(lacks)}")
 
 
 def _not_found(name: str, error: Exception) -> FileNotFoundError:
@@ -577,8 +578,8 @@ def _not_found(name: str, error: Exception) -> FileNotFoundError:
         if not HUB_NAME.fullmatch(name):
             reason = "no such directory"
         elif huggingface_hub.constants.HF_HUB_OFFLINE:
-            reason = ("no such directory, and as a hub name it is not in the local Hugging Face cache (offline, "
-                      "HF_HUB_OFFLINE=1: hub names need the cache)")
+            reason = ("no such directory, and as a hub name it is not in the local Hugging Face "
+                      "cache (offline, HF_HUB_OFFLINE=1: hub names need the cache)")
         else:
             reason = f"no such directory, and as a hub name: {reason}"
     return FileNotFoundError(

@@ -65,15 +65,16 @@ def main(argv: list[str]) -> torch.nn.Module | None:
     max_steps, log_every = trainer["max_steps"], trainer["log_every_n_steps"]
     val_every, ckpt_params = validation_interval(trainer), exp["checkpoint_callback_params"]
     if run.val_loaders and trainer["num_sanity_val_steps"] and not resume_path:
-        results, _ = validate(run.model, run.val_loaders, trainer["num_sanity_val_steps"], device, autocast_dtype)
+        results, _ = validate(run.model, run.val_loaders, trainer["num_sanity_val_steps"], device,
+                              autocast_dtype)
         if exp["create_checkpoint_callback"]:
             check_monitor(ckpt_params, results)
     loggers = make_loggers(exp, log_dir, cfg) if master else []
     if master:
         start_run_dir(log_dir, cfg, resume_path)
         if resume_path and run.step >= max_steps:
-            print(f"note: {resume_path.name} is at step {run.step} and trainer.max_steps is {max_steps}: nothing is "
-                  "left to train (raise trainer.max_steps to go on)")
+            print(f"note: {resume_path.name} is at step {run.step} and trainer.max_steps is "
+                  f"{max_steps}: nothing is left to train (raise trainer.max_steps to go on)")
 
     # 4. the loop: step, log, validate, save, until max_steps or the time budget
     deadline = time_budget(exp["max_time_per_run"], trainer["max_time"])
@@ -105,7 +106,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
             stop_reason = "max_time_per_run reached; rerun the same command to continue"
             break
     progress.close()
-    if exp["create_checkpoint_callback"] and run.step > start_step:  # a finished run's checkpoint stays as it is
+    if exp["create_checkpoint_callback"] and run.step > start_step:  # else: as it was loaded
         save(run, cfg, log_dir, None, meter, master)
     if master:
         print(f"stopped at step {run.step}: {stop_reason}")
@@ -184,17 +185,19 @@ def setup(cfg: dict, device: torch.device, rank: int, world_size: int, resume_pa
 
 
 def resume_rank_state(ranks: list[dict], rank: int, world_size: int) -> dict:
-    """This rank's saved RNG states, data position and skips. A run resumed with another number of processes
-    goes on with the data after the batches its ranks drew together (rank r of W takes batches r, r + W, ...
-    of one stream, so each rank skips its share of them); its RNG streams restart from the seed."""
+    """This rank's saved RNG states, data position and skips. A run resumed with another number of
+    processes goes on with the data after the batches its ranks drew together (rank r of W takes
+    batches r, r + W, ... of one stream, so each rank skips its share of them); its RNG streams
+    restart from the seed."""
     if len(ranks) == world_size:
         return ranks[rank]
     drawn = sum(r["batches"] for r in ranks)
     skip = max(0, math.ceil((drawn - rank) / world_size))
     if rank == 0:
-        print(f"note: resuming a run of {len(ranks)} process(es) with {world_size}: each rank skips its share of "
-              f"the {drawn} batches drawn so far ({skip} on rank 0), RNG streams restart from the seed, and the "
-              f"global batch is {world_size}/{len(ranks)} of what it was")
+        print(f"note: resuming a run of {len(ranks)} process(es) with {world_size}: each rank "
+              f"skips its share of the {drawn} batches drawn so far ({skip} on rank 0), RNG "
+              f"streams restart from the seed, and the global batch is {world_size}/{len(ranks)} "
+              "of what it was")
     return {"batches": skip, "skipped": ranks[rank]["skipped"] if rank < len(ranks) else {}}
 
 
@@ -241,7 +244,8 @@ def train_step(run: Run, micro_batches: list[dict], trainer: dict, device, autoc
 
 def save(run: Run, cfg: dict, log_dir: Path, results: dict | None, meter, master: bool) -> None:
     """Checkpoints of the run as it stands (see save_checkpoints), with every rank's RNG and data state."""
-    ranks = gather_rank_states(run.batches.num_batches, run.world_size, run.batches.skipped.state(meter.skipped))
+    skipped = run.batches.skipped.state(meter.skipped)
+    ranks = gather_rank_states(run.batches.num_batches, run.world_size, skipped)
     run.best = save_checkpoints(log_dir, run.step, run.model, run.optimizer, run.scheduler, run.scaler, cfg,
                                 run.best, cfg["exp_manager"]["checkpoint_callback_params"], results, ranks, master)
 
@@ -375,11 +379,11 @@ def save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, be
 
 
 def check_monitor(params: dict, results: dict) -> None:
-    """`checkpoint_callback_params.monitor` names a validation metric (checked at the sanity validation, before
-    the run directory is written, and at the first validation)."""
+    """`checkpoint_callback_params.monitor` names a validation metric (checked at the sanity
+    validation, before the run directory is written, and at every validation)."""
     if params["save_top_k"] != 0 and params["monitor"] not in results:
-        raise ConfigError(f"exp_manager.checkpoint_callback_params.monitor '{params['monitor']}' is not a "
-                          f"validation metric; pick one of {', '.join(sorted(results))}")
+        raise ConfigError(f"exp_manager.checkpoint_callback_params.monitor '{params['monitor']}' "
+                          f"is not a validation metric; pick one of {', '.join(sorted(results))}")
 
 
 def run_dir(exp: dict) -> Path:
@@ -558,20 +562,22 @@ def format_log(step: int, max_steps: int, m: dict) -> str:
 
 
 def make_loggers(exp: dict, log_dir: Path, cfg: dict) -> list:
-    """The loggers exp_manager asks for; each package is imported before any of them writes a file."""
+    """The loggers exp_manager asks for; each package is imported before any of them writes."""
     modules = {}
-    for key, module, package in (("create_tensorboard_logger", "torch.utils.tensorboard", "tensorboard"),
-                                 ("create_wandb_logger", "wandb", "wandb")):
+    for key, module, package in (
+            ("create_tensorboard_logger", "torch.utils.tensorboard", "tensorboard"),
+            ("create_wandb_logger", "wandb", "wandb")):
         try:
             modules[key] = importlib.import_module(module) if exp.get(key) else None
         except ImportError:
             raise ConfigError(f"{key} needs the {package} package: pip install {package}") from None
+    tensorboard, wandb = modules["create_tensorboard_logger"], modules["create_wandb_logger"]
     loggers = []
-    if modules["create_tensorboard_logger"]:
-        loggers.append(_TensorBoard(modules["create_tensorboard_logger"].SummaryWriter(str(log_dir / "tensorboard"))))
-    if modules["create_wandb_logger"]:
+    if tensorboard:
+        loggers.append(_TensorBoard(tensorboard.SummaryWriter(str(log_dir / "tensorboard"))))
+    if wandb:
         kwargs = {k: v for k, v in (exp.get("wandb_logger_kwargs") or {}).items() if v is not None}
-        loggers.append(_Wandb(modules["create_wandb_logger"].init(dir=str(log_dir), config=cfg, **kwargs)))
+        loggers.append(_Wandb(wandb.init(dir=str(log_dir), config=cfg, **kwargs)))
     return loggers
 
 

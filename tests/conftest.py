@@ -1,5 +1,6 @@
-"""What several test files share: offline settings, the --runslow switch, small model sizes, audio and
-dataset helpers, and the tiny LLM directory fixture. Test files import helpers from here, never from each other."""
+"""What several test files share: offline settings, the --runslow switch, small model sizes, audio
+and dataset helpers, and the tiny LLM directory fixture. Test files import helpers from here, never
+from each other."""
 import os
 
 # Nothing in the test suite may reach a model hub (set before huggingface_hub reads them at import).
@@ -40,13 +41,16 @@ SMALL = SMALL_PERCEPTION + [
     "trainer.enable_progress_bar=false",
 ]
 # Text the tiny test tokenizers are trained on: SALM prompts and the duplex tests' words.
-WORDS = ("what is two plus three five comes after four the sky blue color hello okay hi ok yes no one six seven "
-         "eight nine ten red green").split()
-CORPUS = ["Repeat after me: Some text transcription.", "hello world, the quick brown fox jumps over the lazy dog",
+WORDS = ("what is two plus three five comes after four the sky blue color hello okay hi ok yes no "
+         "one six seven eight nine ten red green").split()
+CORPUS = ["Repeat after me: Some text transcription.",
+          "hello world, the quick brown fox jumps over the lazy dog",
           "[INST] <<SYS>> Be brief. <</SYS>> [/INST]", " ".join(WORDS)] * 20
 # TinyLlama-chat's template layout
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+    "{% for m in messages %}"
+    "{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
@@ -75,16 +79,17 @@ def one_thread():
 
 @pytest.fixture
 def fresh_warnings(monkeypatch):
-    """The first few unreadable items of a process are named in warnings; start a test with none named yet."""
+    """The first few unreadable items of a process are named in warnings; start with none named."""
     monkeypatch.setattr(data, "_warned", set())
 
 
 @pytest.fixture(scope="session")
 def llm_dir(tmp_path_factory):
-    """A tiny Llama with a byte-level BPE tokenizer (<unk> 0, <s> 1, </s> 2, <pad> 3, the audio tag 4) and a
-    chat template."""
-    return write_llm_dir(tmp_path_factory.mktemp("llama"), byte_level_tokenizer(), tiny_llama_config(),
-                         bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    """A tiny Llama with a byte-level BPE tokenizer (<unk> 0, <s> 1, </s> 2, <pad> 3, the audio tag
+    4) and a chat template."""
+    return write_llm_dir(tmp_path_factory.mktemp("llama"), byte_level_tokenizer(),
+                         tiny_llama_config(), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                         pad_token="<pad>")
 
 
 def write_llm_dir(path, tokenizer: Tokenizer, llm_config, **special_tokens):
@@ -100,15 +105,17 @@ def byte_level_tokenizer() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>", TAG],
+    trainer = trainers.BpeTrainer(vocab_size=400,
+                                  special_tokens=["<unk>", "<s>", "</s>", "<pad>", TAG],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(CORPUS, trainer)
     return tokenizer
 
 
 def tiny_llama_config() -> LlamaConfig:
-    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=3)
 
 
 def tone(path, seconds, rate=16000, freq=440.0):
@@ -119,7 +126,8 @@ def tone(path, seconds, rate=16000, freq=440.0):
 
 
 def fake_encode(turns):
-    """A stand-in prompt formatter: one token per turn + one per word; assistant tokens are supervised."""
+    """A stand-in prompt formatter: one token per turn + one per word; assistant tokens are
+    supervised."""
     ids, mask = [], []
     for turn in turns:
         n = 1 + len(turn["content"].split())

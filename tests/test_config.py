@@ -175,14 +175,14 @@ def test_resolved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
 def test_shipped_configs_load_as_written(path):
-    """Every value the file states comes through unchanged, with plain pyyaml's reading of the file as the
-    reference, and every `${a.b}` that is a whole value holds what a.b holds."""
+    """Every value the file states comes through unchanged, with plain pyyaml's reading of the file
+    as the reference, and every `${a.b}` that is a whole value holds what a.b holds."""
     def leaves(node, key=()):
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
-        if items is None:
+        if isinstance(node, (dict, list)):
+            for name, child in node.items() if isinstance(node, dict) else enumerate(node):
+                yield from leaves(child, key + (name,))
+        else:
             yield key, node
-        for name, child in items or ():
-            yield from leaves(child, key + (name,))
 
     def at(cfg, key):
         for part in key:
@@ -194,9 +194,11 @@ def test_shipped_configs_load_as_written(path):
     assert len(stated) > 50
     for key, value in stated:
         got = at(cfg, key)
-        if isinstance(value, str) and value.startswith("${") and value.count("${") == 1 and value.endswith("}"):
-            assert got == at(cfg, tuple(int(p) if p.isdigit() else p for p in value[2:-1].split("."))), key
-        elif isinstance(value, str) and isinstance(got, float):  # pyyaml reads 1e-5 as text, YAML 1.2 a number
+        reference = isinstance(value, str) and value.count("${") == 1
+        if reference and value.startswith("${") and value.endswith("}"):
+            target = tuple(int(p) if p.isdigit() else p for p in value[2:-1].split("."))
+            assert got == at(cfg, target), key
+        elif isinstance(value, str) and isinstance(got, float):  # pyyaml reads 1e-5 as text
             assert got == float(value), key
         else:
             assert got == value, key

@@ -11,8 +11,9 @@ from lhotse.testing.dummies import dummy_cut
 
 from config import loader_defaults
 from conftest import TAG, salm_dataset, tone
-from data import (Conversation, TrainBatches, Turn, audio_file_cut, cut_to_conversation, left_pad, load_audio,
-                  load_audio_files, make_sampler, make_val_loaders, read_inputs, right_pad)
+from data import (Conversation, TrainBatches, Turn, audio_file_cut, cut_to_conversation, left_pad,
+                  load_audio, load_audio_files, make_sampler, make_val_loaders, read_inputs,
+                  right_pad)
 
 
 def make_cuts(tmp_path, n=12, rate=16000, prefix="utt"):
@@ -130,7 +131,7 @@ def test_resume_replays_the_stream(tmp_path):
 def test_bucketing_groups_by_duration_and_caps_each_bucket():
     short = [0.5 + 0.05 * i for i in range(12)]  # 0.5 .. 1.05 s
     long = [2.1 + 0.1 * i for i in range(12)]  # 2.1 .. 3.2 s: two never fit in 4 s
-    durations = [d for pair in zip(short, long) for d in pair]  # interleaved: unbucketed batches would mix them
+    durations = [d for pair in zip(short, long) for d in pair]  # interleaved
     cuts = CutSet.from_cuts(dummy_cut(i, duration=d) for i, d in enumerate(durations))
     for bins in ([1.5], None):  # bucket edges given, or estimated from the data (num_buckets)
         cfg = loader_defaults({"batch_duration": 4.0, "use_bucketing": True, "num_buckets": 2,
@@ -138,15 +139,17 @@ def test_bucketing_groups_by_duration_and_caps_each_bucket():
         sampler = make_sampler(cuts, cfg, train=True)
         sampler.set_epoch(0)
         batches = [list(batch) for batch in sampler]
-        assert sorted(c.id for b in batches for c in b) == sorted(c.id for c in cuts)  # an epoch: each cut once
+        assert sorted(c.id for b in batches for c in b) == sorted(c.id for c in cuts)  # each once
         edges = sampler.duration_bins  # a cut of duration d is in bucket bisect_left(edges, d)
         assert len(edges) == 1 and (bins is None or edges == bins)
         for batch in batches:
-            assert len({bisect.bisect_left(edges, c.duration) for c in batch}) == 1  # one bucket per batch
-    # with the short and the long cuts in buckets of their own (the given edge), batch_duration holds in each
-    # (lhotse stops a batch once one more of its longest cut would pass it), so short batches take more cuts
-    sampler = make_sampler(cuts, loader_defaults({"batch_duration": 4.0, "use_bucketing": True,
-                                                  "bucket_duration_bins": [1.5], "shuffle": True}), train=True)
+            assert len({bisect.bisect_left(edges, c.duration) for c in batch}) == 1  # one bucket
+    # with the short and the long cuts in buckets of their own (the given edge), batch_duration
+    # holds in each (lhotse stops a batch once one more of its longest cut would pass it), so
+    # short batches take more cuts
+    cfg = loader_defaults({"batch_duration": 4.0, "use_bucketing": True, "shuffle": True,
+                           "bucket_duration_bins": [1.5]})
+    sampler = make_sampler(cuts, cfg, train=True)
     sizes = {True: [], False: []}
     for batch in sampler:
         assert sum(c.duration for c in batch) <= 4.0
@@ -161,11 +164,12 @@ def test_bad_audio_is_skipped_and_listed_with_its_reason(tmp_path):
     dataset = salm_dataset()
     batch = dataset[CutSet.from_cuts(cuts)]
     assert batch["ids"] == ["utt0", "utt3"]
-    assert [(reason, item) for reason, item, _ in batch["skipped"]] == [("unreadable audio", "utt1"),
-                                                                          ("unreadable audio", "utt2")]
+    assert [(reason, item) for reason, item, _ in batch["skipped"]] == [
+        ("unreadable audio", "utt1"), ("unreadable audio", "utt2")]
     missing, corrupt = (warning for _, _, warning in batch["skipped"])
-    assert missing == f"cannot read audio of utt1 ({tmp_path / 'utt1.flac'}): file not found: {tmp_path / 'utt1.flac'}"
-    assert corrupt.startswith(f"cannot read audio of utt2 ({tmp_path / 'utt2.flac'}): ") and "\n" not in corrupt
+    utt1, utt2 = tmp_path / "utt1.flac", tmp_path / "utt2.flac"
+    assert missing == f"cannot read audio of utt1 ({utt1}): file not found: {utt1}"
+    assert corrupt.startswith(f"cannot read audio of utt2 ({utt2}): ") and "\n" not in corrupt
     empty = dataset[CutSet.from_cuts(cuts[1:3])]
     assert empty["empty"] and [item for _, item, _ in empty["skipped"]] == ["utt1", "utt2"]
 
@@ -185,7 +189,8 @@ def test_empty_transcript_and_max_tokens(tmp_path):
     batch = salm_dataset(max_tokens=20)[CutSet.from_cuts(cuts)]
     assert batch["skipped"] == [("empty transcript", "utt0", None)]
     long_batch = salm_dataset(max_tokens=8)[CutSet.from_cuts(cuts[1:])]
-    assert long_batch["skipped"] == [("longer than max_tokens", "utt1", None), ("longer than max_tokens", "utt2", None)]
+    assert long_batch["skipped"] == [("longer than max_tokens", "utt1", None),
+                                     ("longer than max_tokens", "utt2", None)]
 
 
 def test_left_and_right_pad():
@@ -239,18 +244,21 @@ def test_manifest_lines_with_missing_audio_are_skipped(tmp_path):
 
 
 def test_stereo_audio_is_averaged_from_every_source(tmp_path):
-    """NeMo's rule (its SALM dataset downmixes with lhotse's mono_downmix): the mean of the channels, whether
-    the file comes from a NeMo manifest, a conversation manifest or the command line."""
+    """NeMo's rule (its SALM dataset downmixes with lhotse's mono_downmix): the mean of the
+    channels, whether the file comes from a NeMo manifest, a conversation manifest or the command
+    line."""
     t = np.arange(8000) / 16000
     left, right = 0.4 * np.sin(2 * np.pi * 300 * t), 0.2 * np.sin(2 * np.pi * 700 * t)
     sf.write(tmp_path / "stereo.wav", np.stack([left, right], 1), 16000, subtype="FLOAT")
     mean = ((left + right) / 2).astype(np.float32)
     (tmp_path / "asr.json").write_text(json.dumps({"audio_filepath": "stereo.wav", "text": "x"}))
     (tmp_path / "chat.jsonl").write_text(json.dumps({"id": "c", "conversations": [
-        {"from": "User", "type": "audio", "value": "stereo.wav"}, {"from": "Assistant", "value": "x"}]}))
+        {"from": "User", "type": "audio", "value": "stereo.wav"},
+        {"from": "Assistant", "value": "x"}]}))
     asr, = read_inputs({"manifest_filepath": str(tmp_path / "asr.json")}, train=False)
-    chat, = read_inputs({"input_cfg": [{"type": "multimodal_conversation",
-                                        "manifest_filepath": str(tmp_path / "chat.jsonl")}]}, train=False)
+    chat_cfg = {"type": "multimodal_conversation",
+                "manifest_filepath": str(tmp_path / "chat.jsonl")}
+    chat, = read_inputs({"input_cfg": [chat_cfg]}, train=False)
     for cut in (asr, chat.audio_cuts[0], audio_file_cut(tmp_path / "stereo.wav")):
         np.testing.assert_allclose(load_audio(cut, 16000), mean, atol=1e-6)
     batch = salm_dataset()[CutSet.from_cuts([asr])]
@@ -258,19 +266,21 @@ def test_stereo_audio_is_averaged_from_every_source(tmp_path):
 
 
 def test_a_list_of_nemo_manifests(tmp_path):
-    """NeMo's list-valued manifest_filepath: paths or [path, weight] pairs; mixed when training (by default
-    in proportion to their lines), read one after the other for validation."""
+    """NeMo's list-valued manifest_filepath: paths or [path, weight] pairs; mixed when training (by
+    default in proportion to their lines), read one after the other for validation."""
     manifests = []
     for name, n in (("a", 6), ("b", 2)):
-        rows = [{"audio_filepath": str(tone(tmp_path / f"{name}{i}.wav", 0.5)), "text": f"{name} {i}"}
+        rows = [{"audio_filepath": str(tone(tmp_path / f"{name}{i}.wav", 0.5)), "text": f"{i}"}
                 for i in range(n)]
         manifests.append(tmp_path / f"{name}.json")
         manifests[-1].write_text("\n".join(json.dumps(row) for row in rows))
     a, b = map(str, manifests)
     val = make_val_loaders({"manifest_filepath": [a, [b]], "batch_size": 3}, salm_dataset())["val"]
-    assert [i for batch in val for i in batch["ids"]] == [f"a-{i}" for i in range(6)] + ["b-0", "b-1"]
+    everything = [f"a-{i}" for i in range(6)] + ["b-0", "b-1"]
+    assert [i for batch in val for i in batch["ids"]] == everything
     for paths in ([a, b], [[a, 1.0], [b, 1.0]]):
-        cfg = {"input_cfg": [{"type": "nemo", "manifest_filepath": paths}], "batch_size": 2, "shuffle": True}
+        cfg = {"input_cfg": [{"type": "nemo", "manifest_filepath": paths}], "batch_size": 2,
+               "shuffle": True}
         stream = iter(TrainBatches(cfg, salm_dataset()))
         ids = [i for _ in range(4) for i in next(stream)["ids"]]  # one epoch of 8 items
         assert sorted(ids) == sorted([f"a-{i}" for i in range(6)] + ["b-0", "b-1"])

@@ -142,18 +142,19 @@ def test_text_channel_of_nemo_example(llm_dir):
     assert batch["target_token_lens"].tolist() == [13]
 
 
-# NeMo 3.0's DuplexS2SDataset on that cut with the shipped tiny LLM's tokenizer in NeMo's tokenizer wrapper
-# ("hi" 313, "hello" 266 303 87, "ok" 362, "okay" 362 347; pad 3, BOS 1, EOS 2)
+# NeMo 3.0's DuplexS2SDataset on that cut with the shipped tiny LLM's tokenizer in NeMo's tokenizer
+# wrapper ("hi" 313, "hello" 266 303 87, "ok" 362, "okay" 362 347; pad 3, BOS 1, EOS 2)
 NEMO_TINY_TARGET_TOKENS = [3, 3, 3, 3, 1, 2, 303, 87, 1, 362, 347, 3, 3]
 NEMO_TINY_SOURCE_TOKENS = [1, 2, 3, 3, 3, 3, 1, 362, 2, 3, 3, 3, 3]
 
 
 def test_both_text_channels_equal_nemos_with_the_same_tokenizer():
     tokenizer = load_tokenizer(str(ROOT / "assets" / "tiny-llm"), None)
-    dataset = DuplexS2SDataset(tokenizer, tokenizer.pad_token_id, 0.08, 16000, 22050, ["user"], ["assistant"])
+    dataset = DuplexS2SDataset(tokenizer, tokenizer.pad_token_id, 0.08, 16000, 22050, ["user"],
+                               ["assistant"])
     batch = dataset[CutSet.from_cuts([nemo_example_cut()])]
     assert batch["target_tokens"].tolist() == [NEMO_TINY_TARGET_TOKENS]
-    assert batch["source_tokens"].tolist() == [NEMO_TINY_SOURCE_TOKENS]  # the user's channel, as NeMo builds it
+    assert batch["source_tokens"].tolist() == [NEMO_TINY_SOURCE_TOKENS]  # the user's channel
     assert batch["target_texts"] == ["hello okay"]
     assert batch["source_audio"].shape == (1, 16000) and batch["target_audio"].shape == (1, 22050)
 
@@ -433,8 +434,9 @@ def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, capsys, spe
                     "--out", str(tmp_path / f"out{i}")])
         agent, sample_rate = sf.read(tmp_path / f"out{i}" / "agent.wav", dtype="float32")
         assert sample_rate == 24000 and len(agent) == 14 * 1920
-        assert np.abs(agent).max() == pytest.approx(0.9, abs=1e-4)  # scaled to a 0.9 peak, not clipped
-        assert np.abs(agent - raw * 0.9 / np.abs(raw).max()).max() < 1e-4  # the same waveform (16-bit rounding)
+        assert np.abs(agent).max() == pytest.approx(0.9, abs=1e-4)  # scaled to 0.9, not clipped
+        scaled = raw * 0.9 / np.abs(raw).max()
+        assert np.abs(agent - scaled).max() < 1e-4  # the same waveform (16-bit rounding)
         assert (tmp_path / f"out{i}" / "agent.txt").read_text().strip() == expected["text"][0]
     assert "scaled to a peak of 0.9 instead of clipped" in capsys.readouterr().out
 

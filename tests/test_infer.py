@@ -41,8 +41,8 @@ def make_checkpoint(tmp_path: Path, *overrides: str) -> tuple[SALM, Path]:
     """A random SALM whose LLM files live in a copy of assets/tiny-llm under tmp_path, saved as train.py does."""
     llm_dir = tmp_path / "tiny-llm"
     shutil.copytree(ROOT / "assets" / "tiny-llm", llm_dir)
-    cfg = load_config(str(ROOT / "configs" / "salm.yaml"), [*SMALL_PERCEPTION, f"model.pretrained_llm={llm_dir}", *overrides],
-                      None)
+    overrides = [*SMALL_PERCEPTION, f"model.pretrained_llm={llm_dir}", *overrides]
+    cfg = load_config(str(ROOT / "configs" / "salm.yaml"), overrides, None)
     torch.manual_seed(0)
     model = SALM(cfg["model"]).eval()
     path = tmp_path / "step=2.ckpt"
@@ -266,18 +266,22 @@ def test_evaluate_counts_every_item_it_drops(tmp_path, capsys, fresh_warnings):
     rows = []
     for cut in list(CutSet.from_shar(in_dir=str(ASR_VAL)))[:4]:
         soundfile.write(tmp_path / f"{cut.id}.flac", cut.load_audio()[0], 16000)
-        rows.append({"audio_filepath": f"{cut.id}.flac", "duration": cut.duration, "text": cut.supervisions[0].text})
+        rows.append({"audio_filepath": f"{cut.id}.flac", "duration": cut.duration,
+                     "text": cut.supervisions[0].text})
     whole = (tmp_path / rows[0]["audio_filepath"]).read_bytes()
     (tmp_path / "corrupt.flac").write_bytes(whole[: len(whole) // 2])  # opens, fails when decoded
-    rows += [{"audio_filepath": "missing.wav", "duration": 1.0, "text": "gone"},  # fails when the manifest is read
+    rows += [{"audio_filepath": "missing.wav", "duration": 1.0, "text": "gone"},  # fails when read
              {"audio_filepath": "corrupt.flac", "duration": rows[0]["duration"], "text": "half"}]
     (tmp_path / "bad.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    metrics = infer.main(["evaluate", "--model", str(checkpoint), "--inputs", str(tmp_path / "bad.json"),
-                          "--output-dir", str(tmp_path / "out"), "--max-new-tokens", "2"])
+    metrics = infer.main(["evaluate", "--model", str(checkpoint), "--inputs",
+                          str(tmp_path / "bad.json"), "--output-dir", str(tmp_path / "out"),
+                          "--max-new-tokens", "2"])
     out, err = capsys.readouterr()
     assert "bad: 4 items (2 skipped: unreadable audio 2)," in out
-    assert re.search(r"bad: WER [\d.]+% .* over 4 items \(2 skipped: unreadable audio 2\), \d+ words", out)
-    assert metrics["skipped_bad"] == 2 and json.loads((tmp_path / "out" / "metrics.json").read_text())["skipped_bad"] == 2
+    scored = r"bad: WER [\d.]+% .* over 4 items \(2 skipped: unreadable audio 2\), \d+ words"
+    assert re.search(scored, out)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["skipped_bad"] == written["skipped_bad"] == 2
     warnings = [line for line in err.splitlines() if line.startswith("warning: skipped")]
     assert len(warnings) == 2 and "missing.wav" in warnings[0] and "corrupt.flac" in warnings[1]
 
@@ -335,11 +339,13 @@ def test_asr_bleu_scores_what_the_asr_heard_against_the_references():
             return list(self.texts)
 
     clip = [np.zeros(2400, np.float32)]
-    # by hand: each n-gram of the 5-word transcript is in the 6-word reference (precisions 1), brevity
-    # penalty exp(1 - 6/5); case and punctuation are normalised away
-    score, transcripts = asr_bleu(["the cat sat on the mat"], clip, 24000, Hears(["The cat sat on the."]))
+    # by hand: each n-gram of the 5-word transcript is in the 6-word reference (precisions 1),
+    # brevity penalty exp(1 - 6/5); case and punctuation are normalised away
+    heard = Hears(["The cat sat on the."])
+    score, transcripts = asr_bleu(["the cat sat on the mat"], clip, 24000, heard)
     assert transcripts == ["The cat sat on the."] and score == pytest.approx(100 * math.exp(-0.2))
-    # the other way round: no brevity penalty; precisions 5/6, 4/5, 3/4, 2/3, geometric mean (1/3) ** (1/4)
+    # the other way round: no brevity penalty; precisions 5/6, 4/5, 3/4, 2/3: geometric mean
+    # (1/3) ** (1/4)
     score, _ = asr_bleu(["the cat sat on the"], clip, 24000, Hears(["the cat sat on the mat"]))
     assert score == pytest.approx(100 * (1 / 3) ** 0.25)
 
@@ -380,7 +386,8 @@ def test_asr_bleu_with_a_transformers_asr_model(tmp_path):
     clips = [0.1 * torch.randn(24000), 0.1 * torch.randn(12000)]  # 1 s and 0.5 s at 24 kHz
     score, transcripts = asr_bleu(["hello there", "yes"], clips, 24000, str(tmp_path))
     assert len(transcripts) == 2 and all(isinstance(t, str) for t in transcripts)
-    assert score == sacrebleu.corpus_bleu([normalize_text(t) for t in transcripts], [["hello there", "yes"]]).score
+    hypotheses = [normalize_text(t) for t in transcripts]
+    assert score == sacrebleu.corpus_bleu(hypotheses, [["hello there", "yes"]]).score
     clip_16k = resample(clips[0].numpy(), 24000, 16000)  # the longest clip: no padding in the batch
     with torch.no_grad():  # by hand: CTC greedy decoding of the 16 kHz clip
         logits = asr(**processor(clip_16k, sampling_rate=16000, return_tensors="pt")).logits

@@ -76,7 +76,7 @@ def padded(clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def speech_clips() -> list[np.ndarray]:
-    """Real speech at 16 kHz: the first two utterances of the shipped demo data (lhotse Shar, FLAC inside)."""
+    """Real speech at 16 kHz: the first two utterances of the shipped demo data (lhotse Shar)."""
     cuts = list(CutSet.from_shar(in_dir=str(ROOT / "assets" / "demo" / "asr_val")).subset(first=2))
     assert [c.sampling_rate for c in cuts] == [16000, 16000]
     return [c.load_audio()[0][: 16000 * 6] for c in cuts]

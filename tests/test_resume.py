@@ -1,6 +1,6 @@
-"""kill -9 a training run at chosen points, rerun the same command each time: it must end exactly as a run that
-was never killed (bit for bit: the same losses after every resume, the same weights, optimizer, schedule, RNG and
-checkpoints).
+"""kill -9 a training run at chosen points, rerun the same command each time: it must end exactly as
+a run that was never killed, bit for bit (the same losses after every resume, the same weights,
+optimizer, schedule, RNG and checkpoints).
 
 The kills are injected by a small runner script, not by the code under test: it wraps train.py's functions and
 SIGKILLs its own process at the point that KILL_AT names:
@@ -256,8 +256,9 @@ def check_kill_point(kill: str, saved_at: list[int], logged: dict, after: dict) 
 
 
 def parse_log(stdout: str) -> dict:
-    """Per step: the loss as printed by repr (every bit), the logged line (losses and LR), the validation line;
-    the held-out line; and the step resumed from, with the temporary files found then."""
+    """Per step: the loss as repr prints it (every bit), the logged line (losses and LR), the
+    validation line; the held-out line; and the step resumed from, with the temporary files found
+    then."""
     log = {"losses": {}, "lines": {}, "validation": {}, "held_out": None, "resumed": None}
     step = 0
     for line in stdout.splitlines():

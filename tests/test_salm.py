@@ -18,7 +18,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import DynamicCache, GenerationConfig, GPT2Config
 
 import salm
-from conftest import CHAT_TEMPLATE, CORPUS, TAG, byte_level_tokenizer, tiny_llama_config, write_llm_dir
+from conftest import (CHAT_TEMPLATE, CORPUS, TAG, byte_level_tokenizer, tiny_llama_config,
+                      write_llm_dir)
 from data import right_pad
 from salm import SALM, replace_placeholders_and_build_targets
 
@@ -194,14 +195,16 @@ def test_pretrained_llm_mistakes_say_what_is_wrong(llm_dir, tmp_path, monkeypatc
     tokenizer = lambda name: salm.load_tokenizer(name, TAG)
     llm = lambda name: salm.load_llm(name, pretrained_weights=True)
     monkeypatch.chdir(tmp_path)
-    assert message(tokenizer, "/no/such/llm").startswith("no such directory. Pass a local directory")
+    assert message(tokenizer, "/no/such/llm").startswith("no such directory. Pass a local")
     assert message(llm, "./llm").startswith("no such directory. ")
     # a typo in a relative path reads as a hub name too; offline, hub names need the local cache
-    assert message(llm, "assets/tiny_llm").startswith("no such directory, and as a hub name it is not in the local "
-                                                      "Hugging Face cache (offline, HF_HUB_OFFLINE=1")
+    assert message(llm, "assets/tiny_llm").startswith(
+        "no such directory, and as a hub name it is not in the local Hugging Face cache (offline, "
+        "HF_HUB_OFFLINE=1")
     assert "pretrained_weights: false" in message(llm, "some-org/not-in-the-cache")
     (tmp_path / "empty").mkdir()
-    both = "the directory has no config.json and no tokenizer files (tokenizer.json / tokenizer.model / vocab.json)"
+    both = ("the directory has no config.json and no tokenizer files (tokenizer.json / "
+            "tokenizer.model / vocab.json)")
     assert message(tokenizer, "empty") == message(llm, "empty") == both
     (tmp_path / "config_only").mkdir()
     shutil.copy(llm_dir / "config.json", tmp_path / "config_only")
@@ -310,16 +313,18 @@ def test_validation_with_generation_scores_the_last_answer(llm_dir, monkeypatch)
     model = make_model(llm_dir)
     with torch.no_grad():
         batch, loss, correct, count, _ = reference_loss_and_accuracy(model)
-    answers = ["Some text transcription.", "the quick red fox", ""]  # known answers: 0, 1 and 2 word errors
-    rows = [torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"] + [model.text_eos_id])
-            for text in answers]
-    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: right_pad(rows, model.text_pad_id)[0])
+    answers = ["Some text transcription.", "the quick red fox", ""]  # 0, 1 and 2 word errors
+    encode = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = [torch.tensor(encode(text) + [model.text_eos_id]) for text in answers]
+    answer_ids = right_pad(rows, model.text_pad_id)[0]
+    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: answer_ids)
     out = model.validation_step(batch, generate=True)
-    assert out["pairs"] == list(zip(["Some text transcription.", "the quick brown fox", "lazy dog"], answers))
+    references = ["Some text transcription.", "the quick brown fox", "lazy dog"]
+    assert out["pairs"] == list(zip(references, answers))
     summary = SALM.validation_summary(out)
-    assert summary["loss"] == pytest.approx(float(loss), rel=1e-5)  # the conversations one by one, by hand
+    assert summary["loss"] == pytest.approx(float(loss), rel=1e-5)  # conversation by conversation
     assert summary["acc"] == correct / count
-    assert summary["wer"] == pytest.approx(3 / 9)  # red for brown; "lazy dog" missing; of 3 + 4 + 2 words
+    assert summary["wer"] == pytest.approx(3 / 9)  # red for brown, no "lazy dog"; of 9 words
 
 
 def write_audio(path, samples: np.ndarray, sample_rate: int, subtype: str) -> np.ndarray:
@@ -362,10 +367,10 @@ def test_generate_from_paths_tensors_and_token_ids(llm_dir, tmp_path):
 
 @pytest.mark.parametrize("llm", ["llm_dir", "gpt2_dir"])
 def test_batched_generation_equals_one_by_one(llm, request):
-    """The same tokens and scores in a left-padded batch as alone: padding is invisible to attention (the
-    mask) and, for GPT-2's learned absolute positions, to the position ids."""
+    """The same tokens and scores in a left-padded batch as alone: padding is invisible to attention
+    (the mask) and, for GPT-2's learned absolute positions, to the position ids."""
     model = make_model(request.getfixturevalue(llm))
-    with torch.no_grad():  # larger weights: at its init scale a random LLM repeats one token for every prompt
+    with torch.no_grad():  # larger weights: at init scale a random LLM repeats one token for all
         torch.manual_seed(3)
         for param in model.llm.parameters():
             if param.dim() == 2:
@@ -380,7 +385,7 @@ def test_batched_generation_equals_one_by_one(llm, request):
     audio_lens = torch.tensor([len(c) for c in clips])
     scored = dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
     batched = model.generate([turns for turns, _ in cases], audios, audio_lens, **scored)
-    assert len(batched.sequences.unique()) >= 12  # the answers vary from step to step and from row to row
+    assert len(batched.sequences.unique()) >= 12  # answers vary from step to step and row to row
     for i, (turns, clips) in enumerate(cases):
         audio = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True) if clips else None
         alone = model.generate([turns], audio, torch.tensor([len(c) for c in clips]), **scored)
@@ -388,7 +393,8 @@ def test_batched_generation_equals_one_by_one(llm, request):
         assert torch.equal(batched.sequences[i, :n], alone.sequences[0])
         assert (batched.sequences[i, n:] == model.text_pad_id).all()
         for step in range(n):  # every step's scores, not only their argmax
-            torch.testing.assert_close(batched.scores[step][i], alone.scores[step][0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(batched.scores[step][i], alone.scores[step][0], atol=1e-4,
+                                       rtol=1e-4)
 
 
 def test_generate_equals_greedy_decoding_with_forward(llm_dir):

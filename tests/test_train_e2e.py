@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, SMALL
 
-pytestmark = pytest.mark.slow  # every test here trains; fast checks of train.py live in test_train.py
+pytestmark = pytest.mark.slow  # every test here trains; quick checks of train.py: test_train.py
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models; and two busy threads per process stall a shared CPU
