@@ -588,10 +588,10 @@ def _check_paths(node: dict | list, key: str) -> None:
         listed = isinstance(value, list) and name == "manifest_filepath"
         for i, item in enumerate(value if listed else [value]):
             where = f"{key}.{name}" + (f".{i}" if listed else "")
-            path = item[0] if isinstance(item, list) and item else item
-            if not isinstance(path, str) or isinstance(item, list) and len(item) > 2:
-                raise ValueError(f"{where} must be a path (a list of manifests: paths or [path, "
-                                 f"weight] pairs), got {item!r}")
+            path = item[0] if listed and isinstance(item, list) and item else item
+            if not isinstance(path, str) or listed and isinstance(item, list) and len(item) > 2:
+                raise ValueError(f"{where} must be a path, got {item!r} (a list is read only for "
+                                 "manifest_filepath: paths or [path, weight] pairs)")
             if not Path(path).exists() and not re.search(r"\{|_OP_", path):  # a pattern of files
                 raise FileNotFoundError(f"{where}: {path} does not exist")
 

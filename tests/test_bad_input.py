@@ -281,6 +281,9 @@ MONITOR = "exp_manager.checkpoint_callback_params.monitor"
      "data.validation_ds.datasets.demo_val.input_cfg.0.shar_path: /no/val does not exist"),
     (f"data.train_ds.input_cfg=[{{type: nemo, manifest_filepath: [{CONFIG}, [/no/m.json, 2]]}}]",
      "data.train_ds.input_cfg.0.manifest_filepath.1: /no/m.json does not exist"),
+    ("data.train_ds.input_cfg.0.shar_path=[a, b]",
+     "data.train_ds.input_cfg.0.shar_path must be a path, got ['a', 'b'] (a list is read only for "
+     "manifest_filepath: paths or [path, weight] pairs)"),
     ("model.pretrained_llm=assets/tiny_llm",
      "cannot load pretrained_llm 'assets/tiny_llm': no such directory, and as a hub name it is not "
      "in the local ..."),
