@@ -5,9 +5,11 @@
   2. apply command-line overrides: `a.b=value` sets a key the file or the schema knows, `+a.b=value` adds a key
      that is not there, `++a.b=value` sets or adds; values are parsed as YAML (`[a,b]`, `8`, `null`, `1e-4`);
      list items are addressed by index (`data.train_ds.input_cfg.0.shar_path=/x`);
-  3. check every key against SCHEMA: an unknown key (a typo) is an error naming the key, the file and the
-     closest valid key; a value of the wrong type is an error; keys that only mean something to NeMo or
-     Lightning are accepted and reported once as ignored, so NeMo's own example files load;
+  3. check every key against SCHEMA: an unknown key (a typo) is an error naming the key, where it
+     came from (the file or the command line) and the closest valid key; a value of the wrong type
+     is an error; keys that only mean something to NeMo or Lightning are accepted and reported once
+     as ignored, so NeMo's own example files load; only free-form sections (model.lora,
+     model.optimizer, ...) take keys SCHEMA lacks;
   4. fill in the schema's defaults for `trainer`, `exp_manager` and the `data` loaders;
   5. resolve `${a.b.c}` interpolations anywhere: a reference that is the whole value keeps its type, one
      inside a string is substituted as text; a cycle or a missing target is an error;
@@ -171,19 +173,19 @@ def load_config(path: str | Path, overrides: list[str] = (), report=print) -> di
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} must hold a mapping with sections model, trainer, exp_manager, data")
-    for override in overrides:
-        apply_override(cfg, override)
+    where = _source(path, [apply_override(cfg, override) for override in overrides])
     ignored = []
-    _check(cfg, SCHEMA, "", path, ignored)
+    _check(cfg, SCHEMA, "", where, ignored)
     if ignored and report:
         report(f"config: ignoring keys that only NeMo/Lightning act on: {', '.join(ignored)}")
     _fill_defaults(cfg, SCHEMA)
     cfg = _resolve(cfg)
     missing = [key for key, value in _walk(cfg) if value == MISSING]
     if missing:
-        raise ConfigError(f"{missing[0]} is '???' (required) in {path}: set it in the file or as "
-                          f"{missing[0]}=VALUE on the command line" + _also(missing[1:]))
-    _check_targets(cfg, path)
+        key = missing[0]
+        raise ConfigError(f"{key} is '???' (required) {where(key)}: set it in the file or as "
+                          f"{key}=VALUE on the command line" + _also(missing[1:]))
+    _check_targets(cfg, where)
     return cfg
 
 
@@ -229,7 +231,7 @@ def read_input_cfg(path: str | Path) -> list:
             from None
     if isinstance(entries, dict) and "input_cfg" in entries:
         entries = entries["input_cfg"]
-    _check(entries, ListOf(INPUT_CFG), "input_cfg", path, [])
+    _check(entries, ListOf(INPUT_CFG), "input_cfg", lambda key: f"in {path}", [])
     return entries
 
 
@@ -237,8 +239,8 @@ def save_config(cfg: dict, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
 
 
-def apply_override(cfg: dict, override: str) -> None:
-    """Apply one `key=value`, `+key=value` or `++key=value` to `cfg` in place."""
+def apply_override(cfg: dict, override: str) -> str:
+    """Apply one `key=value`, `+key=value` or `++key=value` to `cfg` in place; returns the key."""
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like key=value")
     key, text = override.split("=", 1)
@@ -250,22 +252,26 @@ def apply_override(cfg: dict, override: str) -> None:
         value = parse_yaml(text) if text else None
     except yaml.YAMLError:
         value = text  # an unparseable value is taken as the plain string the user typed
-    *parents, last = key.split(".")
+    parts = key.split(".")
+    *parents, last = parts
     node = cfg
-    for i, part in enumerate(parents):
+    for i, part in enumerate(parents + [last]):
         child = _get_child(node, part)
+        exists = child is not None or (isinstance(node, dict) and part in node)
+        if not add and not exists and _schema_at(parts[: i + 1]) is UNKNOWN:
+            add_hint = f"; use +{key}=... to add it" if _in_free_form(parts[: i + 1]) else ""
+            where = "on the command line"
+            raise ConfigError(_unknown_message(".".join(parts[: i + 1]), where, node) + add_hint)
+        if i == len(parents):
+            break
         if child is None:
-            if not add and _schema_at(parents[: i + 1]) is UNKNOWN:
-                raise ConfigError(_unknown_message(key, "the command line", node, part))
             child = {}
             _set_child(node, part, child, key)
         node = child
-    exists = _get_child(node, last) is not None or (isinstance(node, dict) and last in node)
     if add == 1 and exists:
         raise ConfigError(f"override '+{key}': the key exists already; drop the '+' to change it")
-    if not add and not exists and _schema_at(key.split(".")) is UNKNOWN:
-        raise ConfigError(_unknown_message(key, "the command line", node, last) + f"; use +{key}=... to add it")
     _set_child(node, last, value, key)
+    return key
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,41 +312,57 @@ def _schema_at(parts):
     return node
 
 
-def _check(value, schema, key, path, ignored):
+def _in_free_form(parts) -> bool:
+    """Whether a key lies inside a section the schema leaves free (model.lora, model.optimizer,
+    ...): only there can `+` add a key the schema does not know."""
+    return any(_schema_at(parts[:i]) in (ANY, IGNORED) for i in range(1, len(parts)))
+
+
+def _source(path, overridden: list[str]):
+    """`where(key)`, for messages: "on the command line" if an override set the key (or a section
+    above it), else "in <the file>"."""
+    def where(key: str) -> str:
+        if any(key == k or key.startswith(k + ".") for k in overridden):
+            return "on the command line"
+        return f"in {path}"
+    return where
+
+
+def _check(value, schema, key, where, ignored):
     if schema is ANY or schema is IGNORED:
         return
     if isinstance(schema, PathOrListOf) and isinstance(value, str):
         return  # checked when the file is read
     if isinstance(schema, ListOf):
         if not isinstance(value, list):
-            raise ConfigError(f"{key} in {path} must be a list, got {value!r}")
+            raise ConfigError(f"{key} {where(key)} must be a list, got {value!r}")
         for i, item in enumerate(value):
-            _check(item, schema.item, f"{key}.{i}", path, ignored)
+            _check(item, schema.item, f"{key}.{i}", where, ignored)
     elif isinstance(schema, MapOf):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} in {path} must be a mapping of names, got {value!r}")
+            raise ConfigError(f"{key} {where(key)} must be a mapping of names, got {value!r}")
         for name, item in value.items():
-            _check(item, schema.value, f"{key}.{name}", path, ignored)
+            _check(item, schema.value, f"{key}.{name}", where, ignored)
     elif isinstance(schema, dict):
         if value is None:
             return
         if not isinstance(value, dict):
-            raise ConfigError(f"{key or 'the file'} in {path} must be a mapping, got {value!r}")
+            raise ConfigError(f"{key or 'the file'} {where(key)} must be a mapping, got {value!r}")
         for name, item in value.items():
             dotted = f"{key}.{name}" if key else str(name)
             if name in ("_target_", "target"):
                 continue
             if name not in schema:
-                raise ConfigError(_unknown_message(dotted, path, schema, name))
+                raise ConfigError(_unknown_message(dotted, where(dotted), schema))
             if schema[name] is IGNORED:
                 ignored.append(dotted)
             else:
-                _check(item, schema[name], dotted, path, ignored)
+                _check(item, schema[name], dotted, where, ignored)
     else:
-        _check_type(value, schema, key, path)
+        _check_type(value, schema, key, where)
 
 
-def _check_type(value, default, key, path):
+def _check_type(value, default, key, where):
     """Values whose default has a clear type must match it (an int is fine where a float is expected)."""
     if value is None or default is None or isinstance(value, str) and "${" in value or value == MISSING:
         return
@@ -357,29 +379,34 @@ def _check_type(value, default, key, path):
     else:
         return
     if not ok:
-        raise ConfigError(f"{key} in {path} must be {wanted}, got {value!r}")
+        raise ConfigError(f"{key} {where(key)} must be {wanted}, got {value!r}")
 
 
-def _check_targets(node, path, section=""):
+def _check_targets(node, where, section=""):
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for name, value in items:
         key = f"{section}.{name}" if section else str(name)
         if name not in ("_target_", "target"):
-            _check_targets(value, path, key)
+            _check_targets(value, where, key)
             continue
         allowed = TARGETS.get(section, ())
         if not isinstance(value, str) or value not in allowed:
             use = f"use one of {', '.join(allowed)}" if allowed else "remove it: no class is chosen there"
-            raise ConfigError(f"{key} in {path} is {value!r}, which is not allowed there; {use} "
+            raise ConfigError(f"{key} {where(key)} is {value!r}, which is not allowed there; {use} "
                               "(a config never imports code)")
 
 
-def _unknown_message(key, where, known, name):
-    valid = [k for k in known if isinstance(k, str)] if isinstance(known, dict) else []
-    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
+def _unknown_message(key, where, node):
+    """'unknown config key' naming where it came from and the closest key the schema or `node`
+    (the section as it stands) knows."""
+    parent, _, name = key.rpartition(".")
+    schema = _schema_at(parent.split(".")) if parent else SCHEMA
+    known = [*(schema if isinstance(schema, dict) else ()),
+             *(node if isinstance(node, dict) else ())]
+    valid = [k for k in known if isinstance(k, str)]
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else ""
-    return f"unknown config key '{key}' in {where}{hint}"
+    return f"unknown config key '{key}' {where}{hint}"
 
 
 def _fill_defaults(cfg, schema):

@@ -44,8 +44,9 @@ import torch
 from lhotse import CutSet, Recording, SupervisionSegment
 from lhotse.cut import Cut, MonoCut
 from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
-from lhotse.utils import compute_num_frames
+from lhotse.utils import compute_num_frames, fastcopy
 from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
 
 from config import loader_defaults, read_input_cfg
 from prompts import merge_turns
@@ -59,7 +60,8 @@ NO_EFFECT_KEYS = {
     "context": "NeMo ignores it there: put it under tags ({context: ...}) or on each line",
     "shuffle_shards": "not a NeMo option: shards are shuffled when the loader's shuffle is true",
 }
-MAX_WARNINGS = 5  # unreadable-audio warnings printed per process; after that they are only counted
+UNREADABLE = "unreadable audio"  # the skip reason of an item whose audio cannot be used
+MAX_WARNINGS = 5  # unreadable items named in a warning per process; the rest are only counted
 MAX_EMPTY_BATCHES = 100  # training batches in a row with nothing usable before the data is declared broken
 TIMESTAMP_TOKEN = re.compile(r"<\|\d+\|>")  # "<|12|>" frame timestamps some duplex corpora put in the text
 DEMO_PAIRS_PER_CONVERSATION = (1, 2, 3)  # question/answer exchanges in one demo conversation
@@ -112,6 +114,43 @@ class AudioError(ValueError):
     """An audio file that cannot be used; the message names the file and what is wrong."""
 
 
+class Skipped:
+    """What a data stream dropped, by reason. Items are counted once, by id, however many epochs
+    bring them back; events (a batch with nothing readable) each time. `state()` is what a
+    checkpoint saves: reason -> item ids, or reason -> count. The first MAX_WARNINGS unreadable
+    items of a process are named in a warning printed above any progress bar."""
+
+    def __init__(self, state: dict | None = None):
+        self.items = {}  # reason -> {item id: None}, in the order they came
+        self.events = Counter()  # reason -> count
+        for reason, value in (state or {}).items():
+            if isinstance(value, list):
+                self.items[reason] = dict.fromkeys(value)
+            else:
+                self.events[reason] += value
+
+    def add(self, reason: str, item_id: str | None = None, warning: str | None = None) -> None:
+        if item_id is None:
+            self.events[reason] += 1
+        elif item_id not in self.items.setdefault(reason, {}):
+            self.items[reason][item_id] = None
+            if warning:
+                _warn(item_id, warning)
+
+    def merge(self, entries: list[tuple]) -> None:
+        """Record a dataset's (reason, item id, warning or None) entries."""
+        for entry in entries:
+            self.add(*entry)
+
+    def counts(self) -> Counter:
+        return Counter({reason: len(ids) for reason, ids in self.items.items()}) + self.events
+
+    def state(self, events: dict | None = None) -> dict:
+        """Plain lists and ints (they load with weights_only=True), `events` (the loop's) added."""
+        return {**{reason: list(ids) for reason, ids in self.items.items() if ids},
+                **(self.events + Counter(events or {}))}
+
+
 def load_audio(cut: Cut, sample_rate: int) -> np.ndarray:
     """Mono float32 samples of a cut at `sample_rate`, or AudioError with a one-line reason."""
     return _load_mono(cut, sample_rate, f"audio of {cut.id} ({_audio_source(cut)})")
@@ -132,10 +171,11 @@ def audio_file_cut(path: str | Path) -> Cut:
 class SALMDataset(torch.utils.data.Dataset):
     """Turns a sampled mini-batch (a CutSet of conversations or ASR cuts) into SALM's tensors.
 
-    `encode_dialog(turns) -> {"input_ids", "mask"}` is the model's prompt formatter. Conversations whose audio
-    cannot be read, whose answer is empty or whose length is outside `min_tokens`..`max_tokens`
-    (tokens, each audio tag counted as its clip's frames, as NeMo counts) are skipped and counted in
-    batch["skipped"]; a batch with nothing left is {"skipped", "empty": True}.
+    `encode_dialog(turns) -> {"input_ids", "mask"}` is the model's prompt formatter. Conversations
+    whose audio cannot be read, whose answer is empty or whose length is outside
+    `min_tokens`..`max_tokens` (tokens, each audio tag counted as its clip's frames, as NeMo counts)
+    are skipped and listed in batch["skipped"] as (reason, id, warning or None); a batch with nothing
+    left is {"skipped", "empty": True}.
     """
 
     def __init__(self, encode_dialog, pad_id: int, sample_rate: int, audio_locator_tag: str,
@@ -149,27 +189,27 @@ class SALMDataset(torch.utils.data.Dataset):
         self.max_tokens, self.min_tokens = max_tokens, min_tokens
 
     def __getitem__(self, items: CutSet) -> dict:
-        audios, conversations, token_ids, masks, skipped = [], [], [], [], Counter()
+        audios, conversations, token_ids, masks, skipped = [], [], [], [], []
         for item in items:
             conversation = item if isinstance(item, Conversation) else cut_to_conversation(item)
             turns = conversation.prompt_turns(self.audio_locator_tag)
             if turns[-1]["role"] == "assistant" and not turns[-1]["content"].strip():
-                skipped["empty transcript"] += 1
+                skipped.append(("empty transcript", conversation.id, None))
                 continue
             try:
                 clip_audios = [load_audio(cut, self.sample_rate) for cut in conversation.audio_cuts]
             except AudioError as e:
-                _skip(skipped, e)
+                skipped.append((UNREADABLE, conversation.id, str(e)))
                 continue
             encoded = self.encode_dialog(turns)
             seconds_per_frame = self.token_equivalent_duration
             frames = [math.ceil(len(a) / self.sample_rate / seconds_per_frame) for a in clip_audios]
             length = len(encoded["input_ids"]) + sum(frames) - len(frames)  # frames replace tags
             if self.max_tokens and length > self.max_tokens:
-                skipped["longer than max_tokens"] += 1
+                skipped.append(("longer than max_tokens", conversation.id, None))
                 continue
             if self.min_tokens and length < self.min_tokens:
-                skipped["shorter than min_tokens"] += 1
+                skipped.append(("shorter than min_tokens", conversation.id, None))
                 continue
             audios.extend(clip_audios)
             conversations.append(conversation)
@@ -194,8 +234,9 @@ class TrainBatches:
 
     Epochs of a rank-aware lhotse sampler over `read_inputs(ds_cfg)`; `skip` replays that many batches of
     sampling (no audio is loaded) so a resumed run continues with the batch it would have seen next.
-    `skipped` counts what was dropped (duration filter, unreadable audio, ...), continuing from the counts a
-    resumed run saved, and `num_batches` what was drawn.
+    `skipped` (a Skipped) records what was dropped (duration filter, unreadable audio, ...),
+    continuing from the record a resumed run saved (`Skipped.state()`); `num_batches` counts what
+    was drawn.
     A batch left empty is skipped and the next one drawn; MAX_EMPTY_BATCHES of them in a row are an error.
     """
 
@@ -203,7 +244,7 @@ class TrainBatches:
                  skipped: dict | None = None):
         self.ds_cfg, self.dataset = loader_defaults(ds_cfg), dataset
         self.rank, self.world_size = rank, world_size
-        self.skipped, self._restored = Counter(skipped or {}), Counter(skipped or {})
+        self.skipped = Skipped(skipped)
         self.num_batches = skip
         self._skip = skip
 
@@ -211,7 +252,8 @@ class TrainBatches:
         cuts = _duration_filter(read_inputs(self.ds_cfg, True, self.skipped), self.ds_cfg, self.skipped)
         sampler = make_sampler(cuts, self.ds_cfg, train=True, rank=self.rank, world_size=self.world_size)
         loader = torch.utils.data.DataLoader(
-            self.dataset, sampler=_Epochs(sampler, self._skip, self._replayed), batch_size=None, collate_fn=_as_built,
+            self.dataset, sampler=_Epochs(sampler, self._skip), batch_size=None,
+            collate_fn=_as_built,
             num_workers=self.ds_cfg["num_workers"], pin_memory=self.ds_cfg["pin_memory"],
             persistent_workers=self.ds_cfg["num_workers"] > 0,
             generator=torch.Generator().manual_seed(0),  # worker seeds must not draw on the global RNG (resume)
@@ -219,36 +261,34 @@ class TrainBatches:
         empty_in_a_row = 0
         for batch in loader:
             self.num_batches += 1
-            self.skipped.update(batch.pop("skipped"))
+            self.skipped.merge(batch.pop("skipped"))
             if not batch.get("empty"):
                 empty_in_a_row = 0
                 yield batch
                 continue
-            self.skipped["batches with nothing readable"] += 1
+            self.skipped.add("batches with nothing readable")
             empty_in_a_row += 1
             if empty_in_a_row == MAX_EMPTY_BATCHES:
-                counts = ", ".join(f"{reason} {n}" for reason, n in self.skipped.items())
+                counts = ", ".join(f"{reason} {n}" for reason, n in self.skipped.counts().items())
                 raise ValueError(f"{empty_in_a_row} training batches in a row had no usable item (skipped so far: "
                                  f"{counts}); fix or remove the data the warnings above name")
-
-    def _replayed(self) -> None:
-        """After a resumed run's replay: what the replay counted again was in the saved counts already."""
-        self.skipped.clear()
-        self.skipped.update(self._restored)
 
 
 def make_val_loaders(val_cfg: dict, dataset, rank: int = 0, world_size: int = 1) -> dict:
     """One finite, ordered loader per named validation set (each rank gets every world_size-th batch);
-    each set inherits the section's shared keys."""
+    each set inherits the section's shared keys. What a set drops is recorded in its loader's
+    `skipped`."""
     shared = {k: v for k, v in val_cfg.items() if k != "datasets"}
     loaders = {}
     for name, overrides in (val_cfg.get("datasets") or {"val": {}}).items():
         ds_cfg = loader_defaults({**shared, **(overrides or {})})
-        cuts = read_inputs(ds_cfg, train=False, what=f"validation set '{name}'")
+        skipped = Skipped()
+        cuts = read_inputs(ds_cfg, train=False, skipped=skipped, what=f"validation set '{name}'")
         sampler = make_sampler(cuts, ds_cfg, train=False, rank=rank, world_size=world_size)
-        loaders[name] = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None,
-                                                    collate_fn=_as_built, num_workers=ds_cfg["num_workers"],
-                                                    generator=torch.Generator().manual_seed(0))
+        loader = torch.utils.data.DataLoader(
+            dataset, sampler=sampler, batch_size=None, collate_fn=_as_built,
+            num_workers=ds_cfg["num_workers"], generator=torch.Generator().manual_seed(0))
+        loaders[name] = _Recorded(loader, skipped)
     return loaders
 
 
@@ -275,10 +315,12 @@ def make_sampler(cuts, ds_cfg: dict, train: bool, rank: int = 0, world_size: int
     return DynamicCutSampler(cuts, **common)
 
 
-def read_inputs(ds_cfg: dict, train: bool, skipped: Counter | None = None, what="the data section") -> CutSet:
+def read_inputs(ds_cfg: dict, train: bool, skipped: Skipped | None = None,
+                what="the data section") -> CutSet:
     """The items of a loader section: its `input_cfg` entries, or its own shar/cuts/manifest keys.
-    Manifest lines whose audio file is missing or unreadable are skipped and counted in `skipped`."""
-    skipped = Counter() if skipped is None else skipped
+    Manifest lines whose audio file is missing or unreadable are skipped and recorded in
+    `skipped`."""
+    skipped = Skipped() if skipped is None else skipped
     entries = ds_cfg.get("input_cfg")
     if not entries:
         entry = {k: ds_cfg[k] for k in (*DATA_KEYS[1:], "tarred_audio_filepaths") if ds_cfg.get(k)}
@@ -302,8 +344,9 @@ def loader_values(ds_cfg: dict, key: str) -> list:
 class DuplexS2SDataset(torch.utils.data.Dataset):
     """Conversation cuts -> the duplex batch: both audio channels and per-frame text channels.
 
-    A text channel has one token per `frame_length` frame (see `build_token_channel`). Conversations whose audio
-    cannot be read or that last more than `max_frames` frames are skipped and counted in batch["skipped"].
+    A text channel has one token per `frame_length` frame (see `build_token_channel`). Conversations
+    whose audio cannot be read or that last more than `max_frames` frames are skipped and listed in
+    batch["skipped"].
     """
 
     def __init__(self, tokenizer, pad_id: int, frame_length: float, source_sample_rate: int,
@@ -316,16 +359,16 @@ class DuplexS2SDataset(torch.utils.data.Dataset):
         self.max_frames = max_frames
 
     def __getitem__(self, cuts: CutSet) -> dict:
-        sources, targets, kept, skipped = [], [], [], Counter()
+        sources, targets, kept, skipped = [], [], [], []
         for cut in cuts:
             if self.max_frames and math.ceil(cut.duration / self.frame_length) + 1 > self.max_frames:
-                skipped["longer than the model's context"] += 1
+                skipped.append(("longer than the model's context", cut.id, None))
                 continue
             try:
                 source = load_audio(cut, self.source_sample_rate)
                 target = load_target_audio(cut, self.target_sample_rate)
             except AudioError as e:
-                _skip(skipped, e)
+                skipped.append((UNREADABLE, cut.id, str(e)))
                 continue
             sources.append(torch.from_numpy(source))
             targets.append(torch.from_numpy(target))
@@ -427,16 +470,15 @@ def right_pad(rows: list[torch.Tensor], value) -> tuple[torch.Tensor, torch.Tens
 
 
 def _as_built(batch: dict) -> dict:
-    """The dataset's batch unchanged (torch's default conversion copies a Counter by adding it to itself)."""
+    """The dataset's batch unchanged (torch's default conversion would rebuild its containers)."""
     return batch
 
 
 class _Epochs:
-    """Iterates a sampler epoch after epoch, forever, first skipping `skip` batches (sampling only) and then
-    calling `replayed()`."""
+    """A sampler epoch after epoch, forever, first skipping `skip` batches (sampling only)."""
 
-    def __init__(self, sampler, skip: int, replayed=None):
-        self.sampler, self.skip, self.replayed = sampler, skip, replayed
+    def __init__(self, sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
 
     def __iter__(self):
         to_skip = self.skip
@@ -447,12 +489,22 @@ class _Epochs:
                 drawn += 1
                 if to_skip:
                     to_skip -= 1
-                    if not to_skip and self.replayed:
-                        self.replayed()
                     continue
                 yield batch
             if drawn == 0:
                 raise ValueError("the training data yields no batch (empty data, or everything filtered out)")
+
+
+class _Recorded:
+    """A validation loader whose batches' skips are recorded (warnings printed) in `skipped`."""
+
+    def __init__(self, loader, skipped: Skipped):
+        self.loader, self.skipped = loader, skipped
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.skipped.merge(batch["skipped"])
+            yield batch
 
 
 class _DurationFilter:
@@ -461,10 +513,10 @@ class _DurationFilter:
 
     def __call__(self, item) -> bool:
         if self.low is not None and item.duration < self.low:
-            self.counter["shorter than min_duration"] += 1
+            self.counter.add("shorter than min_duration", item.id)
             return False
         if self.high is not None and item.duration > self.high:
-            self.counter["longer than max_duration"] += 1
+            self.counter.add("longer than max_duration", item.id)
             return False
         return True
 
@@ -480,6 +532,9 @@ def _read_group(entries, defaults, train, skipped):
     if isinstance(entries, (str, Path)):  # NeMo's input_cfg may be a YAML file's path
         entries = read_input_cfg(entries)
     for entry in entries:
+        tarred = entry.get("tarred_audio_filepaths") or entry.get("type") == "nemo_tarred"
+        if isinstance(entry.get("manifest_filepath"), list) and not tarred:  # tarred: one per shard
+            entry = _manifest_list_group(entry)
         kind = entry.get("type") or _guess_type(entry)
         if kind not in SUPPORTED_TYPES:
             raise ValueError(f"input_cfg type '{kind}' is not supported; use one of {', '.join(SUPPORTED_TYPES)}")
@@ -514,6 +569,45 @@ def _read_group(entries, defaults, train, skipped):
     return CutSet(_Chain(parts))
 
 
+def _manifest_list_group(entry):
+    """NeMo's list of manifests (`[path, ...]`, `[[path], ...]` or `[[path, weight], ...]`) as a
+    group of one entry per manifest, each weighted by its number of lines unless it has a weight
+    (NeMo's mixing)."""
+    members = []
+    for item in entry["manifest_filepath"]:
+        path, *weight = item if isinstance(item, list) else [item]
+        if not weight:
+            text = Path(path).read_text() if Path(path).is_file() else ""
+            weight = [max(1, sum(1 for line in text.splitlines() if line.strip()))]
+        members.append({**entry, "manifest_filepath": path, "weight": weight[0]})
+    return {"type": "group", "input_cfg": members, "weight": entry.get("weight", 1.0)}
+
+
+def check_data_paths(data_cfg: dict) -> None:
+    """Every shar_path, cuts_path and manifest_filepath of the training and validation data exists
+    (a one-line FileNotFoundError naming the key otherwise), so that a typo ends a run before the
+    model is built."""
+    for name in ("train_ds", "validation_ds"):
+        _check_paths(data_cfg.get(name) or {}, f"data.{name}")
+
+
+def _check_paths(node: dict | list, key: str) -> None:
+    for name, value in node.items() if isinstance(node, dict) else enumerate(node):
+        if name not in DATA_KEYS[1:] or not value:
+            if isinstance(value, (dict, list)):  # input_cfg entries, validation datasets
+                _check_paths(value, f"{key}.{name}")
+            continue
+        listed = isinstance(value, list) and name == "manifest_filepath"
+        for i, item in enumerate(value if listed else [value]):
+            where = f"{key}.{name}" + (f".{i}" if listed else "")
+            path = item[0] if listed and isinstance(item, list) and item else item
+            if not isinstance(path, str) or listed and isinstance(item, list) and len(item) > 2:
+                raise ValueError(f"{where} must be a path, got {item!r} (a list is read only for "
+                                 "manifest_filepath: paths or [path, weight] pairs)")
+            if not Path(path).exists() and not re.search(r"\{|_OP_", path):  # a pattern of files
+                raise FileNotFoundError(f"{where}: {path} does not exist")
+
+
 def _guess_type(entry):
     if entry.get("shar_path"):
         return "lhotse_shar"
@@ -534,6 +628,8 @@ def _read_cuts(entry, options, kind, skipped):
         return CutSet(tarred)
     for key in ("shar_path", "cuts_path", "manifest_filepath"):
         path = entry.get(key)
+        if path and not isinstance(path, str):
+            raise ValueError(f"{key} must be one path, got {path!r} (a list: manifest_filepath)")
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{key} {path} does not exist")
     if kind == "duplex_demo":
@@ -600,7 +696,7 @@ class _NeMoAsrManifest:
                 cut = _audio_cut(f"{self.path.stem}-{i}", _resolve_path(row["audio_filepath"], self.path),
                                  row.get("duration"), row.get("offset", 0.0))
             except AudioError as e:
-                _skip(self.skipped, e)
+                self.skipped.add(UNREADABLE, f"{self.path.stem}-{i}", str(e))
                 continue
             yield _with_manifest_fields(cut, row)
 
@@ -665,7 +761,7 @@ class _NeMoTarred:
                     recording = Recording.from_bytes(data, recording_id=member.name)
                 except Exception as e:  # lhotse/soundfile raise many types for corrupt audio
                     error = AudioError(f"cannot read {member.name} in {tar_path}: {_reason(e)}")
-                    _skip(self.skipped, error)
+                    self.skipped.add(UNREADABLE, member.name, str(error))
                     continue
                 for row in sorted(rows[member.name], key=lambda r: r["audio_filepath"]):
                     if row.get("_skipme"):
@@ -726,7 +822,7 @@ class _MultimodalJsonl:
             try:
                 turns = [self._turn(turn, f"{example_id}-{j}") for j, turn in enumerate(row["conversations"])]
             except AudioError as e:
-                _skip(self.skipped, e)
+                self.skipped.add(UNREADABLE, example_id, str(e))
                 continue
             starts_with_audio = turns[0].role == "user" and turns[0].audio is not None
             if self.tags.get("context") is not None and starts_with_audio:
@@ -752,23 +848,23 @@ def _json_lines(path):
                 raise ValueError(f"{path} line {i + 1} is not valid JSON: {e.msg}") from None
 
 
-_warnings_printed = Counter()
+_warned = set()  # the items this process named in a warning
 
 
-def _skip(counter, error):
-    """Count an item dropped for unreadable audio, and say so for the first few."""
-    counter["unreadable audio"] += 1
-    _warnings_printed["audio"] += 1
-    if _warnings_printed["audio"] <= MAX_WARNINGS:
-        print(f"warning: skipped {error}" + ("" if _warnings_printed["audio"] < MAX_WARNINGS else
-              " (further unreadable files are only counted)"), file=sys.stderr)
+def _warn(item_id: str, warning: str) -> None:
+    if item_id in _warned or len(_warned) >= MAX_WARNINGS:
+        return
+    _warned.add(item_id)
+    more = " (further unreadable items are only counted)" if len(_warned) == MAX_WARNINGS else ""
+    tqdm.write(f"warning: skipped {warning}{more}", file=sys.stderr)
 
 
 def _audio_cut(cut_id, path, duration, offset):
-    """A cut over (part of) an audio file; the file header gives its true sampling rate and length."""
+    """A cut over (part of) an audio file and all its channels (mixed to mono when loaded, as NeMo's
+    SALM data does); the file header gives its true sampling rate and length."""
     recording = _read_recording(path, cut_id)
     duration = recording.duration - offset if duration is None else min(duration, recording.duration - offset)
-    return MonoCut(cut_id, start=offset, duration=duration, channel=0, recording=recording)
+    return fastcopy(recording.to_cut(), id=cut_id, start=offset, duration=duration)
 
 
 def _read_recording(path, recording_id=None) -> Recording:

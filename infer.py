@@ -41,14 +41,15 @@ from tqdm import tqdm
 
 from checkpoint import DTYPES, load_model
 from config import cli
-from data import (AudioError, Conversation, Turn, audio_file_cut, cut_to_conversation, load_audio,
-                  load_audio_files, read_inputs)
+from data import (UNREADABLE, AudioError, Conversation, Skipped, Turn, audio_file_cut,
+                  cut_to_conversation, load_audio, load_audio_files, read_inputs)
 from duplex_s2s import DuplexS2SModel
 from metrics import NORMALIZER, bleu, metrics_by_dataset, wer_details
 from salm import DEFAULT_ASR_PROMPT, SALM, answer
 from train import model_class
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".sph")
+AGENT_PEAK = 0.9  # agent speech beyond full scale (an untrained codec's) is scaled to this peak
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -133,8 +134,9 @@ def export(model_path: str | Path, out: str | Path, dtype: torch.dtype | None = 
 # ---------------------------------------------------------------------------------------------------------------
 # inputs
 
-def read_datasets(inputs: list[str]) -> dict[str, list]:
-    """Each input -> (name, its items: lhotse cuts for ASR data, Conversations for conversation data)."""
+def read_datasets(inputs: list[str]) -> dict[str, tuple[list, Skipped]]:
+    """Each input -> its name: (its items: lhotse cuts for ASR data, Conversations for conversation
+    data; what reading it dropped, e.g. manifest lines whose audio is missing)."""
     datasets = {}
     for spec in inputs:
         path = Path(spec)
@@ -142,15 +144,17 @@ def read_datasets(inputs: list[str]) -> dict[str, list]:
             raise FileNotFoundError(f"--inputs {spec}: no such file or directory")
         if path.suffix.lower() in AUDIO_SUFFIXES:
             try:
-                datasets.setdefault("audio", []).append(audio_file_cut(path))
+                datasets.setdefault("audio", ([], Skipped()))[0].append(audio_file_cut(path))
             except AudioError as e:
                 raise ValueError(f"--inputs {spec}: {e}") from None
             continue
         name = path.name.split(".")[0] or path.name
         name = name if name not in datasets else f"{name}_{len(datasets)}"
-        datasets[name] = list(read_inputs({"input_cfg": _input_cfg(path)}, train=False))
-        if not datasets[name]:
-            raise ValueError(f"--inputs {spec}: holds no items")
+        skipped = Skipped()
+        items = list(read_inputs({"input_cfg": _input_cfg(path)}, train=False, skipped=skipped))
+        if not items:
+            raise ValueError(f"--inputs {spec}: holds no items ({_skips(skipped)})")
+        datasets[name] = items, skipped
     return datasets
 
 
@@ -191,16 +195,18 @@ def prompt_and_reference(item, system_prompt: str | None, user_prompt: str | Non
 # ---------------------------------------------------------------------------------------------------------------
 # generation
 
-def generate(model, datasets: dict[str, list], output_dir: str | Path, system_prompt: str | None = None,
-             user_prompt: str | None = None, batch_size: int = 16, max_new_tokens: int = 128) -> dict[str, list]:
+def generate(model, datasets: dict[str, tuple[list, Skipped]], output_dir: str | Path,
+             system_prompt: str | None = None, user_prompt: str | None = None, batch_size: int = 16,
+             max_new_tokens: int = 128) -> dict[str, tuple[list, Skipped]]:
     """Answer every item, longest first in batches; write `output_dir/<dataset>.jsonl` and print tokens/s and
-    RTFx (seconds of audio per second of generation). Returns per dataset a list of (record, reference, hypothesis)."""
+    RTFx (seconds of audio per second of generation). Returns per dataset (a list of (record,
+    reference, hypothesis), what was skipped, with the items whose audio failed to load added)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, items in datasets.items():
+    for name, (items, skipped) in datasets.items():
         items = sorted(items, key=lambda item: item.duration, reverse=True)
-        rows, audio_seconds, num_tokens, seconds, skipped = [], 0.0, 0, 0.0, 0
+        rows, audio_seconds, num_tokens, seconds = [], 0.0, 0, 0.0
         progress = tqdm(total=len(items), desc=name, unit="item", dynamic_ncols=True, file=sys.stderr)
         for start in range(0, len(items), batch_size):
             batch, conversations, references, audios = [], [], [], []
@@ -209,8 +215,7 @@ def generate(model, datasets: dict[str, list], output_dir: str | Path, system_pr
                 try:
                     clips = [load_audio(cut, model.sampling_rate) for cut in conversation.audio_cuts]
                 except AudioError as e:
-                    print(f"warning: skipped {e}", file=sys.stderr)
-                    skipped += 1
+                    skipped.add(UNREADABLE, item.id, str(e))
                     continue
                 batch.append(item)
                 conversations.append(conversation)
@@ -231,10 +236,11 @@ def generate(model, datasets: dict[str, list], output_dir: str | Path, system_pr
         progress.close()
         path = output_dir / f"{name}.jsonl"
         path.write_text("".join(json.dumps(record, ensure_ascii=False, default=str) + "\n" for record, _, _ in rows))
-        print(f"{name}: {len(rows)} items ({skipped} skipped), {audio_seconds:.1f} s of audio, {num_tokens} tokens in "
-              f"{seconds:.2f} s: {num_tokens / max(seconds, 1e-9):.1f} tokens/s, "
+        print(f"{name}: {len(rows)} items ({_skips(skipped)}), {audio_seconds:.1f} s of audio, "
+              f"{num_tokens} tokens in {seconds:.2f} s: "
+              f"{num_tokens / max(seconds, 1e-9):.1f} tokens/s, "
               f"RTFx {audio_seconds / max(seconds, 1e-9):.1f} -> {path}")
-        results[name] = rows
+        results[name] = rows, skipped
     return results
 
 
@@ -257,11 +263,15 @@ def _record(item, conversation: Conversation, reference: str | None, hypothesis:
     return {"id": conversation.id, "conversations": turns, **custom, "prompt": prompt}
 
 
-def evaluate(results: dict[str, list], metric: str = "auto", output_dir: Path | None = None) -> dict[str, float]:
-    """Print and return WER (ASR data) or BLEU (conversations) per dataset and their mean; metrics.json too."""
-    metrics, by_key = {}, {}
+def evaluate(results: dict[str, tuple[list, Skipped]], metric: str = "auto",
+             output_dir: Path | None = None) -> dict[str, float]:
+    """Print and return WER (ASR data) or BLEU (conversations) per dataset and their mean, and the
+    number of items each dataset skipped (`skipped_<name>`, in no score); metrics.json too."""
+    metrics, by_key, skips = {}, {}, {}
     print(f"text normalizer: {NORMALIZER}")
-    for name, rows in results.items():
+    for name, (rows, skipped) in results.items():
+        skips[f"skipped_{name}"] = sum(skipped.counts().values())
+        scored = f"over {len(rows)} items ({_skips(skipped)})"
         pairs = [(ref, hyp) for _, ref, hyp in rows if ref is not None]
         if not pairs or not any(ref.strip() for ref, _ in pairs):
             raise ValueError(f"dataset {name} has no reference texts to score against")
@@ -271,27 +281,41 @@ def evaluate(results: dict[str, list], metric: str = "auto", output_dir: Path | 
         if key == "wer":
             d = wer_details([r for r, _ in pairs], [h for _, h in pairs])
             print(f"{name}: WER {100 * d['wer']:.2f}% (ins {100 * d['ins']:.2f}%, del {100 * d['del']:.2f}%, "
-                  f"sub {100 * d['sub']:.2f}%) over {len(pairs)} items, {d['ref_words']} words")
+                  f"sub {100 * d['sub']:.2f}%) {scored}, {d['ref_words']} words")
         else:
-            print(f"{name}: BLEU {bleu([r for r, _ in pairs], [h for _, h in pairs]):.2f} over {len(pairs)} items")
+            print(f"{name}: BLEU {bleu([r for r, _ in pairs], [h for _, h in pairs]):.2f} {scored}")
     for key, pairs in by_key.items():
         metrics.update(metrics_by_dataset(key, pairs))
         value = f"{100 * metrics[key]:.2f}%" if key == "wer" else f"{metrics[key]:.2f}"
         print(f"{key} (mean over {len(pairs)} dataset{'s' * (len(pairs) > 1)}): {value}")
+    metrics.update(skips)
     if output_dir is not None:
         (output_dir / "metrics.json").write_text(json.dumps({**metrics, "normalizer": NORMALIZER}, indent=2) + "\n")
     return metrics
 
 
+def _skips(skipped: Skipped) -> str:
+    """'2 skipped: unreadable audio 2' (or '0 skipped')."""
+    counts = skipped.counts()
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+    return f"{sum(counts.values())} skipped" + (f": {reasons}" if reasons else "")
+
+
 def duplex(model: DuplexS2SModel, audio_path: str, out: Path) -> None:
-    """Answer one recording of the user: write the agent's speech and text, print the time per frame."""
+    """Answer one recording of the user: write the agent's speech and text, print the time per
+    frame. Speech beyond full scale (an untrained codec's) is scaled to AGENT_PEAK, not clipped."""
     audio, audio_lens = load_audio_files([audio_path], model.perception.sample_rate)
     start = time.perf_counter()
     result = model.offline_inference(audio, audio_lens)
     elapsed = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
-    agent = result["audio"][0, : int(result["audio_len"][0])].cpu().numpy()
-    soundfile.write(out / "agent.wav", agent, model.audio_codec.sample_rate)
+    agent = result["audio"][0, : int(result["audio_len"][0])].float().cpu()
+    peak = float(agent.abs().max()) if len(agent) else 0.0
+    if peak > 1.0:
+        agent = agent * (AGENT_PEAK / peak)
+        print(f"agent speech peaked at {peak:.1f} times full scale (an untrained codec?): scaled "
+              f"to a peak of {AGENT_PEAK} instead of clipped")
+    soundfile.write(out / "agent.wav", agent.numpy(), model.audio_codec.sample_rate)
     (out / "agent.txt").write_text(result["text"][0] + "\n")
     frames = int(result["tokens_len"][0])
     print(f"{frames} frames in {elapsed:.2f} s ({1000 * elapsed / max(frames, 1):.1f} ms per frame)")

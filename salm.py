@@ -41,6 +41,7 @@ import re
 import warnings
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,8 @@ from metrics import word_errors
 from perception import setup_perception
 from prompts import make_prompt_formatter
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one makes a tokenizer
+HUB_NAME = re.compile(r"[\w-][\w.-]*(/[\w.-]+)?")  # what pretrained_llm may also be: a hub name
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that are not supervised
 DEFAULT_ASR_PROMPT = "Repeat after me, typing in lowercase."  # NeMo salm_eval's; configs/salm.yaml trains with it
 
@@ -413,6 +416,7 @@ def load_tokenizer(pretrained_llm: str, audio_locator_tag: str | None,
     """HF tokenizer with the audio locator tag as a special token. A missing pad token falls back to
     unk, then to eos, or with `pad_fallback_id` to that id (NeMo's duplex models: 0, and a warning).
     """
+    _check_llm_dir(pretrained_llm, "tokenizer files")
     try:
         tokenizer = AutoTokenizer.from_pretrained(pretrained_llm)
     except (OSError, ValueError) as e:  # ValueError: a directory without usable tokenizer files
@@ -437,6 +441,7 @@ def load_llm(pretrained_llm: str, pretrained_weights: bool, lora_cfg: dict | Non
     which freeze its base weights. With `lora_on_decoder_stack` (the duplex models, as NeMo's) only
     the decoder stack is wrapped, without a task type: the embedding and output head stay trainable.
     """
+    _check_llm_dir(pretrained_llm, "config.json")
     try:
         if pretrained_weights:
             llm = AutoModelForCausalLM.from_pretrained(pretrained_llm, dtype=torch.float32)
@@ -519,11 +524,30 @@ def _strip_padding(row: Tensor, pad_id: int) -> Tensor:
     return row[int(kept[0]) : int(kept[-1]) + 1] if len(kept) else row[:0]
 
 
+def _check_llm_dir(name: str, needs: str) -> None:
+    """A local pretrained_llm (or tokenizer_path) directory has what loading it `needs` ("config.json"
+    or "tokenizer files"): if not, say everything it lacks."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return
+    lacks = [] if (path / "config.json").is_file() else ["config.json"]
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        lacks.append(f"tokenizer files ({' / '.join(TOKENIZER_FILES)})")
+    if any(item.startswith(needs) for item in lacks):
+        raise FileNotFoundError(f"cannot load pretrained_llm '{name}': the directory has no "
+                                f"{' and no '.join(lacks)}")
+
+
 def _not_found(name: str, error: Exception) -> FileNotFoundError:
-    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
-        reason = "no such directory"
-    else:
-        reason = " ".join(str(error).split())[:300] or type(error).__name__
+    reason = " ".join(str(error).split())[:300] or type(error).__name__
+    if not Path(name).expanduser().is_dir():
+        if not HUB_NAME.fullmatch(name):
+            reason = "no such directory"
+        elif huggingface_hub.constants.HF_HUB_OFFLINE:
+            reason = ("no such directory, and as a hub name it is not in the local Hugging Face "
+                      "cache (offline, HF_HUB_OFFLINE=1: hub names need the cache)")
+        else:
+            reason = f"no such directory, and as a hub name: {reason}"
     return FileNotFoundError(
         f"cannot load pretrained_llm '{name}': {reason}. Pass a local directory with the model's files, or set "
         "pretrained_weights: false to need only its config.json and tokenizer (e.g. already in the HF cache)."

@@ -8,6 +8,7 @@ Any `key=value` after the config overrides it (see config.py). The model class f
 `speech_decoder` section means DuplexS2SSpeechDecoderModel, a `pretrained_audio_codec` DuplexS2SModel, else SALM.
 """
 import contextlib
+import importlib
 import math
 import os
 import random
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from checkpoint import atomic_save, cast_model, load_checkpoint
 from config import OPTIMIZERS, ConfigError, cli, load_config, save_config
-from data import TrainBatches, has_data, make_val_loaders
+from data import TrainBatches, check_data_paths, has_data, make_val_loaders
 from duplex_s2s import DuplexS2SModel, DuplexS2SSpeechDecoderModel
 from salm import SALM
 
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
 
     # 2. config, device, precision, and where the run lives (nothing is written before the checks pass)
     cfg = load_config(argv[0], argv[1:], report=print if master else None)
+    check_data_paths(cfg["data"])
     trainer, exp = cfg["trainer"], cfg["exp_manager"]
     device = pick_device(trainer, world_size, local_rank)
     autocast_dtype = check_precision(trainer["precision"])
@@ -61,17 +63,23 @@ def main(argv: list[str]) -> torch.nn.Module | None:
     # 3. model, optimizer, schedule, data; the state of a resumed run
     run = setup(cfg, device, rank, world_size, resume_path)
     check_monitor(exp, run.model, run.val_loaders)
+    max_steps, log_every = trainer["max_steps"], trainer["log_every_n_steps"]
+    val_every, ckpt_params = validation_interval(trainer), exp["checkpoint_callback_params"]
+    if run.val_loaders and trainer["num_sanity_val_steps"] and not resume_path:
+        results, _ = validate(run.model, run.val_loaders, trainer["num_sanity_val_steps"], device,
+                              autocast_dtype)
+        if exp["create_checkpoint_callback"]:
+            check_monitor_logged(ckpt_params, results)
     loggers = make_loggers(exp, log_dir, cfg) if master else []
     if master:
         start_run_dir(log_dir, cfg, resume_path)
+        if resume_path and run.step >= max_steps:
+            print(f"note: {resume_path.name} is at step {run.step} and trainer.max_steps is "
+                  f"{max_steps}: nothing is left to train (raise trainer.max_steps to go on)")
 
     # 4. the loop: step, log, validate, save, until max_steps or the time budget
-    max_steps, log_every = trainer["max_steps"], trainer["log_every_n_steps"]
-    val_every, ckpt_params = validation_interval(trainer), exp["checkpoint_callback_params"]
     deadline = time_budget(exp["max_time_per_run"], trainer["max_time"])
-    if run.val_loaders and trainer["num_sanity_val_steps"] and not resume_path:
-        validate(run.model, run.val_loaders, trainer["num_sanity_val_steps"], device, autocast_dtype)
-    stream, meter, stop_reason = iter(run.batches), Meter(), "max_steps"
+    start_step, stream, meter, stop_reason = run.step, iter(run.batches), Meter(), "max_steps"
     progress = tqdm(total=max_steps, initial=run.step, desc="train", dynamic_ncols=True,
                     disable=not master or not trainer["enable_progress_bar"])
     while run.step < max_steps:
@@ -82,7 +90,8 @@ def main(argv: list[str]) -> torch.nn.Module | None:
             break
         progress.update(1)
         if run.step % log_every == 0 or run.step == max_steps:
-            metrics = meter.summary(world_size, run.optimizer.param_groups[0]["lr"], device, run.batches.skipped)
+            metrics = meter.summary(world_size, run.optimizer.param_groups[0]["lr"], device,
+                                    run.batches.skipped.counts())
             if master:
                 progress.write(format_log(run.step, max_steps, metrics))
                 log_metrics(loggers, metrics, run.step)
@@ -98,7 +107,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
             stop_reason = "max_time_per_run reached; rerun the same command to continue"
             break
     progress.close()
-    if exp["create_checkpoint_callback"]:
+    if exp["create_checkpoint_callback"] and run.step > start_step:  # else: as it was loaded
         save(run, cfg, log_dir, None, meter, master)
     if master:
         print(f"stopped at step {run.step}: {stop_reason}")
@@ -156,7 +165,8 @@ def setup(cfg: dict, device: torch.device, rank: int, world_size: int, resume_pa
         for part, module in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
                              ("scaler", scaler)):
             module.load_state_dict(state[part])
-        rank_state = state["ranks"][rank] if rank < len(state["ranks"]) else state["ranks"][0]
+        rank_state = resume_rank_state(state["ranks"], rank, world_size)
+    if "python" in rank_state:
         set_rng_state(rank_state)
     else:
         seed_everything(seed + rank)
@@ -173,6 +183,23 @@ def setup(cfg: dict, device: torch.device, rank: int, world_size: int, resume_pa
     if state:
         run.step, run.best = state["step"], [tuple(b) for b in state["best"]]
     return run
+
+
+def resume_rank_state(ranks: list[dict], rank: int, world_size: int) -> dict:
+    """This rank's saved RNG states, data position and skips. A run resumed with another number of
+    processes goes on with the data after the batches its ranks drew together (rank r of W takes
+    batches r, r + W, ... of one stream, so each rank skips its share of them); its RNG streams
+    restart from the seed."""
+    if len(ranks) == world_size:
+        return ranks[rank]
+    drawn = sum(r["batches"] for r in ranks)
+    skip = max(0, math.ceil((drawn - rank) / world_size))
+    if rank == 0:
+        print(f"note: resuming a run of {len(ranks)} process(es) with {world_size}: each rank "
+              f"skips its share of the {drawn} batches drawn so far ({skip} on rank 0), RNG "
+              f"streams restart from the seed, and the global batch is {world_size}/{len(ranks)} "
+              "of what it was")
+    return {"batches": skip, "skipped": ranks[rank]["skipped"] if rank < len(ranks) else {}}
 
 
 def train_step(run: Run, micro_batches: list[dict], trainer: dict, device, autocast_dtype, meter) -> bool:
@@ -218,7 +245,8 @@ def train_step(run: Run, micro_batches: list[dict], trainer: dict, device, autoc
 
 def save(run: Run, cfg: dict, log_dir: Path, results: dict | None, meter, master: bool) -> None:
     """Checkpoints of the run as it stands (see save_checkpoints), with every rank's RNG and data state."""
-    ranks = gather_rank_states(run.batches.num_batches, run.world_size, run.batches.skipped + meter.skipped)
+    skipped = run.batches.skipped.state(meter.skipped)
+    ranks = gather_rank_states(run.batches.num_batches, run.world_size, skipped)
     run.best = save_checkpoints(log_dir, run.step, run.model, run.optimizer, run.scheduler, run.scaler, cfg,
                                 run.best, cfg["exp_manager"]["checkpoint_callback_params"], results, ranks, master)
 
@@ -355,9 +383,7 @@ def save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, be
     ckpt_dir = log_dir / "checkpoints"
     if results is not None and params["save_top_k"] != 0:
         monitor = params["monitor"]
-        if monitor not in results:
-            raise ConfigError(f"checkpoint monitor '{monitor}' is not a validation metric; pick one of "
-                              f"{', '.join(sorted(results))}")
+        check_monitor_logged(params, results)
         sign = -1 if params["mode"] == "max" else 1
         best = sorted(best + [(sign * results[monitor], step)])
         keep = best if params["save_top_k"] < 0 else best[: params["save_top_k"]]
@@ -370,6 +396,14 @@ def save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, be
     if master:
         atomic_save(state, ckpt_dir / "last.ckpt")
     return best
+
+
+def check_monitor_logged(params: dict, results: dict) -> None:
+    """`checkpoint_callback_params.monitor` names a validation metric (checked at the sanity
+    validation, before the run directory is written, and at every validation)."""
+    if params["save_top_k"] != 0 and params["monitor"] not in results:
+        raise ConfigError(f"exp_manager.checkpoint_callback_params.monitor '{params['monitor']}' "
+                          f"is not a validation metric; pick one of {', '.join(sorted(results))}")
 
 
 def run_dir(exp: dict) -> Path:
@@ -548,18 +582,20 @@ def format_log(step: int, max_steps: int, m: dict) -> str:
 
 
 def make_loggers(exp: dict, log_dir: Path, cfg: dict) -> list:
+    """The loggers exp_manager asks for; each package is imported before any of them writes."""
+    modules = {}
+    for key, module, package in (
+            ("create_tensorboard_logger", "torch.utils.tensorboard", "tensorboard"),
+            ("create_wandb_logger", "wandb", "wandb")):
+        try:
+            modules[key] = importlib.import_module(module) if exp.get(key) else None
+        except ImportError:
+            raise ConfigError(f"{key} needs the {package} package: pip install {package}") from None
+    tensorboard, wandb = modules["create_tensorboard_logger"], modules["create_wandb_logger"]
     loggers = []
-    if exp.get("create_tensorboard_logger"):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError("create_tensorboard_logger needs the tensorboard package: pip install tensorboard") from None
-        loggers.append(_TensorBoard(SummaryWriter(str(log_dir / "tensorboard"))))
-    if exp.get("create_wandb_logger"):
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("create_wandb_logger needs the wandb package: pip install wandb") from None
+    if tensorboard:
+        loggers.append(_TensorBoard(tensorboard.SummaryWriter(str(log_dir / "tensorboard"))))
+    if wandb:
         kwargs = {k: v for k, v in (exp.get("wandb_logger_kwargs") or {}).items() if v is not None}
         loggers.append(_Wandb(wandb.init(dir=str(log_dir), config=cfg, **kwargs)))
     return loggers

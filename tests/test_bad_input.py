@@ -4,12 +4,12 @@ Data tests put G good and B bad items through the real readers, dataset and Trai
 the G good ones arrive (none lost), resampled where needed, and that each bad one is counted under its reason.
 """
 import gzip
+import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +21,10 @@ from lhotse import CutSet, SupervisionSegment
 import data
 import salm
 import train
+from conftest import ROOT, SMALL, salm_dataset, tone
 from config import TARGETS, ConfigError, load_config
 from data import TrainBatches, audio_file_cut
-from test_data import salm_dataset, tone
-from test_train_e2e import SMALL
 
-ROOT = Path(__file__).parent.parent
 DEMO = ROOT / "assets" / "demo" / "asr_train"
 CONFIG = str(ROOT / "configs" / "salm.yaml")
 NO_VALIDATION = ["data.validation_ds.datasets={}"]
@@ -69,12 +67,6 @@ def ids_of(manifest: Path, rows: list, wanted: list) -> list[str]:
     return [f"{manifest.stem}-{rows.index(row)}" for row in wanted]
 
 
-@pytest.fixture
-def fresh_warnings(monkeypatch):
-    """The first few unreadable files of a process are printed; start each test with a clean count."""
-    monkeypatch.setattr(data, "_warnings_printed", Counter())
-
-
 def test_one_pass_delivers_every_good_item_and_counts_each_bad_kind(tmp_path, capsys, fresh_warnings):
     good = demo_flacs(tmp_path, 3)
     low = (tone(tmp_path / "low.wav", 1.0, rate=8000, freq=500.0), "a low rate tone")
@@ -91,8 +83,8 @@ def test_one_pass_delivers_every_good_item_and_counts_each_bad_kind(tmp_path, ca
     batch = next(iter(batches))
 
     assert batch["ids"] == ids_of(manifest, rows, [good[0], low, good[1], high, good[2]])  # 5 good, 0 lost
-    assert batches.skipped == {"unreadable audio": 5, "longer than max_duration": 1, "empty transcript": 1,
-                               "longer than max_tokens": 1}
+    assert batches.skipped.counts() == {"unreadable audio": 5, "longer than max_duration": 1,
+                                        "empty transcript": 1, "longer than max_tokens": 1}
     lens = dict(zip(batch["ids"], batch["audio_lens"].tolist()))
     for row in good:
         assert lens[ids_of(manifest, rows, [row])[0]] == sf.info(row[0]).frames
@@ -124,7 +116,7 @@ def test_cut_manifest_with_bad_audio_is_filtered_when_loading(tmp_path, capsys, 
     batch = next(iter(batches))
     assert batch["ids"] == [good[0][0].stem, "low", good[1][0].stem]
     assert batch["audio_lens"][1] == 16000
-    assert batches.skipped == {"unreadable audio": 3}
+    assert batches.skipped.counts() == {"unreadable audio": 3}
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("warning: skipped ") for line in err)
     assert any(f"file not found: {bad['missing']}" in line for line in err)
@@ -141,7 +133,7 @@ def test_a_batch_where_every_clip_fails_is_skipped_and_the_next_drawn(tmp_path, 
     delivered = [next(stream)["ids"], next(stream)["ids"]]
     assert delivered == [ids_of(manifest, rows, good[:2]), ids_of(manifest, rows, good[2:])]
     assert batches.num_batches == 3  # the empty one counts as drawn, so a resumed run replays it too
-    assert batches.skipped == {"unreadable audio": 2, "batches with nothing readable": 1}
+    assert batches.skipped.counts() == {"unreadable audio": 2, "batches with nothing readable": 1}
 
 
 def test_a_stream_where_everything_fails_ends_with_one_line(tmp_path, fresh_warnings):
@@ -153,11 +145,42 @@ def test_a_stream_where_everything_fails_ends_with_one_line(tmp_path, fresh_warn
     assert str(err.value).startswith(f"{data.MAX_EMPTY_BATCHES} training batches in a row had no usable item")
     assert "\n" not in str(err.value)
     assert batches.num_batches == data.MAX_EMPTY_BATCHES
-    assert batches.skipped["unreadable audio"] == data.MAX_EMPTY_BATCHES  # one clip per batch
+    assert batches.skipped.counts() == {"unreadable audio": 2,  # the same two items in every epoch
+                                        "batches with nothing readable": data.MAX_EMPTY_BATCHES}
     # files that cannot even be opened never reach a batch: the data yields nothing, which is an error too
     unopenable = write_manifest(tmp_path / "u.json", [(bad["missing"], "x"), (bad["header_cut"], "y")])
     with pytest.raises(ValueError, match="the training data yields no batch"):
         next(iter(TrainBatches({"manifest_filepath": str(unopenable), "batch_size": 1}, salm_dataset())))
+
+
+def test_bad_items_are_counted_and_named_once_however_many_epochs(tmp_path, capsys, fresh_warnings):
+    """Two bad lines stay two skipped items over ten epochs (one fails when the manifest is read,
+    one when its audio is loaded), are named in one warning each, and a run resumed after any batch
+    keeps the same record."""
+    good = demo_flacs(tmp_path, 2)
+    bad = broken_files(tmp_path)
+    rows = [good[0], (bad["missing"], "x"), good[1], (bad["truncated"], "x")]
+    manifest = write_manifest(tmp_path / "m.json", rows)
+    cfg = {"manifest_filepath": str(manifest), "batch_size": 3, "shuffle": True, "seed": 1}
+    batches = TrainBatches(cfg, salm_dataset())
+    stream, saved = iter(batches), []
+    for _ in range(10):
+        next(stream)
+        saved.append((batches.num_batches, batches.skipped.state()))
+    assert batches.skipped.counts() == {"unreadable audio": 2}
+    assert saved[-1][1] == {"unreadable audio": ["m-1", "m-3"]}
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2 and all(line.startswith("warning: skipped ") for line in warnings)
+    assert "missing.flac" in warnings[0] and "truncated.flac" in warnings[1]
+    for drawn, state in saved[2], saved[6]:  # as a checkpoint holds it, then resumed
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        restored = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+        resumed = TrainBatches(cfg, salm_dataset(), skip=drawn, skipped=restored)
+        stream = iter(resumed)
+        for _ in range(10 - drawn):
+            next(stream)
+        assert resumed.num_batches == 10 and resumed.skipped.state() == saved[-1][1]
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +207,8 @@ def test_a_transcript_longer_than_the_llm_context_is_skipped(tmp_path, small_cfg
                for c in cuts]
     assert lengths[0] < context < lengths[1]
     batch = dataset[CutSet.from_cuts(cuts)]
-    assert batch["ids"] == ["utt0"] and batch["skipped"] == {"longer than max_tokens": 1}
+    assert batch["ids"] == ["utt0"]
+    assert batch["skipped"] == [("longer than max_tokens", "utt1", None)]
 
 
 def run_main(args, tmp_path):
@@ -233,19 +257,50 @@ def test_non_finite_losses_in_a_row_stop_the_run_with_a_message(tmp_path, capsys
     assert state["step"] == 2
 
 
+TYPO = ("unknown config key 'trainer.max_step' on the command line (did you mean "
+        "'trainer.max_steps'?)")
+MONITOR = "exp_manager.checkpoint_callback_params.monitor"
+
+
 @pytest.mark.parametrize("override, message", [
-    ("trainer.max_step=3", "unknown config key 'trainer.max_step' in the command line (did you mean "
-                           "'trainer.max_steps'?)"),
-    ("data.train_ds.batch_size=???", "data.train_ds.batch_size is '???' (required)"),
-    ("trainer.max_steps=many", "trainer.max_steps in " + CONFIG + " must be an integer, got 'many'"),
-    ("model.optimizer._target_=os.system", "model.optimizer._target_ in " + CONFIG + " is 'os.system', which is "
-                                           "not allowed there"),
+    ("trainer.max_step=3", TYPO),  # no "+" is offered: trainer takes only the keys it knows ...
+    ("+trainer.max_step=3", TYPO),  # ... so adding the key is refused too, blaming the command line
+    ("model.lora.r=8", "unknown config key 'model.lora.r' on the command line; use "
+                       "+model.lora.r=... to add it"),
+    ("data.train_ds.batch_size=???",
+     "data.train_ds.batch_size is '???' (required) on the command line: set it in the file or as "
+     "data.train_ds.batch_size=VALUE on the command line"),
+    ("trainer.max_steps=many",
+     "trainer.max_steps on the command line must be an integer, got 'many'"),
+    ("model.optimizer._target_=os.system",
+     "model.optimizer._target_ on the command line is 'os.system', which is not allowed there; "
+     "use one of ..."),
+    ("data.train_ds.input_cfg.1.shar_path=assets/demo/qa_trian",
+     "data.train_ds.input_cfg.1.shar_path: assets/demo/qa_trian does not exist"),
+    ("data.validation_ds.datasets.demo_val.input_cfg.0.shar_path=/no/val",
+     "data.validation_ds.datasets.demo_val.input_cfg.0.shar_path: /no/val does not exist"),
+    (f"data.train_ds.input_cfg=[{{type: nemo, manifest_filepath: [{CONFIG}, [/no/m.json, 2]]}}]",
+     "data.train_ds.input_cfg.0.manifest_filepath.1: /no/m.json does not exist"),
+    ("data.train_ds.input_cfg.0.shar_path=[a, b]",
+     "data.train_ds.input_cfg.0.shar_path must be a path, got ['a', 'b'] (a list is read only for "
+     "manifest_filepath: paths or [path, weight] pairs)"),
+    ("model.pretrained_llm=assets/tiny_llm",
+     "cannot load pretrained_llm 'assets/tiny_llm': no such directory, and as a hub name it is not "
+     "in the local ..."),
+    (f"{MONITOR}=val_acc_demoval",
+     f"{MONITOR} 'val_acc_demoval' is not a validation metric; pick one of val_acc, "
+     "val_acc_demo_val, val_loss, val_loss_demo_val"),
 ])
-def test_config_mistakes_are_one_line_errors(tmp_path, override, message):
-    with pytest.raises(ConfigError) as err:
-        train.main([CONFIG, override, f"exp_manager.explicit_log_dir={tmp_path}"])
-    assert message in str(err.value) and "\n" not in str(err.value)
-    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before anything is written
+def test_mistakes_stop_the_run_before_anything_is_written(tmp_path, monkeypatch, override, message):
+    """Config and path mistakes are one-line errors found before the run directory is written (a
+    wrong monitor at the sanity validation)."""
+    monkeypatch.chdir(ROOT)
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        train.main([CONFIG, *SMALL, "trainer.num_sanity_val_steps=1", override,
+                    f"exp_manager.explicit_log_dir={tmp_path / 'run'}"])
+    text = str(err.value)  # a message ending in "..." is shown up to there
+    assert text.startswith(message[:-3]) if message.endswith("...") else text == message
+    assert "\n" not in text and not (tmp_path / "run").exists()
 
 
 def test_a_missing_pretrained_llm_is_a_one_line_error(tmp_path, monkeypatch):
@@ -259,9 +314,10 @@ def test_a_missing_pretrained_llm_is_a_one_line_error(tmp_path, monkeypatch):
     assert str(err.value).startswith("cannot load pretrained_llm 'assets/tiny-mimi': ") and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("override, key", [("model.perception.modality_adapter.feat_in=???",
-                                            "model.perception.modality_adapter.feat_in"),
-                                           ("model.pretrained_llm=/nowhere/llm", "pretrained_llm")])
+@pytest.mark.parametrize("override, key", [
+    ("model.perception.modality_adapter.feat_in=???", "model.perception.modality_adapter.feat_in"),
+    ("trainer.max_step=3", "did you mean 'trainer.max_steps'"),
+    ("model.pretrained_llm=/nowhere/llm", "pretrained_llm")])
 def test_the_command_line_prints_one_line_and_exits_2(tmp_path, override, key):
     out = subprocess.run([sys.executable, "train.py", CONFIG, override, f"exp_manager.explicit_log_dir={tmp_path}"],
                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
@@ -302,7 +358,8 @@ def test_a_target_outside_the_allowlist_is_refused(override, key, allowed):
     with pytest.raises(ConfigError) as err:
         load_config(CONFIG, [override], report=None)
     message = str(err.value)
-    assert message.startswith(f"{key} in {CONFIG} is ") and "not allowed there; use one of" in message
+    assert message.startswith(f"{key} on the command line is ")
+    assert "not allowed there; use one of" in message
     assert allowed in message and "\n" not in message
 
 
@@ -370,7 +427,8 @@ def test_a_conversation_longer_than_the_duplex_context_is_skipped(monkeypatch):
     short, long = cuts[0], cuts[-1]
     assert short.duration / 0.08 + 1 <= 64 < long.duration / 0.08
     batch = dataset[CutSet.from_cuts([short, long])]
-    assert batch["ids"] == [short.id] and batch["skipped"] == {"longer than the model's context": 1}
+    assert batch["ids"] == [short.id]
+    assert batch["skipped"] == [("longer than the model's context", long.id, None)]
 
 
 def test_duplex_conversations_with_bad_audio_are_skipped_and_counted(tmp_path, monkeypatch, fresh_warnings):
@@ -398,6 +456,8 @@ def test_duplex_conversations_with_bad_audio_are_skipped_and_counted(tmp_path, m
             conversation("agent_empty", tmp_path / "user.wav", "zero_bytes"),
             conversation("no_agent_channel", tmp_path / "user.wav", None)]
     batch = dataset[CutSet.from_cuts(cuts)]
-    assert batch["ids"] == ["good"] and batch["skipped"] == {"unreadable audio": 5}  # none good lost
+    assert batch["ids"] == ["good"]  # none good lost
+    assert [(reason, item) for reason, item, _ in batch["skipped"]] == [
+        ("unreadable audio", cut.id) for cut in cuts[1:]]
     assert batch["source_audio"].shape == (1, 32000)  # 16 kHz as recorded
     assert batch["target_audio"].shape == (1, 48000)  # the 44.1 kHz agent channel resampled to the codec's 24 kHz

@@ -1,3 +1,4 @@
+import bisect
 import io
 import json
 import tarfile
@@ -8,18 +9,13 @@ import soundfile as sf
 import torch
 from lhotse import CutSet, Recording, SupervisionSegment
 from lhotse.cut import MonoCut
+from lhotse.testing.dummies import dummy_cut
 
-from data import (Conversation, SALMDataset, TrainBatches, Turn, cut_to_conversation,
-                  expand_sharded_paths, left_pad, load_audio_files, make_val_loaders, read_inputs,
-                  right_pad)
-
-TAG = "<|audioplaceholder|>"
-
-
-def tone(path, seconds, rate=16000, freq=440.0):
-    t = np.arange(int(seconds * rate)) / rate
-    sf.write(path, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), rate)
-    return path
+from config import loader_defaults
+from conftest import TAG, salm_dataset, tone
+from data import (Conversation, TrainBatches, Turn, audio_file_cut, cut_to_conversation,
+                  expand_sharded_paths, left_pad, load_audio, load_audio_files, make_sampler,
+                  make_val_loaders, read_inputs, right_pad)
 
 
 def make_cuts(tmp_path, n=12, rate=16000, prefix="utt"):
@@ -31,20 +27,6 @@ def make_cuts(tmp_path, n=12, rate=16000, prefix="utt"):
         cut.supervisions = [SupervisionSegment(f"{prefix}{i}", f"{prefix}{i}", 0, rec.duration, text=f"word {i}")]
         cuts.append(cut)
     return CutSet.from_cuts(cuts)
-
-
-def fake_encode(turns):
-    """A stand-in prompt formatter: one token per turn + one per word; assistant tokens are supervised."""
-    ids, mask = [], []
-    for turn in turns:
-        n = 1 + len(turn["content"].split())
-        ids += [len(turn["content"]) % 50 + 3] * n
-        mask += [turn["role"] == "assistant"] * n
-    return {"input_ids": torch.tensor(ids), "mask": torch.tensor(mask)}
-
-
-def salm_dataset(**kwargs):
-    return SALMDataset(fake_encode, pad_id=0, sample_rate=16000, audio_locator_tag=TAG, **kwargs)
 
 
 def test_conversation_turns_merge_same_role():
@@ -148,28 +130,50 @@ def test_resume_replays_the_stream(tmp_path):
     assert resumed.num_batches == 9
 
 
-def test_bucketing_and_duration_batches(tmp_path):
-    make_cuts(tmp_path, 12).to_file(tmp_path / "c.jsonl.gz")
-    cfg = {"cuts_path": str(tmp_path / "c.jsonl.gz"), "batch_duration": 3.0, "use_bucketing": True,
-           "num_buckets": 2, "shuffle": True, "seed": 0}
-    stream = iter(TrainBatches(cfg, salm_dataset()))
-    for _ in range(5):
-        batch = next(stream)
-        assert batch["audio_seconds"] <= 3.0 + 1e-6
+def test_bucketing_groups_by_duration_and_caps_each_bucket():
+    short = [0.5 + 0.05 * i for i in range(12)]  # 0.5 .. 1.05 s
+    long = [2.1 + 0.1 * i for i in range(12)]  # 2.1 .. 3.2 s: two never fit in 4 s
+    durations = [d for pair in zip(short, long) for d in pair]  # interleaved
+    cuts = CutSet.from_cuts(dummy_cut(i, duration=d) for i, d in enumerate(durations))
+    for bins in ([1.5], None):  # bucket edges given, or estimated from the data (num_buckets)
+        cfg = loader_defaults({"batch_duration": 4.0, "use_bucketing": True, "num_buckets": 2,
+                               "bucket_duration_bins": bins, "shuffle": True, "seed": 0})
+        sampler = make_sampler(cuts, cfg, train=True)
+        sampler.set_epoch(0)
+        batches = [list(batch) for batch in sampler]
+        assert sorted(c.id for b in batches for c in b) == sorted(c.id for c in cuts)  # each once
+        edges = sampler.duration_bins  # a cut of duration d is in bucket bisect_left(edges, d)
+        assert len(edges) == 1 and (bins is None or edges == bins)
+        for batch in batches:
+            assert len({bisect.bisect_left(edges, c.duration) for c in batch}) == 1  # one bucket
+    # with the short and the long cuts in buckets of their own (the given edge), batch_duration
+    # holds in each (lhotse stops a batch once one more of its longest cut would pass it), so
+    # short batches take more cuts
+    cfg = loader_defaults({"batch_duration": 4.0, "use_bucketing": True, "shuffle": True,
+                           "bucket_duration_bins": [1.5]})
+    sampler = make_sampler(cuts, cfg, train=True)
+    sizes = {True: [], False: []}
+    for batch in sampler:
+        assert sum(c.duration for c in batch) <= 4.0
+        sizes[batch[0].duration < 1.5].append(len(batch))
+    assert max(sizes[True]) >= 4 and max(sizes[False]) == 1
 
 
-def test_bad_audio_is_skipped_and_counted(tmp_path, capsys):
+def test_bad_audio_is_skipped_and_listed_with_its_reason(tmp_path):
     cuts = list(make_cuts(tmp_path, 4))
     (tmp_path / "utt1.flac").unlink()                          # missing
     (tmp_path / "utt2.flac").write_bytes(b"fLaC" + b"\0" * 20)  # corrupt
     dataset = salm_dataset()
     batch = dataset[CutSet.from_cuts(cuts)]
     assert batch["ids"] == ["utt0", "utt3"]
-    assert batch["skipped"]["unreadable audio"] == 2
-    err = capsys.readouterr().err
-    assert "utt1" in err and "utt1.flac" in err and "Traceback" not in err
+    assert [(reason, item) for reason, item, _ in batch["skipped"]] == [
+        ("unreadable audio", "utt1"), ("unreadable audio", "utt2")]
+    missing, corrupt = (warning for _, _, warning in batch["skipped"])
+    utt1, utt2 = tmp_path / "utt1.flac", tmp_path / "utt2.flac"
+    assert missing == f"cannot read audio of utt1 ({utt1}): file not found: {utt1}"
+    assert corrupt.startswith(f"cannot read audio of utt2 ({utt2}): ") and "\n" not in corrupt
     empty = dataset[CutSet.from_cuts(cuts[1:3])]
-    assert empty["empty"] and empty["skipped"]["unreadable audio"] == 2
+    assert empty["empty"] and [item for _, item, _ in empty["skipped"]] == ["utt1", "utt2"]
 
 
 def test_duration_filter_counts(tmp_path):
@@ -178,21 +182,22 @@ def test_duration_filter_counts(tmp_path):
     batches = TrainBatches(cfg, salm_dataset())
     ids = next(iter(batches))["ids"]
     assert sorted(ids) == [f"utt{i}" for i in range(6)]
-    assert batches.skipped["longer than max_duration"] == 4
+    assert batches.skipped.counts() == {"longer than max_duration": 4}
 
 
 def test_empty_transcript_and_max_tokens(tmp_path):
     cuts = list(make_cuts(tmp_path, 3))
     cuts[0].supervisions[0].text = ""
     batch = salm_dataset(max_tokens=20)[CutSet.from_cuts(cuts)]
-    assert batch["skipped"]["empty transcript"] == 1
+    assert batch["skipped"] == [("empty transcript", "utt0", None)]
     long_batch = salm_dataset(max_tokens=8)[CutSet.from_cuts(cuts[1:])]
-    assert long_batch["skipped"]["longer than max_tokens"] == 2
+    assert long_batch["skipped"] == [("longer than max_tokens", "utt1", None),
+                                     ("longer than max_tokens", "utt2", None)]
     # NeMo's count: the tokens with each audio tag as its clip's frames (utt1: 5 tokens, 8 frames)
     one = CutSet.from_cuts(cuts[1:2])
     assert salm_dataset(min_tokens=12, max_tokens=12)[one]["ids"] == ["utt1"]
     short = salm_dataset(min_tokens=13)[CutSet.from_cuts(cuts[1:2])]
-    assert short["empty"] and short["skipped"]["shorter than min_tokens"] == 1
+    assert short["empty"] and short["skipped"] == [("shorter than min_tokens", "utt1", None)]
 
 
 def test_left_and_right_pad():
@@ -242,7 +247,7 @@ def test_manifest_lines_with_missing_audio_are_skipped(tmp_path):
     (tmp_path / "m.json").write_text("\n".join(json.dumps(x) for x in lines))
     batches = TrainBatches({"manifest_filepath": str(tmp_path / "m.json"), "batch_size": 4}, salm_dataset())
     assert len(next(iter(batches))["ids"]) == 1
-    assert batches.skipped["unreadable audio"] == 1
+    assert batches.skipped.counts() == {"unreadable audio": 1}
 
 
 # ---- NeMo's data fields, tarred data and input_cfg files ---------------------------------------
@@ -405,3 +410,48 @@ def test_input_cfg_from_a_yaml_file_and_keys_nemo_does_not_act_on(tmp_path):
             read_one({**entry, key: "x"})
     with pytest.raises(ValueError, match="slice_length applies to tarred NeMo data and lhotse_sh"):
         read_one(entry, slice_length=4)
+
+
+
+
+def test_stereo_audio_is_averaged_from_every_source(tmp_path):
+    """NeMo's rule (its SALM dataset downmixes with lhotse's mono_downmix): the mean of the
+    channels, whether the file comes from a NeMo manifest, a conversation manifest or the command
+    line."""
+    t = np.arange(8000) / 16000
+    left, right = 0.4 * np.sin(2 * np.pi * 300 * t), 0.2 * np.sin(2 * np.pi * 700 * t)
+    sf.write(tmp_path / "stereo.wav", np.stack([left, right], 1), 16000, subtype="FLOAT")
+    mean = ((left + right) / 2).astype(np.float32)
+    (tmp_path / "asr.json").write_text(json.dumps({"audio_filepath": "stereo.wav", "text": "x"}))
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"id": "c", "conversations": [
+        {"from": "User", "type": "audio", "value": "stereo.wav"},
+        {"from": "Assistant", "value": "x"}]}))
+    asr, = read_inputs({"manifest_filepath": str(tmp_path / "asr.json")}, train=False)
+    chat_cfg = {"type": "multimodal_conversation",
+                "manifest_filepath": str(tmp_path / "chat.jsonl")}
+    chat, = read_inputs({"input_cfg": [chat_cfg]}, train=False)
+    for cut in (asr, chat.audio_cuts[0], audio_file_cut(tmp_path / "stereo.wav")):
+        np.testing.assert_allclose(load_audio(cut, 16000), mean, atol=1e-6)
+    batch = salm_dataset()[CutSet.from_cuts([asr])]
+    np.testing.assert_allclose(batch["audios"][0].numpy(), mean, atol=1e-6)
+
+
+def test_a_list_of_nemo_manifests(tmp_path):
+    """NeMo's list-valued manifest_filepath: paths or [path, weight] pairs; mixed when training (by
+    default in proportion to their lines), read one after the other for validation."""
+    manifests = []
+    for name, n in (("a", 6), ("b", 2)):
+        rows = [{"audio_filepath": str(tone(tmp_path / f"{name}{i}.wav", 0.5)), "text": f"{i}"}
+                for i in range(n)]
+        manifests.append(tmp_path / f"{name}.json")
+        manifests[-1].write_text("\n".join(json.dumps(row) for row in rows))
+    a, b = map(str, manifests)
+    val = make_val_loaders({"manifest_filepath": [a, [b]], "batch_size": 3}, salm_dataset())["val"]
+    everything = [f"a-{i}" for i in range(6)] + ["b-0", "b-1"]
+    assert [i for batch in val for i in batch["ids"]] == everything
+    for paths in ([a, b], [[a, 1.0], [b, 1.0]]):
+        cfg = {"input_cfg": [{"type": "nemo", "manifest_filepath": paths}], "batch_size": 2,
+               "shuffle": True}
+        stream = iter(TrainBatches(cfg, salm_dataset()))
+        ids = [i for _ in range(4) for i in next(stream)["ids"]]  # one epoch of 8 items
+        assert sorted(ids) == sorted([f"a-{i}" for i in range(6)] + ["b-0", "b-1"])

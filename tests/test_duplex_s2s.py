@@ -24,15 +24,14 @@ import infer
 import train
 from checkpoint import load_nemo_duplex_weights
 from config import ConfigError, load_config
-from data import read_duplex_demo, read_inputs
+from conftest import WORDS
+from data import DuplexS2SDataset, read_duplex_demo, read_inputs
 from duplex_s2s import DuplexS2SModel, DuplexS2SSpeechDecoderModel, check_data_config, load_audio_codec
 from salm import DEFAULT_ASR_PROMPT, SALM, load_tokenizer
 from speech_decoder import TransformerARSpeechDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MIMI = ROOT / "assets" / "tiny-mimi"
-WORDS = ("what is two plus three five comes after four the sky blue color hello okay hi ok yes no one six seven eight "
-         "nine ten red green").split()
 DATA_CFG = dict(frame_length=0.08, source_sample_rate=16000, target_sample_rate=24000, input_roles=["user"],
                 output_roles=["agent", "assistant"])
 SPEECH_DECODER = dict(d_model=32, n_layers=1, n_heads=4, d_kv=8, d_ff=64, max_seq_len=512, dropout=0.0,
@@ -45,24 +44,6 @@ DECODERS = dict(argvalues=[False, True, "nemo"],
 NO_DROPOUT = dict(dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0, dropout_att=0.0)
 CAUSAL = dict(causal_downsampling=True, att_context_size=[70, 1], att_context_style="chunked_limited",
               conv_context_size="causal", conv_norm_type="layer_norm")
-
-
-@pytest.fixture(scope="session")
-def llm_dir(tmp_path_factory):
-    """A tiny Llama with a byte-level BPE tokenizer (<unk> 0, <s> 1, </s> 2, <pad> 3)."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([" ".join(WORDS)] * 3, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>")
-    path = tmp_path_factory.mktemp("llm")
-    fast.save_pretrained(path)
-    LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3).save_pretrained(path)
-    return path
 
 
 def model_cfg(llm_dir, speech_decoder=False, causal=True, **overrides) -> dict:
@@ -173,6 +154,23 @@ def test_text_channel_of_nemo_example(llm_dir):
     assert batch["target_texts"] == ["hello okay"]
     assert batch["source_audio"].shape == (1, 16000) and batch["target_audio"].shape == (1, 24000)
     assert batch["target_token_lens"].tolist() == [13]
+
+
+# NeMo 3.0's DuplexS2SDataset on that cut with the shipped tiny LLM's tokenizer in NeMo's tokenizer
+# wrapper ("hi" 313, "hello" 266 303 87, "ok" 362, "okay" 362 347; pad 3, BOS 1, EOS 2)
+NEMO_TINY_TARGET_TOKENS = [3, 3, 3, 3, 1, 2, 303, 87, 1, 362, 347, 3, 3]
+NEMO_TINY_SOURCE_TOKENS = [1, 2, 3, 3, 3, 3, 1, 362, 2, 3, 3, 3, 3]
+
+
+def test_both_text_channels_equal_nemos_with_the_same_tokenizer():
+    tokenizer = load_tokenizer(str(ROOT / "assets" / "tiny-llm"), None)
+    dataset = DuplexS2SDataset(tokenizer, tokenizer.pad_token_id, 0.08, 16000, 22050, ["user"],
+                               ["assistant"])
+    batch = dataset[CutSet.from_cuts([nemo_example_cut()])]
+    assert batch["target_tokens"].tolist() == [NEMO_TINY_TARGET_TOKENS]
+    assert batch["source_tokens"].tolist() == [NEMO_TINY_SOURCE_TOKENS]  # the user's channel
+    assert batch["target_texts"] == ["hello okay"]
+    assert batch["source_audio"].shape == (1, 16000) and batch["target_audio"].shape == (1, 22050)
 
 
 def test_duplex_demo_conversations(qa_shar, conversations):
@@ -435,7 +433,7 @@ def test_nemo_codec_path_names_supported_kinds():
 # ---- command line -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("speech_decoder", **DECODERS)
-def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, speech_decoder):
+def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, capsys, speech_decoder):
     model = build(llm_dir, speech_decoder)
     config = {"model": model_cfg(llm_dir, speech_decoder), "data": DATA_CFG}
     (tmp_path / "run").mkdir()
@@ -446,13 +444,18 @@ def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, speech_deco
         duplex_s2s.resample(0.1 * np.random.default_rng(0).standard_normal(8000), 8000, 16000))[None],
         torch.tensor([16000]))
     assert int(expected["audio_len"][0]) == 14 * 1920
+    raw = expected["audio"][0].numpy()
+    assert np.abs(raw).max() > 1.5  # the untrained codec's output is far beyond full scale
     for i, path in enumerate([tmp_path / "run" / "last.ckpt", tmp_path / "run", tmp_path / "export"]):
         infer.main(["duplex", "--model", str(path), "--audio", str(tmp_path / "in.wav"),
                     "--out", str(tmp_path / f"out{i}")])
         agent, sample_rate = sf.read(tmp_path / f"out{i}" / "agent.wav", dtype="float32")
         assert sample_rate == 24000 and len(agent) == 14 * 1920
-        assert np.abs(agent - expected["audio"][0].clamp(-1, 1).numpy()).max() < 1e-4  # 16-bit WAV rounding
+        assert np.abs(agent).max() == pytest.approx(0.9, abs=1e-4)  # scaled to 0.9, not clipped
+        scaled = raw * 0.9 / np.abs(raw).max()
+        assert np.abs(agent - scaled).max() < 1e-4  # the same waveform (16-bit rounding)
         assert (tmp_path / f"out{i}" / "agent.txt").read_text().strip() == expected["text"][0]
+    assert "scaled to a peak of 0.9 instead of clipped" in capsys.readouterr().out
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------

@@ -4,11 +4,15 @@ Models are tiny and random, built from configs/salm.yaml with small sizes and a 
 test can delete, to show that an export needs nothing outside its own directory.
 """
 import json
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import sacrebleu
 import soundfile
 import torch
 from lhotse import CutSet
@@ -16,6 +20,7 @@ from safetensors import safe_open
 
 import infer
 from config import load_config
+from conftest import SMALL_PERCEPTION
 from duplex_s2s import Transcriber, asr_bleu, resample
 from metrics import bleu, metrics_by_dataset, normalize_text, wer, wer_details, word_errors
 from salm import SALM
@@ -23,11 +28,6 @@ from train import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ASR_VAL = ROOT / "assets" / "demo" / "asr_val"
-SMALL_MODEL = [
-    "model.perception.encoder.n_layers=1", "model.perception.encoder.d_model=32", "model.perception.encoder.n_heads=2",
-    "model.perception.encoder.subsampling_conv_channels=16", "model.perception.modality_adapter.feat_in=32",
-    "model.perception.modality_adapter.d_model=32", "model.perception.modality_adapter.n_heads=2",
-]
 LORA = "+model.lora={task_type: CAUSAL_LM, r: 4, lora_alpha: 8, lora_dropout: 0.0}"
 PROMPT = "Repeat after me, typing in lowercase."
 
@@ -41,8 +41,8 @@ def make_checkpoint(tmp_path: Path, *overrides: str) -> tuple[SALM, Path]:
     """A random SALM whose LLM files live in a copy of assets/tiny-llm under tmp_path, saved as train.py does."""
     llm_dir = tmp_path / "tiny-llm"
     shutil.copytree(ROOT / "assets" / "tiny-llm", llm_dir)
-    cfg = load_config(str(ROOT / "configs" / "salm.yaml"), [*SMALL_MODEL, f"model.pretrained_llm={llm_dir}", *overrides],
-                      None)
+    overrides = [*SMALL_PERCEPTION, f"model.pretrained_llm={llm_dir}", *overrides]
+    cfg = load_config(str(ROOT / "configs" / "salm.yaml"), overrides, None)
     torch.manual_seed(0)
     model = SALM(cfg["model"]).eval()
     path = tmp_path / "step=2.ckpt"
@@ -292,6 +292,31 @@ def test_evaluate_scores_each_dataset_and_their_mean(tmp_path, capsys, monkeypat
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["wer"] == metrics["wer"]
 
 
+def test_evaluate_counts_every_item_it_drops(tmp_path, capsys, fresh_warnings):
+    _, checkpoint = make_checkpoint(tmp_path)
+    rows = []
+    for cut in list(CutSet.from_shar(in_dir=str(ASR_VAL)))[:4]:
+        soundfile.write(tmp_path / f"{cut.id}.flac", cut.load_audio()[0], 16000)
+        rows.append({"audio_filepath": f"{cut.id}.flac", "duration": cut.duration,
+                     "text": cut.supervisions[0].text})
+    whole = (tmp_path / rows[0]["audio_filepath"]).read_bytes()
+    (tmp_path / "corrupt.flac").write_bytes(whole[: len(whole) // 2])  # opens, fails when decoded
+    rows += [{"audio_filepath": "missing.wav", "duration": 1.0, "text": "gone"},  # fails when read
+             {"audio_filepath": "corrupt.flac", "duration": rows[0]["duration"], "text": "half"}]
+    (tmp_path / "bad.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    metrics = infer.main(["evaluate", "--model", str(checkpoint), "--inputs",
+                          str(tmp_path / "bad.json"), "--output-dir", str(tmp_path / "out"),
+                          "--max-new-tokens", "2"])
+    out, err = capsys.readouterr()
+    assert "bad: 4 items (2 skipped: unreadable audio 2)," in out
+    scored = r"bad: WER [\d.]+% .* over 4 items \(2 skipped: unreadable audio 2\), \d+ words"
+    assert re.search(scored, out)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["skipped_bad"] == written["skipped_bad"] == 2
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 2 and "missing.wav" in warnings[0] and "corrupt.flac" in warnings[1]
+
+
 def test_command_line_errors_are_one_line(tmp_path):
     import subprocess
     import sys
@@ -336,6 +361,26 @@ def test_metrics_per_dataset_and_mean():
         metrics_by_dataset("cer", pairs)
 
 
+def test_asr_bleu_scores_what_the_asr_heard_against_the_references():
+    class Hears(Transcriber):  # a scoring ASR that transcribes every clip as it is told
+        def __init__(self, texts):
+            self.texts = texts
+
+        def transcribe(self, clips, sample_rate):
+            return list(self.texts)
+
+    clip = [np.zeros(2400, np.float32)]
+    # by hand: each n-gram of the 5-word transcript is in the 6-word reference (precisions 1),
+    # brevity penalty exp(1 - 6/5); case and punctuation are normalised away
+    heard = Hears(["The cat sat on the."])
+    score, transcripts = asr_bleu(["the cat sat on the mat"], clip, 24000, heard)
+    assert transcripts == ["The cat sat on the."] and score == pytest.approx(100 * math.exp(-0.2))
+    # the other way round: no brevity penalty; precisions 5/6, 4/5, 3/4, 2/3: geometric mean
+    # (1/3) ** (1/4)
+    score, _ = asr_bleu(["the cat sat on the"], clip, 24000, Hears(["the cat sat on the mat"]))
+    assert score == pytest.approx(100 * (1 / 3) ** 0.25)
+
+
 def test_asr_bleu_with_a_salm_export(tmp_path, cuts):
     model, _ = make_checkpoint(tmp_path)
     model.save_pretrained(tmp_path / "scorer")
@@ -343,7 +388,8 @@ def test_asr_bleu_with_a_salm_export(tmp_path, cuts):
     clips_24k = [resample(c.load_audio()[0], 16000, 24000) for c in cuts]  # e.g. a codec's output rate
     score, transcripts = asr_bleu(references, clips_24k, 24000, str(tmp_path / "scorer"))
     assert len(transcripts) == len(cuts) and all(isinstance(t, str) for t in transcripts)
-    assert score == bleu(references, transcripts)
+    assert score == sacrebleu.corpus_bleu([normalize_text(t) for t in transcripts],
+                                          [[normalize_text(r) for r in references]]).score
     transcriber = Transcriber(tmp_path / "scorer")
     clips_16k = [resample(c, 24000, 16000) for c in clips_24k]
     assert transcriber.transcribe(clips_16k, 16000) == transcripts  # the same audio at the scorer's rate
@@ -371,7 +417,8 @@ def test_asr_bleu_with_a_transformers_asr_model(tmp_path):
     clips = [0.1 * torch.randn(24000), 0.1 * torch.randn(12000)]  # 1 s and 0.5 s at 24 kHz
     score, transcripts = asr_bleu(["hello there", "yes"], clips, 24000, str(tmp_path))
     assert len(transcripts) == 2 and all(isinstance(t, str) for t in transcripts)
-    assert score == bleu(["hello there", "yes"], transcripts)
+    hypotheses = [normalize_text(t) for t in transcripts]
+    assert score == sacrebleu.corpus_bleu(hypotheses, [["hello there", "yes"]]).score
     clip_16k = resample(clips[0].numpy(), 24000, 16000)  # the longest clip: no padding in the batch
     with torch.no_grad():  # by hand: CTC greedy decoding of the 16 kHz clip
         logits = asr(**processor(clip_16k, sampling_rate=16000, return_tensors="pt")).logits

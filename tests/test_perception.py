@@ -1,18 +1,15 @@
-import io
 import math
 import os
-import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 
 import huggingface_hub
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import torch.nn as nn
 import yaml
+from lhotse import CutSet
 
 from perception import nemo_state_from_parakeet
 from perception import (
@@ -79,20 +76,10 @@ def padded(clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def speech_clips() -> list[np.ndarray]:
-    """Real speech at 16 kHz: the demo FLACs when present, else two sentences from espeak-ng."""
-    demo = [p for p in sorted((ROOT / "assets" / "demo").rglob("*.flac")) if sf.info(p).samplerate == 16000]
-    if len(demo) >= 2:
-        return [sf.read(p, dtype="float32")[0][:16000 * 6] for p in demo[:2]]
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("no demo audio and no espeak-ng to synthesize speech")
-    from scipy.signal import resample_poly
-
-    clips = []
-    for text in ("The quick brown fox jumps over the lazy dog.", "Speech in, text out."):
-        wav = subprocess.run(["espeak-ng", "--stdout", text], capture_output=True, check=True).stdout
-        audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
-        clips.append(resample_poly(audio, 16000, rate).astype(np.float32))
-    return clips
+    """Real speech at 16 kHz: the first two utterances of the shipped demo data (lhotse Shar)."""
+    cuts = list(CutSet.from_shar(in_dir=str(ROOT / "assets" / "demo" / "asr_val")).subset(first=2))
+    assert [c.sampling_rate for c in cuts] == [16000, 16000]
+    return [c.load_audio()[0][: 16000 * 6] for c in cuts]
 
 
 def test_one_second_gives_101_stft_frames_and_13_or_14_encoder_frames():

@@ -1,5 +1,6 @@
-"""kill -9 a training run at chosen points, rerun the same command each time: it must end exactly as a run that
-was never killed (same losses after every resume, same weights, optimizer, schedule, RNG and checkpoints).
+"""kill -9 a training run at chosen points, rerun the same command each time: it must end exactly as
+a run that was never killed, bit for bit (the same losses after every resume, the same weights,
+optimizer, schedule, RNG and checkpoints).
 
 The kills are injected by a small runner script, not by the code under test: it wraps train.py's functions and
 SIGKILLs its own process at the point that KILL_AT names:
@@ -8,7 +9,6 @@ SIGKILLs its own process at the point that KILL_AT names:
   rename:N:FILE    after FILE.tmp of step N is complete, before it is renamed to FILE
   val:N            during the validation after step N (one batch done)
 """
-import math
 import os
 import re
 import signal
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SMALL_PERCEPTION
 from train import load_checkpoint
 
 ROOT = Path(__file__).parent.parent
@@ -116,11 +117,6 @@ wrap(train, "format_log", format_log)
 train.main(sys.argv[1:])
 '''
 
-SMALL_PERCEPTION = [
-    "model.perception.encoder.n_layers=1", "model.perception.encoder.d_model=32", "model.perception.encoder.n_heads=2",
-    "model.perception.encoder.subsampling_conv_channels=16", "model.perception.modality_adapter.feat_in=32",
-    "model.perception.modality_adapter.d_model=32", "model.perception.modality_adapter.n_heads=2",
-]
 RUN = ["trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
        "trainer.limit_val_batches=1", "exp_manager.resume_if_exists=true",
        "exp_manager.resume_ignore_no_checkpoint=true"]
@@ -182,8 +178,8 @@ def test_killed_run_ends_exactly_as_an_unkilled_one(name, runs):
         assert min(got["losses"]) == resumed_from + 1  # it went on from the checkpoint, not from the start
         if resumed_from:  # from last.ckpt, with the temporary files of the killed launch cleared away
             assert "(resuming from last.ckpt)" in out.stdout and got["resumed"] == (resumed_from, "[]"), kill
-        for step, loss in got["losses"].items():
-            assert math.isclose(loss, expected["losses"][step], rel_tol=1e-6), (kill, step, loss)
+        for step, loss in got["losses"].items():  # repr of the float: equal to the last bit
+            assert loss == expected["losses"][step], (kill, step, loss)
             assert got["lines"][step] == expected["lines"][step]
         for step, line in got["validation"].items():
             assert line == expected["validation"][step], (kill, step)
@@ -260,8 +256,9 @@ def check_kill_point(kill: str, saved_at: list[int], logged: dict, after: dict) 
 
 
 def parse_log(stdout: str) -> dict:
-    """Per step: the exact loss, the logged line (losses and LR), the validation line; the held-out line; and
-    the step resumed from, with the temporary files found then."""
+    """Per step: the loss as repr prints it (every bit), the logged line (losses and LR), the
+    validation line; the held-out line; and the step resumed from, with the temporary files found
+    then."""
     log = {"losses": {}, "lines": {}, "validation": {}, "held_out": None, "resumed": None}
     step = 0
     for line in stdout.splitlines():
@@ -269,7 +266,7 @@ def parse_log(stdout: str) -> dict:
             log["resumed"] = (int(m[1]), m[2])
         elif m := re.match(r"exact step (\d+) loss (\S+)$", line):
             step = int(m[1])
-            log["losses"][step] = float(m[2])
+            log["losses"][step] = m[2]
         elif m := re.match(r"step (\d+)/\d+ \| (.*? \| lr \S+) \|", line):
             log["lines"][int(m[1])] = m[2]
         elif line.startswith("validation: val_"):
@@ -280,8 +277,9 @@ def parse_log(stdout: str) -> dict:
 
 
 def assert_same(got, expected, where: str) -> None:
+    """Equal to the last bit, tensors and numbers alike."""
     if torch.is_tensor(expected):
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8, msg=where)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), where
     elif isinstance(expected, dict):
         assert got.keys() == expected.keys(), where
         for key in expected:
@@ -290,7 +288,5 @@ def assert_same(got, expected, where: str) -> None:
         assert len(got) == len(expected), where
         for i, (a, b) in enumerate(zip(got, expected)):
             assert_same(a, b, f"{where}[{i}]")
-    elif isinstance(expected, float):
-        assert math.isclose(got, expected, rel_tol=1e-6), where
     else:
         assert got == expected, where

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +16,18 @@ import pytest
 import soundfile
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from safetensors.torch import load_file, save_file
-from transformers import DynamicCache, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+from transformers import DynamicCache, GenerationConfig, GPT2Config
 
 import salm
 from checkpoint import nemo_named_parameters, to_nemo_name
-from data import Conversation, Turn, audio_file_cut
+from conftest import (CHAT_TEMPLATE, CORPUS, TAG, byte_level_tokenizer, tiny_llama_config,
+                      write_llm_dir)
+from data import Conversation, Turn, audio_file_cut, right_pad
 from prompts import make_prompt_formatter
 from salm import SALM, load_tokenizer, replace_placeholders_and_build_targets
 
-TAG = "<|audioplaceholder|>"
 SAMPLE_RATE = 16000
 SHIPPED_LLM = Path(__file__).resolve().parents[1] / "assets" / "tiny-llm"
 # Made by NeMo 3.0 itself: its prompt formats' output; a tiny SALM's weights, config, names, outputs
@@ -37,13 +39,6 @@ NEMO_TURNS = [
     {"role": "user", "content": TAG},
     {"role": "assistant", "content": "Some text transcription."},
 ]
-# TinyLlama-chat's template layout
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
-CORPUS = ["Repeat after me: Some text transcription.", "hello world, the quick brown fox jumps over the lazy dog",
-          "[INST] <<SYS>> Be brief. <</SYS>> [/INST]"] * 20
 PERCEPTION = {
     "preprocessor": {"sample_rate": SAMPLE_RATE, "features": 80, "window_size": 0.025, "window_stride": 0.01},
     "encoder": {"feat_in": 80, "n_layers": 1, "d_model": 32, "n_heads": 2, "subsampling": "dw_striding",
@@ -59,37 +54,6 @@ CONVERSATIONS = [
     ([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
       {"role": "user", "content": TAG}, {"role": "assistant", "content": "lazy dog"}], [10000]),
 ]
-
-
-def write_llm_dir(path, tokenizer: Tokenizer, llm_config, **special_tokens):
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_tokens)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    llm_config.vocab_size = len(fast)
-    llm_config.save_pretrained(path)
-    return path
-
-
-def byte_level_tokenizer() -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>", TAG],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    return tokenizer
-
-
-def tiny_llama_config() -> LlamaConfig:
-    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-
-
-@pytest.fixture(scope="session")
-def llm_dir(tmp_path_factory):
-    """A tiny Llama with a byte-level BPE tokenizer (pad token, audio tag and chat template included)."""
-    return write_llm_dir(tmp_path_factory.mktemp("llama"), byte_level_tokenizer(), tiny_llama_config(),
-                         bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="session")
@@ -228,10 +192,34 @@ def test_config_errors(llm_dir):
         make_model(llm_dir, prompt_format="qwen2")
     with pytest.raises(ValueError, match=r"prompt_format qwen needs <\|im_start\|>, <\|im_end\|>"):
         make_model(llm_dir, prompt_format="qwen")
-    with pytest.raises(FileNotFoundError, match="local directory.*pretrained_weights: false"):
-        salm.load_llm("some-org/not-in-the-cache", pretrained_weights=True)
-    with pytest.raises(FileNotFoundError, match="no such directory"):
-        salm.load_tokenizer("/no/such/llm", TAG)
+
+
+def test_pretrained_llm_mistakes_say_what_is_wrong(llm_dir, tmp_path, monkeypatch):
+    def message(load, name):
+        with pytest.raises(FileNotFoundError) as err:
+            load(str(name))
+        assert "\n" not in str(err.value)
+        return str(err.value).removeprefix(f"cannot load pretrained_llm '{name}': ")
+
+    tokenizer = lambda name: salm.load_tokenizer(name, TAG)
+    llm = lambda name: salm.load_llm(name, pretrained_weights=True)
+    monkeypatch.chdir(tmp_path)
+    assert message(tokenizer, "/no/such/llm").startswith("no such directory. Pass a local")
+    assert message(llm, "./llm").startswith("no such directory. ")
+    # a typo in a relative path reads as a hub name too; offline, hub names need the local cache
+    assert message(llm, "assets/tiny_llm").startswith(
+        "no such directory, and as a hub name it is not in the local Hugging Face cache (offline, "
+        "HF_HUB_OFFLINE=1")
+    assert "pretrained_weights: false" in message(llm, "some-org/not-in-the-cache")
+    (tmp_path / "empty").mkdir()
+    both = ("the directory has no config.json and no tokenizer files (tokenizer.json / "
+            "tokenizer.model / vocab.json)")
+    assert message(tokenizer, "empty") == message(llm, "empty") == both
+    (tmp_path / "config_only").mkdir()
+    shutil.copy(llm_dir / "config.json", tmp_path / "config_only")
+    assert message(tokenizer, "config_only").startswith("the directory has no tokenizer files (")
+    shutil.copytree(llm_dir, tmp_path / "no_config", ignore=shutil.ignore_patterns("config.json"))
+    assert message(llm, "no_config") == "the directory has no config.json"
 
 
 def test_freeze_and_prevent_on_the_salm_tree(llm_dir, capsys):
@@ -371,14 +359,22 @@ def test_a_few_steps_on_one_batch_drive_the_loss_down(llm_dir):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_validation_with_generation_scores_the_last_answer(llm_dir):
+def test_validation_with_generation_scores_the_last_answer(llm_dir, monkeypatch):
     model = make_model(llm_dir)
-    out = model.validation_step(make_batch(model), generate=True)
-    assert [ref for ref, _ in out["pairs"]] == ["Some text transcription.", "the quick brown fox", "lazy dog"]
-    assert out["ref_words"] == 3 + 4 + 2
+    with torch.no_grad():
+        batch, loss, correct, count, _ = reference_loss_and_accuracy(model)
+    answers = ["Some text transcription.", "the quick red fox", ""]  # 0, 1 and 2 word errors
+    encode = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = [torch.tensor(encode(text) + [model.text_eos_id]) for text in answers]
+    answer_ids = right_pad(rows, model.text_pad_id)[0]
+    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: answer_ids)
+    out = model.validation_step(batch, generate=True)
+    references = ["Some text transcription.", "the quick brown fox", "lazy dog"]
+    assert out["pairs"] == list(zip(references, answers))
     summary = SALM.validation_summary(out)
-    assert summary["loss"] == out["loss_sum"] / out["count"] and summary["acc"] == out["correct"] / out["count"]
-    assert summary["wer"] == out["word_errors"] / 9
+    assert summary["loss"] == pytest.approx(float(loss), rel=1e-5)  # conversation by conversation
+    assert summary["acc"] == correct / count
+    assert summary["wer"] == pytest.approx(3 / 9)  # red for brown, no "lazy dog"; of 9 words
 
 
 def write_audio(path, samples: np.ndarray, sample_rate: int, subtype: str) -> np.ndarray:
@@ -421,7 +417,14 @@ def test_generate_from_paths_tensors_and_token_ids(llm_dir, tmp_path):
 
 @pytest.mark.parametrize("llm", ["llm_dir", "gpt2_dir"])
 def test_batched_generation_equals_one_by_one(llm, request):
+    """The same tokens and scores in a left-padded batch as alone: padding is invisible to attention
+    (the mask) and, for GPT-2's learned absolute positions, to the position ids."""
     model = make_model(request.getfixturevalue(llm))
+    with torch.no_grad():  # larger weights: at init scale a random LLM repeats one token for all
+        torch.manual_seed(3)
+        for param in model.llm.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.2)
     torch.manual_seed(2)
     cases = [([{"role": "user", "content": f"Repeat after me, please: {TAG}"}], [torch.randn(24000) * 0.1]),
              ([{"role": "user", "content": "hello"}], []),
@@ -430,12 +433,18 @@ def test_batched_generation_equals_one_by_one(llm, request):
     clips = [clip for _, clips in cases for clip in clips]
     audios = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True)
     audio_lens = torch.tensor([len(c) for c in clips])
-    batched = model.generate([turns for turns, _ in cases], audios, audio_lens, max_new_tokens=8)
-    for row, (turns, clips) in zip(batched, cases):
+    scored = dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    batched = model.generate([turns for turns, _ in cases], audios, audio_lens, **scored)
+    assert len(batched.sequences.unique()) >= 12  # answers vary from step to step and row to row
+    for i, (turns, clips) in enumerate(cases):
         audio = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True) if clips else None
-        alone = model.generate([turns], audio, torch.tensor([len(c) for c in clips]), max_new_tokens=8)[0]
-        assert torch.equal(row[: len(alone)], alone)
-        assert (row[len(alone):] == model.text_pad_id).all()
+        alone = model.generate([turns], audio, torch.tensor([len(c) for c in clips]), **scored)
+        n = alone.sequences.shape[1]
+        assert torch.equal(batched.sequences[i, :n], alone.sequences[0])
+        assert (batched.sequences[i, n:] == model.text_pad_id).all()
+        for step in range(n):  # every step's scores, not only their argmax
+            torch.testing.assert_close(batched.scores[step][i], alone.scores[step][0], atol=1e-4,
+                                       rtol=1e-4)
 
 
 def test_generate_equals_greedy_decoding_with_forward(llm_dir):

@@ -1,12 +1,17 @@
+import json
 import math
 import time
 
 import pytest
 import torch
 
-from config import ConfigError
+import train
 from checkpoint import atomic_save
-from train import build_optimizer, build_scheduler, cosine_annealing, time_budget, validation_interval
+from config import ConfigError
+from conftest import ROOT, SMALL, salm_dataset, tone
+from data import TrainBatches
+from train import (build_optimizer, build_scheduler, cosine_annealing, resume_rank_state,
+                   time_budget, validation_interval)
 
 
 def nemo_cosine(step, base, warmup, max_steps, min_lr):
@@ -99,3 +104,46 @@ def test_a_pickled_payload_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not loaded"):
         load_checkpoint(tmp_path / "last.ckpt")
     assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_a_run_resumed_with_more_processes_goes_on_with_the_data(tmp_path, capsys):
+    """Rank r of W takes batches r, r + W, ... of one stream: after a 1-process run drew 5 batches,
+    two ranks together take batches 5, 6, 7, 8 next, none seen before and none lost."""
+    rows = [{"audio_filepath": str(tone(tmp_path / f"{i}.wav", 0.2 + 0.01 * i)), "text": f"{i}"}
+            for i in range(30)]
+    (tmp_path / "m.json").write_text("\n".join(json.dumps(row) for row in rows))
+    cfg = {"manifest_filepath": str(tmp_path / "m.json"), "batch_size": 3, "shuffle": True,
+           "seed": 5}
+    stream = iter(TrainBatches(cfg, salm_dataset()))
+    one_process = [next(stream)["ids"] for _ in range(9)]
+    saved = [{"batches": 5, "skipped": {"unreadable audio": ["x"]}}]  # the 1-process checkpoint's
+    taken = []
+    for rank in range(2):
+        state = resume_rank_state(saved, rank, world_size=2)
+        assert "python" not in state  # no RNG state of its own: seeded afresh
+        batches = TrainBatches(cfg, salm_dataset(), rank, 2, skip=state["batches"],
+                               skipped=state["skipped"])
+        stream = iter(batches)
+        taken += [next(stream)["ids"] for _ in range(2)]
+    assert sorted(taken) == sorted(one_process[5:9])
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "note: resuming a run of 1 process(es) with 2: each rank skips its share of the 5 "
+        "batches drawn so far (3 on rank 0), RNG streams restart from the seed, and the global "
+        "batch is 2/1 of what it was")
+    assert resume_rank_state(saved * 2, 1, world_size=2) is saved[0]  # as many processes: exact
+
+
+def test_rerunning_a_finished_run_says_so_and_keeps_its_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = ["configs/salm.yaml", *SMALL, "data.validation_ds.datasets={}",
+            "data.train_ds.batch_size=2", f"exp_manager.explicit_log_dir={tmp_path}",
+            "exp_manager.resume_if_exists=true"]
+    train.main(args + ["trainer.max_steps=2"])
+    finished = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    capsys.readouterr()
+    train.main(args + ["trainer.max_steps=1"])
+    out = capsys.readouterr().out
+    assert ("note: last.ckpt is at step 2 and trainer.max_steps is 1: nothing is left to train "
+            "(raise trainer.max_steps to go on)") in out.splitlines()
+    assert "stopped at step 2: max_steps" in out
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == finished  # not rewritten

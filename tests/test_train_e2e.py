@@ -3,27 +3,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).parent.parent
-# A SALM small enough for many short runs: every dropout and dither off so runs are comparable.
-SMALL = [
-    "model.perception.encoder.n_layers=1", "model.perception.encoder.d_model=32",
-    "model.perception.encoder.n_heads=2", "model.perception.encoder.subsampling_conv_channels=16",
-    "model.perception.modality_adapter.feat_in=32", "model.perception.modality_adapter.d_model=32",
-    "model.perception.modality_adapter.n_heads=2",
-    "model.perception.encoder.dropout=0", "model.perception.encoder.dropout_pre_encoder=0",
-    "model.perception.encoder.dropout_att=0", "model.perception.modality_adapter.dropout=0",
-    "model.perception.preprocessor.dither=0",
-    "model.perception.encoder.conv_norm_type=layer_norm", "model.perception.modality_adapter.conv_norm_type=layer_norm",
-    "data.train_ds.batch_size=4", "data.train_ds.num_workers=0", "data.validation_ds.batch_size=8",
-    "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-]
-pytestmark = pytest.mark.slow
+from conftest import ROOT, SMALL
+
+pytestmark = pytest.mark.slow  # every test here trains; quick checks of train.py: test_train.py
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models; and two busy threads per process stall a shared CPU
@@ -89,12 +75,6 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert "step 3/3" in out.stdout
-
-
-def test_bad_config_key_is_one_line(tmp_path):
-    out = run_train(["trainer.max_step=3"])
-    assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "did you mean 'trainer.max_steps'" in out.stderr
 
 
 def test_a_failing_rank_ends_the_other_within_bounded_time(tmp_path):
