@@ -155,13 +155,15 @@ class SALMDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, encode_dialog, pad_id: int, sample_rate: int, audio_locator_tag: str,
-                 token_equivalent_duration: float = 0.08, max_tokens: int | None = None):
+                 token_equivalent_duration: float = 0.08, max_tokens: int | None = None,
+                 layout=None):
         self.encode_dialog = encode_dialog
         self.pad_id = pad_id
         self.sample_rate = sample_rate
         self.audio_locator_tag = audio_locator_tag
         self.token_equivalent_duration = token_equivalent_duration
         self.max_tokens = max_tokens
+        self.layout = layout  # (token rows, loss masks, audio lengths) -> the model's layout keys
 
     def __getitem__(self, items: CutSet) -> dict:
         audios, conversations, token_ids, masks, skipped = [], [], [], [], Counter()
@@ -197,6 +199,7 @@ class SALMDataset(torch.utils.data.Dataset):
             "ids": [c.id for c in conversations],
             "audio_seconds": float(audio_lens.sum()) / self.sample_rate,
             "skipped": skipped,
+            **(self.layout(token_ids, masks, audio_lens) if self.layout else {}),
         }
 
 
@@ -223,7 +226,7 @@ class TrainBatches:
         sampler = make_sampler(cuts, self.ds_cfg, train=True, rank=self.rank, world_size=self.world_size)
         loader = torch.utils.data.DataLoader(
             self.dataset, sampler=_Epochs(sampler, self._skip, self._replayed), batch_size=None, collate_fn=_as_built,
-            num_workers=self.ds_cfg["num_workers"], pin_memory=self.ds_cfg["pin_memory"],
+            num_workers=self.ds_cfg["num_workers"], pin_memory=_pin_memory(self.ds_cfg),
             persistent_workers=self.ds_cfg["num_workers"] > 0,
             generator=torch.Generator().manual_seed(0),  # worker seeds must not draw on the global RNG (resume)
         )
@@ -259,6 +262,7 @@ def make_val_loaders(val_cfg: dict, dataset, rank: int = 0, world_size: int = 1)
         sampler = make_sampler(cuts, ds_cfg, train=False, rank=rank, world_size=world_size)
         loaders[name] = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None,
                                                     collate_fn=_as_built, num_workers=ds_cfg["num_workers"],
+                                                    pin_memory=_pin_memory(ds_cfg),
                                                     generator=torch.Generator().manual_seed(0))
     return loaders
 
@@ -426,6 +430,54 @@ def right_pad(rows: list[torch.Tensor], value) -> tuple[torch.Tensor, torch.Tens
     if not rows:
         return torch.zeros(0, 0), lens
     return pad_sequence(rows, batch_first=True, padding_value=value), lens
+
+
+def splice_index(rows: list[torch.Tensor], clip_frames: list[int], tag_id: int, left: bool = False):
+    """Where each position of SALM's LLM input comes from: a (B, T) index into the table [the
+    token ids of the left-padded (B, L) `rows`, row by row | the clips' frames (N, F), clip by
+    clip | one padding entry], and F. Each audio tag gives way to its clip's frames (clips in
+    reading order); rows are padded with the padding entry on the right (training: a plain causal
+    mask does) or the left (generation)."""
+    if sum(int((r == tag_id).sum()) for r in rows) != len(clip_frames):
+        raise ValueError(f"{sum(int((r == tag_id).sum()) for r in rows)} audio locator tags but "
+                         f"{len(clip_frames)} audios")
+    B, L, F = len(rows), max(len(r) for r in rows), max(clip_frames, default=0)
+    clips, out = iter(range(len(clip_frames))), []
+    for b, ids in enumerate(rows):
+        index = torch.arange((b + 1) * L - len(ids), (b + 1) * L)  # where its tokens are in (B, L)
+        pieces, prev = [], 0
+        for pos in (ids == tag_id).nonzero().flatten().tolist():
+            clip = next(clips)
+            pieces += [index[prev:pos], torch.arange(clip_frames[clip]) + B * L + clip * F]
+            prev = pos + 1
+        out.append(torch.cat(pieces + [index[prev:]]))
+    padding = B * L + len(clip_frames) * F
+    return pad_sequence(out, True, padding, "left" if left else "right"), F
+
+
+def splice_layout(rows: list[torch.Tensor], masks: list[torch.Tensor], clip_frames: list[int],
+                  tag_id: int, eos_id: int) -> dict:
+    """SALM's training layout of a batch, made on the host so that the training step needs no host
+    sync: `splice_index` (right-padded), and the CTC targets (supervised tokens but EOS) of each
+    conversation with exactly one clip, with that clip's index; lengths are plain lists (they stay
+    on the host)."""
+    index, frames = splice_index(rows, clip_frames, tag_id)
+    clips, targets, first_clip = [], [], 0
+    for ids, mask in zip(rows, masks):
+        num_clips = int((ids == tag_id).sum())
+        if num_clips == 1:
+            clips.append(first_clip)
+            targets.append(ids[mask.bool() & (ids != eos_id)])
+        first_clip += num_clips
+    return {"splice": index, "splice_frames": frames,
+            "ctc_clips": torch.tensor(clips, dtype=torch.long),
+            "ctc_targets": torch.cat(targets + [torch.zeros(0, dtype=torch.long)]),
+            "ctc_lens": [len(t) for t in targets], "ctc_frames": [clip_frames[c] for c in clips]}
+
+
+def _pin_memory(ds_cfg: dict) -> bool:
+    """`pin_memory` (null: on when there is a GPU): pinned batches copy to it while it computes."""
+    return torch.cuda.is_available() if ds_cfg["pin_memory"] is None else ds_cfg["pin_memory"]
 
 
 def _as_built(batch: dict) -> dict:

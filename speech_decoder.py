@@ -191,9 +191,13 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.num_frames
             k, v = cache.append(layer, k, v)  # (B, nh, past + T, d_kv)
-        # query i sits at position past + i and may see keys 0 .. past + i; a single new frame sees everything
-        mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+        # query i sits at position past + i and may see keys 0 .. past + i; a single new frame sees
+        # everything; without a past that is is_causal (no mask: flash attention on a GPU)
+        mask = None
+        if T > 1 and past:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and not past,
+                                           dropout_p=self.dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_kv)  # (B, T, nh * d_kv)
         return self.resid_dropout(self.out(y))
 
