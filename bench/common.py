@@ -9,7 +9,6 @@ import platform
 import re
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +53,7 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as train.py does (NaN gradients on Hopper)
     print(f"device {describe_device(device)} | dtype {args.dtype} | threads {torch.get_num_threads()}")
     return device, DTYPES[args.dtype]
 

@@ -99,13 +99,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{grads / 1e9:.3f} + optimizer state {optimizer_state / 1e9:.3f} GB")
     figures = [("salm_step_over_llm_step", ratio, "x", "<= 1.3x"), ("salm_over_llm_plus_perception", glue, "x", None),
                ("peak_mem", peak / 1e9, "GB", None),
-               ("peak_mem_over_static", peak / static, "x", None)]
+               ("peak_mem_over_static", peak / static, "x", None),
+               ("tokens_per_step", tokens, "", None)]
     peak_flops = common.peak_tflops(device, dtype, args.peak_tflops)
     if peak_flops:
         salm_mfu = salm_flops / times["salm"] / (peak_flops * 1e12)
         llm_mfu = llm_flops / times["llm"] / (peak_flops * 1e12)
         print(f"MFU at a {peak_flops:g} TFLOPs peak: SALM step {100 * salm_mfu:.1f}% | LLM step {100 * llm_mfu:.1f}%")
-        figures.append(("salm_mfu", 100 * salm_mfu, "%", ">= 40%"))
+        figures += [("salm_mfu", 100 * salm_mfu, "%", ">= 40%"),
+                    ("llm_mfu", 100 * llm_mfu, "%", None)]
     common.result(*figures)
 
 

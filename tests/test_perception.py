@@ -216,8 +216,9 @@ def test_attention_masks_match_hand_computed_cases():
     def mask(lengths, T, context, style):
         return make_attention_mask(torch.tensor(lengths), T, context, style).int().tolist()
 
-    # regular [1, 0]: one frame of left context, none to the right; the second clip has 3 valid frames, and its
-    # padded query sees every valid key (a row that sees nothing gives NaN gradients in cuDNN attention)
+    # regular [1, 0]: one frame of left context, none to the right; the second clip has 3 valid
+    # frames, and its padded query sees every valid key (a row that sees nothing gives NaN gradients
+    # in cuDNN attention)
     assert mask([4, 3], 4, [1, 0], "regular") == [
         [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]],
         [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [1, 1, 1, 0]],
@@ -225,7 +226,7 @@ def test_attention_masks_match_hand_computed_cases():
     assert mask([5], 5, [2, 1], "regular") == [
         [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
     ]
-    assert mask([3], 4, [-1, -1], "regular") == [[[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]]]
+    assert mask([3], 4, [-1, -1], "regular") == [[[1, 1, 1, 0]] * 4]
     # chunked_limited [2, 1]: chunks of 2 frames, each sees itself and 2 // 2 = 1 chunk to the left
     assert mask([6], 6, [2, 1], "chunked_limited") == [[
         [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0],

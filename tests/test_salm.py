@@ -142,7 +142,7 @@ def test_replace_placeholders_nemo_vector():
     loss_mask = torch.tensor([[False, False, False, False, False, True], [False, False, False, False, True, True]])
     embeds = torch.ones(2, 6, 2)
     embeds[1, :2] = 0
-    replacements = torch.stack([torch.full((4, 2), v) for v in (2.0, 3.0, 4.0)])  # (3 clips, 4 frames, 2)
+    replacements = torch.stack([torch.full((4, 2), v) for v in (2.0, 3.0, 4.0)])  # (3, 4, 2)
     index, frames = splice_index([input_ids[0], input_ids[1, 2:]], [4, 3, 2], AUDIO, left=True)
     embeds_r = splice(embeds, replacements, index)
     targets_r = splice(input_ids.where(loss_mask, -100), torch.full((3, 4), -100), index, fill=-100)

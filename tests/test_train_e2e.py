@@ -58,17 +58,21 @@ def test_train_saves_config_and_checkpoints(tmp_path):
 # plain SGD with lr 1 and no schedule or clipping: the weight change is minus the gradient itself
 SGD = ["model.optimizer={_target_: torch.optim.SGD, lr: 1.0}", "model.lr_scheduler=null",
        "trainer.gradient_clip_val=null", "exp_manager.create_checkpoint_callback=false"]
-PROBE = ("import os, sys, torch\nsys.path.insert(0, os.getcwd())\nimport train\nmodel = train.main(sys.argv[2:])\n"
-         "torch.save(model.state_dict(), f\"{sys.argv[1]}/{os.environ.get('RANK', 'single')}.pt\")\n")
+PROBE = ("import os, sys, torch\nsys.path.insert(0, os.getcwd())\nimport train\n"
+         "model = train.main(sys.argv[2:])\n"
+         "rank = os.environ.get('RANK', 'single')\n"
+         "torch.save(model.state_dict(), f\"{sys.argv[1]}/{rank}.pt\")\n")
 
 
 def trained_weights(tmp_path, name, args, ranks=1):
-    """Train with train.py (under torchrun for ranks > 1); the final weights of every rank, and its output."""
+    """Train with train.py (under torchrun for ranks > 1): the final weights of every rank, and its
+    output."""
     (tmp_path / "probe.py").write_text(PROBE)
     (tmp_path / name).mkdir()
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks)] if ranks > 1 else []
-    out = run_python([*launcher, str(tmp_path / "probe.py"), str(tmp_path / name), "configs/salm.yaml", *SMALL,
-                      *args, f"exp_manager.explicit_log_dir={tmp_path / name / 'run'}"])
+    out = run_python([*launcher, str(tmp_path / "probe.py"), str(tmp_path / name),
+                      "configs/salm.yaml", *SMALL, *args,
+                      f"exp_manager.explicit_log_dir={tmp_path / name / 'run'}"])
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     weights = [torch.load(path) for path in sorted((tmp_path / name).glob("*.pt"))]
     return weights, out.stdout + out.stderr
@@ -76,10 +80,10 @@ def trained_weights(tmp_path, name, args, ranks=1):
 
 def test_gradient_accumulation_equals_a_double_batch_and_the_mean_loss_gradient(tmp_path):
     common = ["trainer.max_steps=1", "data.train_ds.shuffle=false", *SGD]
-    (accumulated,), _ = trained_weights(tmp_path, "accumulated", [*common, "data.train_ds.batch_size=4",
-                                                                  "trainer.accumulate_grad_batches=2"])
+    (accumulated,), _ = trained_weights(tmp_path, "accumulated", [
+        *common, "data.train_ds.batch_size=4", "trainer.accumulate_grad_batches=2"])
     (double,), _ = trained_weights(tmp_path, "double", [*common, "data.train_ds.batch_size=8"])
-    # by hand: the model's own mean loss over the same 8 items (one batch), its gradient, one SGD step
+    # by hand: the model's own mean loss over the same 8 items (one batch), its gradient, one step
     cfg = load_config("configs/salm.yaml", [*SMALL, *common, "data.train_ds.batch_size=8"], None)
     seed_everything(cfg["data"]["train_ds"]["seed"])
     model = build_model(cfg["model"])
@@ -91,32 +95,39 @@ def test_gradient_accumulation_equals_a_double_batch_and_the_mean_loss_gradient(
     moved = 0
     for key, expected in by_hand.items():
         for weights in (accumulated, double):
-            torch.testing.assert_close(weights[key] - initial[key], expected - initial[key], atol=1e-6, rtol=1e-3)
+            torch.testing.assert_close(weights[key] - initial[key], expected - initial[key],
+                                       atol=1e-6, rtol=1e-3)
         moved += int((expected - initial[key]).abs().max() > 1e-4)
     assert moved > 10  # the step really changed the weights
 
 
-TEXT_ONLY = [{"id": f"text-{i}", "conversations": [{"from": "User", "value": f"Please say: {a} {b}"},
+WORDS = zip(["red box", "blue cup", "green bag", "white plate"] * 12,
+            ["one two", "small dog", "big cat", "left door", "right door"] * 10)
+TEXT_ONLY = [{"id": f"text-{i}", "conversations": [{"from": "User", "value": f"Say: {a} {b}"},
                                                    {"from": "Assistant", "value": f"{a} {b}"}]}
-             for i, (a, b) in enumerate(zip(["red box", "blue cup", "green bag", "white plate"] * 12,
-                                            ["one two", "small dog", "big cat", "left door", "right door"] * 10))]
+             for i, (a, b) in enumerate(WORDS)]
 
 
 @pytest.mark.parametrize("data", ["speech and text-only", "text-only"])
 def test_torchrun_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path, data):
-    # Each rank takes every second batch; one process accumulating two batches per step sees the same items.
-    # With speech and text mixed, some steps give one rank a text-only batch and the other speech (its
-    # perception must still join the gradient all-reduce); text-only data never runs the perception.
+    # Each rank takes every second batch; one process accumulating two batches per step sees the
+    # same items. With speech and text mixed, some steps give one rank a text-only batch and the
+    # other speech (its perception must still join the gradient all-reduce); text-only data never
+    # runs the perception. SGD: a gradient scaled wrongly moves the weights by as much.
     jsonl = tmp_path / "text.jsonl"
     jsonl.write_text("".join(json.dumps(row) + "\n" for row in TEXT_ONLY))
     text = f"{{type: multimodal_conversation, manifest_filepath: {jsonl}}}"
-    speech = '{type: lhotse_as_conversation, shar_path: assets/demo/asr_train, tags: {context: "Repeat after me."}}'
+    speech = ("{type: lhotse_as_conversation, shar_path: assets/demo/asr_train, "
+              "tags: {context: 'Repeat after me.'}}")
     inputs = f"[{speech}, {text}]" if data == "speech and text-only" else f"[{text}]"
-    common = [f"data.train_ds.input_cfg={inputs}", "data.train_ds.batch_size=2", "trainer.max_steps=3",
-              "trainer.val_check_interval=1000", *SGD]
-    (rank0, rank1), ddp_log = trained_weights(tmp_path, "ddp", [*common, "trainer.devices=2"], ranks=2)
-    (single,), single_log = trained_weights(tmp_path, "single", [*common, "trainer.accumulate_grad_batches=2"])
-    losses = [re.findall(r"^step \d+/3 \| loss ([\d.]+)", log, re.M) for log in (ddp_log, single_log)]
+    common = [f"data.train_ds.input_cfg={inputs}", "data.train_ds.batch_size=2",
+              "trainer.max_steps=3", "trainer.val_check_interval=1000", *SGD]
+    (rank0, rank1), ddp_log = trained_weights(tmp_path, "ddp", [*common, "trainer.devices=2"],
+                                              ranks=2)
+    (single,), single_log = trained_weights(tmp_path, "single",
+                                            [*common, "trainer.accumulate_grad_batches=2"])
+    pattern = re.compile(r"^step \d+/3 \| loss ([\d.]+)", re.M)
+    losses = [pattern.findall(log) for log in (ddp_log, single_log)]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
     assert "Grad strides do not match" not in ddp_log
     for key, value in single.items():
