@@ -163,7 +163,7 @@ class SALMDataset(torch.utils.data.Dataset):
         self.audio_locator_tag = audio_locator_tag
         self.token_equivalent_duration = token_equivalent_duration
         self.max_tokens = max_tokens
-        self.layout = layout  # (token rows, loss masks, audio lengths) -> the model's layout keys
+        self.layout = layout  # (token rows, loss masks, audio lengths) -> layout keys (SALM.layout)
 
     def __getitem__(self, items: CutSet) -> dict:
         audios, conversations, token_ids, masks, skipped = [], [], [], [], Counter()
@@ -430,49 +430,6 @@ def right_pad(rows: list[torch.Tensor], value) -> tuple[torch.Tensor, torch.Tens
     if not rows:
         return torch.zeros(0, 0), lens
     return pad_sequence(rows, batch_first=True, padding_value=value), lens
-
-
-def splice_index(rows: list[torch.Tensor], clip_frames: list[int], tag_id: int, left: bool = False):
-    """Where each position of SALM's LLM input comes from: a (B, T) index into the table [the
-    token ids of the left-padded (B, L) `rows`, row by row | the clips' frames (N, F), clip by
-    clip | one padding entry], and F. Each audio tag gives way to its clip's frames (clips in
-    reading order); rows are padded with the padding entry on the right (training: a plain causal
-    mask does) or the left (generation)."""
-    if sum(int((r == tag_id).sum()) for r in rows) != len(clip_frames):
-        raise ValueError(f"{sum(int((r == tag_id).sum()) for r in rows)} audio locator tags but "
-                         f"{len(clip_frames)} audios")
-    B, L, F = len(rows), max(len(r) for r in rows), max(clip_frames, default=0)
-    clips, out = iter(range(len(clip_frames))), []
-    for b, ids in enumerate(rows):
-        index = torch.arange((b + 1) * L - len(ids), (b + 1) * L)  # where its tokens are in (B, L)
-        pieces, prev = [], 0
-        for pos in (ids == tag_id).nonzero().flatten().tolist():
-            clip = next(clips)
-            pieces += [index[prev:pos], torch.arange(clip_frames[clip]) + B * L + clip * F]
-            prev = pos + 1
-        out.append(torch.cat(pieces + [index[prev:]]))
-    padding = B * L + len(clip_frames) * F
-    return pad_sequence(out, True, padding, "left" if left else "right"), F
-
-
-def splice_layout(rows: list[torch.Tensor], masks: list[torch.Tensor], clip_frames: list[int],
-                  tag_id: int, eos_id: int) -> dict:
-    """SALM's training layout of a batch, made on the host so that the training step needs no host
-    sync: `splice_index` (right-padded), and the CTC targets (supervised tokens but EOS) of each
-    conversation with exactly one clip, with that clip's index; lengths are plain lists (they stay
-    on the host)."""
-    index, frames = splice_index(rows, clip_frames, tag_id)
-    clips, targets, first_clip = [], [], 0
-    for ids, mask in zip(rows, masks):
-        num_clips = int((ids == tag_id).sum())
-        if num_clips == 1:
-            clips.append(first_clip)
-            targets.append(ids[mask.bool() & (ids != eos_id)])
-        first_clip += num_clips
-    return {"splice": index, "splice_frames": frames,
-            "ctc_clips": torch.tensor(clips, dtype=torch.long),
-            "ctc_targets": torch.cat(targets + [torch.zeros(0, dtype=torch.long)]),
-            "ctc_lens": [len(t) for t in targets], "ctc_frames": [clip_frames[c] for c in clips]}
 
 
 def _pin_memory(ds_cfg: dict) -> bool:

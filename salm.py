@@ -41,12 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from checkpoint import PretrainedMixin
 from config import model_defaults
-from data import (SALMDataset, left_pad, load_audio_files, merge_turns, right_pad, splice_index,
-                  splice_layout)
+from data import SALMDataset, left_pad, load_audio_files, merge_turns, right_pad
 from metrics import word_errors
 from perception import setup_perception
 
@@ -154,7 +154,7 @@ class SALM(SpeechLLM):
         return {**batch, **self.layout(rows, masks, batch["audio_lens"].cpu())}
 
     def layout(self, rows: list[Tensor], masks: list[Tensor], audio_lens: Tensor) -> dict:
-        """The layout keys of a batch (data.splice_layout) from its unpadded token rows, loss masks
+        """The layout keys of a batch (splice_layout) from its unpadded token rows, loss masks
         and audio lengths in samples; SALMDataset calls it on the host."""
         return splice_layout(rows, masks, self.perception.output_lengths(audio_lens).tolist(),
                              self.audio_locator_tag_id, self.text_eos_id)
@@ -200,7 +200,7 @@ class SALM(SpeechLLM):
         (the encoder output collapses to one vector). Only conversations with exactly one clip take part: the
         supervised tokens (EOS dropped) are that clip's transcript.
         """
-        if not batch["ctc_lens"]:  # host lists (data.splice_layout): no sync
+        if not batch["ctc_lens"]:  # host lists (splice_layout): no sync
             return torch.zeros((), device=self.device), 0
         clips = audio_embeds[batch["ctc_clips"], : max(batch["ctc_frames"])]  # (n, T, H)
         log_probs = self.llm.get_output_embeddings()(clips).float().log_softmax(-1)  # (n, T, V)
@@ -321,7 +321,7 @@ class SALM(SpeechLLM):
     def _embed(self, input_ids: Tensor, audios: Tensor | None, audio_lens: Tensor | None,
                index: Tensor, frames: int) -> tuple[Tensor, Tensor]:
         """Token ids (B, L) + audios (N, samples) -> the LLM's input (B, T, H) laid out by `index`
-        and `frames` (data.splice_index), and the clips' embeddings (N, T_enc, H)."""
+        and `frames` (splice_index), and the clips' embeddings (N, T_enc, H)."""
         tag_id = self.audio_locator_tag_id
         # The embedding is not resized for the tag (as in NeMo): its id is never looked up, its slot is replaced.
         text_embeds = self.embed_tokens(input_ids.masked_fill(input_ids == tag_id, 0))  # (B, L, H)
@@ -425,10 +425,53 @@ def make_prompt_formatter(name: str, tokenizer):
     return PROMPT_FORMATTERS[name](tokenizer)
 
 
+def splice_index(rows: list[Tensor], clip_frames: list[int], tag_id: int, left: bool = False):
+    """Where each position of SALM's LLM input comes from: a (B, T) index into the table [the
+    token ids of the left-padded (B, L) `rows`, row by row | the clips' frames (N, F), clip by
+    clip | one padding entry], and F. Each audio tag gives way to its clip's frames (clips in
+    reading order); rows are padded with the padding entry on the right (training: a plain causal
+    mask does) or the left (generation)."""
+    num_tags = sum(int((r == tag_id).sum()) for r in rows)
+    if num_tags != len(clip_frames):
+        raise ValueError(f"{num_tags} audio locator tags but {len(clip_frames)} audios")
+    B, L, F = len(rows), max(len(r) for r in rows), max(clip_frames, default=0)
+    clips, out = iter(range(len(clip_frames))), []
+    for b, ids in enumerate(rows):
+        index = torch.arange((b + 1) * L - len(ids), (b + 1) * L)  # where its tokens are in (B, L)
+        pieces, prev = [], 0
+        for pos in (ids == tag_id).nonzero().flatten().tolist():
+            clip = next(clips)
+            pieces += [index[prev:pos], torch.arange(clip_frames[clip]) + B * L + clip * F]
+            prev = pos + 1
+        out.append(torch.cat(pieces + [index[prev:]]))
+    padding = B * L + len(clip_frames) * F
+    return pad_sequence(out, True, padding, "left" if left else "right"), F
+
+
+def splice_layout(rows: list[Tensor], masks: list[Tensor], clip_frames: list[int],
+                  tag_id: int, eos_id: int) -> dict:
+    """SALM's training layout of a batch, made on the host so that the training step needs no host
+    sync: `splice_index` (right-padded), and the CTC targets (supervised tokens but EOS) of each
+    conversation with exactly one clip, with that clip's index; lengths are plain lists (they stay
+    on the host)."""
+    index, frames = splice_index(rows, clip_frames, tag_id)
+    clips, targets, first_clip = [], [], 0
+    for ids, mask in zip(rows, masks):
+        num_clips = int((ids == tag_id).sum())
+        if num_clips == 1:
+            clips.append(first_clip)
+            targets.append(ids[mask.bool() & (ids != eos_id)])
+        first_clip += num_clips
+    return {"splice": index, "splice_frames": frames,
+            "ctc_clips": torch.tensor(clips, dtype=torch.long),
+            "ctc_targets": torch.cat(targets + [torch.zeros(0, dtype=torch.long)]),
+            "ctc_lens": [len(t) for t in targets], "ctc_frames": [clip_frames[c] for c in clips]}
+
+
 def splice(text: Tensor, clips: Tensor, index: Tensor, fill=0) -> Tensor:
     """text (B, L, ...) and clips (N, F, ...) -> (B, T, ...): position t of row b is entry
     index[b, t] of the table [text, row by row | clips, clip by clip | `fill`] (see
-    data.splice_index). A gather: no host sync."""
+    splice_index). A gather: no host sync."""
     padding = text.new_full((1, *text.shape[2:]), fill)
     table = torch.cat([text.flatten(0, 1), clips.flatten(0, 1).to(text.dtype), padding])
     return table.index_select(0, index.flatten()).view(*index.shape, *text.shape[2:])

@@ -17,8 +17,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import DynamicCache, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 import salm
-from data import splice_index
-from salm import SALM, splice
+from salm import SALM, splice, splice_index
 
 TAG = "<|audioplaceholder|>"
 SAMPLE_RATE = 16000
