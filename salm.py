@@ -480,7 +480,7 @@ def splice(text: Tensor, clips: Tensor, index: Tensor, fill=0) -> Tensor:
 def causal_mask(length: int, device) -> Tensor:
     """(1, 1, T, T) boolean causal mask for right-padded rows. Prebuilt, so that Hugging Face models
     use it as it is: building one themselves, they read the mask or the position ids on the host (a
-    GPU sync every step)."""
+    GPU sync every step). An LLM with sliding-window layers then attends its whole context."""
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
 
 

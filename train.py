@@ -70,7 +70,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
     deadline = time_budget(exp["max_time_per_run"], trainer["max_time"])
     if run.val_loaders and trainer["num_sanity_val_steps"] and not resume_path:
         validate(run.model, run.val_loaders, trainer["num_sanity_val_steps"], device, autocast_dtype)
-    stream, meter, stop_reason = iter(run.batches), Meter(), "max_steps"
+    stream, meter, stop_reason, failed = iter(run.batches), Meter(), "max_steps", False
     progress = tqdm(total=max_steps, initial=run.step, desc="train", dynamic_ncols=True,
                     disable=not master or not trainer["enable_progress_bar"])
     while run.step < max_steps:
@@ -82,7 +82,8 @@ def main(argv: list[str]) -> torch.nn.Module | None:
             if master:
                 progress.write(format_log(run.step, max_steps, metrics))
                 log_metrics(loggers, metrics, run.step)
-            if meter.too_many_bad:
+            failed = meter.too_many_bad  # read at log lines only
+            if failed:
                 stop_reason = (f"{MAX_BAD_STEPS} non-finite losses in a row (check the learning "
                                "rate, precision and data)")
                 break
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
         print(f"stopped at step {run.step}: {stop_reason}")
 
     # 5. held-out evaluation with generation (WER for SALM, BLEU for the duplex models)
-    if run.val_loaders and not meter.too_many_bad:
+    if run.val_loaders and not failed:
         results, pairs = validate(run.model, run.val_loaders, trainer["limit_val_batches"], device,
                                   autocast_dtype, generate=True)
         if master:
@@ -117,7 +118,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    if meter.too_many_bad:
+    if failed:
         sys.exit(f"error: {stop_reason}")
     return run.model
 
