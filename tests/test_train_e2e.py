@@ -69,9 +69,9 @@ def trained_weights(tmp_path, name, args, ranks=1):
     output."""
     (tmp_path / "probe.py").write_text(PROBE)
     (tmp_path / name).mkdir()
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks)] if ranks > 1 else []
-    out = run_python([*launcher, str(tmp_path / "probe.py"), str(tmp_path / name),
-                      "configs/salm.yaml", *SMALL, *args,
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    out = run_python([*(torchrun if ranks > 1 else []), str(tmp_path / "probe.py"),
+                      str(tmp_path / name), "configs/salm.yaml", *SMALL, *args,
                       f"exp_manager.explicit_log_dir={tmp_path / name / 'run'}"])
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     weights = [torch.load(path) for path in sorted((tmp_path / name).glob("*.pt"))]
