@@ -204,7 +204,7 @@ def train_step(run: Run, micro_batches: list[dict], trainer: dict, device, autoc
     grads = [p.grad for p in run.params if p.grad is not None]
     # DDP averaged over ranks: undo that, then divide by the global count
     torch._foreach_mul_(grads, run.world_size / totals[1].clamp(min=1))
-    grad_norm = clip_gradients(grads, trainer["gradient_clip_val"],
+    grad_norm = clip_gradients(run.params, trainer["gradient_clip_val"],
                                trainer["gradient_clip_algorithm"])
     finite = torch.isfinite(totals[0]) & torch.isfinite(grad_norm)
     if run.scaler.is_enabled():
@@ -436,13 +436,13 @@ def every_n(ckpt_params: dict, step: int) -> bool:
     return bool(n) and step % int(n) == 0
 
 
-def clip_gradients(grads: list, clip_val, algorithm) -> torch.Tensor:
+def clip_gradients(params: list, clip_val, algorithm) -> torch.Tensor:
     """Clip by `gradient_clip_algorithm`; the total norm (before norm clipping), a device tensor."""
     if clip_val and algorithm != "value":
-        return torch.nn.utils.clip_grad_norm_(grads, clip_val)
+        return torch.nn.utils.clip_grad_norm_(params, clip_val)
     if clip_val:
-        torch.nn.utils.clip_grad_value_(grads, clip_val)
-    return torch.nn.utils.get_total_norm(grads)
+        torch.nn.utils.clip_grad_value_(params, clip_val)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def to_device(batch: dict, device) -> dict:

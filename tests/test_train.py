@@ -6,7 +6,8 @@ import torch
 
 from config import ConfigError
 from checkpoint import atomic_save
-from train import build_optimizer, build_scheduler, cosine_annealing, time_budget, validation_interval
+from train import (build_optimizer, build_scheduler, clip_gradients, cosine_annealing, time_budget,
+                   validation_interval)
 
 
 def nemo_cosine(step, base, warmup, max_steps, min_lr):
@@ -99,3 +100,12 @@ def test_a_pickled_payload_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not loaded"):
         load_checkpoint(tmp_path / "last.ckpt")
     assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_clip_gradients_returns_the_norm_and_clips():
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
+    for algorithm, clipped in (("norm", [0.6, -0.8, 0.0]), ("value", [0.5, -0.5, 0.0])):
+        params[0].grad, params[1].grad = torch.tensor([3.0, -4.0]), torch.tensor([0.0])
+        norm = clip_gradients(params, 0.5 if algorithm == "value" else 1.0, algorithm)
+        assert float(norm) == pytest.approx(0.5 * 2**0.5 if algorithm == "value" else 5.0)
+        assert torch.cat([p.grad for p in params]).tolist() == pytest.approx(clipped, abs=1e-5)
