@@ -100,9 +100,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fns: dict, reps: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each function. They take turns within every repetition, so the noise of a
-    shared machine hits all of them alike and their ratios stay fair."""
+def measure(fns: dict, reps: int, warmup: int, device: torch.device, every: dict | None = None):
+    """Median seconds per call of each function (and every timed call's into `every`). They take
+    turns within every repetition, so the noise of a shared machine hits all of them alike and
+    their ratios stay fair."""
     times = {name: [] for name in fns}
     for rep in range(warmup + reps):
         for name, fn in fns.items():
@@ -112,6 +113,8 @@ def measure(fns: dict, reps: int, warmup: int, device: torch.device) -> dict[str
             sync(device)
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
+    if every is not None:
+        every.update(times)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
