@@ -111,7 +111,7 @@ LOADER = dict(
     sample_rate=16000, batch_size=None, batch_duration=None, quadratic_duration=None,
     use_bucketing=False, num_buckets=30, bucket_duration_bins=None, bucket_buffer_size=10000,
     num_cuts_for_bins_estimate=10000, shuffle_buffer_size=10000, shuffle=False, drop_last=False,
-    seed=0, shard_seed="trng", num_workers=0, pin_memory=False, min_duration=None, max_duration=None,
+    seed=0, shard_seed="trng", num_workers=0, pin_memory=None, min_duration=None, max_duration=None,
     prompt_format=None, token_equivalent_duration=None, audio_locator_tag=None,
     use_multimodal_sampling=False, batch_tokens=None, max_tokens=None, min_tokens=None,
     force_finite=IGNORED, force_map_dataset=IGNORED, max_open_streams=IGNORED,

@@ -180,13 +180,14 @@ class SALMDataset(torch.utils.data.Dataset):
 
     def __init__(self, encode_dialog, pad_id: int, sample_rate: int, audio_locator_tag: str,
                  token_equivalent_duration: float = 0.08, max_tokens: int | None = None,
-                 min_tokens: int | None = None):
+                 min_tokens: int | None = None, layout=None):
         self.encode_dialog = encode_dialog
         self.pad_id = pad_id
         self.sample_rate = sample_rate
         self.audio_locator_tag = audio_locator_tag
         self.token_equivalent_duration = token_equivalent_duration
         self.max_tokens, self.min_tokens = max_tokens, min_tokens
+        self.layout = layout  # (token rows, loss masks, audio lengths) -> layout keys (SALM.layout)
 
     def __getitem__(self, items: CutSet) -> dict:
         audios, conversations, token_ids, masks, skipped = [], [], [], [], []
@@ -226,6 +227,7 @@ class SALMDataset(torch.utils.data.Dataset):
             "ids": [c.id for c in conversations],
             "audio_seconds": float(audio_lens.sum()) / self.sample_rate,
             "skipped": skipped,
+            **(self.layout(token_ids, masks, audio_lens) if self.layout else {}),
         }
 
 
@@ -254,7 +256,7 @@ class TrainBatches:
         loader = torch.utils.data.DataLoader(
             self.dataset, sampler=_Epochs(sampler, self._skip), batch_size=None,
             collate_fn=_as_built,
-            num_workers=self.ds_cfg["num_workers"], pin_memory=self.ds_cfg["pin_memory"],
+            num_workers=self.ds_cfg["num_workers"], pin_memory=_pin_memory(self.ds_cfg),
             persistent_workers=self.ds_cfg["num_workers"] > 0,
             generator=torch.Generator().manual_seed(0),  # worker seeds must not draw on the global RNG (resume)
         )
@@ -287,7 +289,8 @@ def make_val_loaders(val_cfg: dict, dataset, rank: int = 0, world_size: int = 1)
         sampler = make_sampler(cuts, ds_cfg, train=False, rank=rank, world_size=world_size)
         loader = torch.utils.data.DataLoader(
             dataset, sampler=sampler, batch_size=None, collate_fn=_as_built,
-            num_workers=ds_cfg["num_workers"], generator=torch.Generator().manual_seed(0))
+            num_workers=ds_cfg["num_workers"], pin_memory=_pin_memory(ds_cfg),
+            generator=torch.Generator().manual_seed(0))
         loaders[name] = _Recorded(loader, skipped)
     return loaders
 
@@ -467,6 +470,11 @@ def right_pad(rows: list[torch.Tensor], value) -> tuple[torch.Tensor, torch.Tens
     if not rows:
         return torch.zeros(0, 0), lens
     return pad_sequence(rows, batch_first=True, padding_value=value), lens
+
+
+def _pin_memory(ds_cfg: dict) -> bool:
+    """`pin_memory` (null: on when there is a GPU): pinned batches copy to it while it computes."""
+    return torch.cuda.is_available() if ds_cfg["pin_memory"] is None else ds_cfg["pin_memory"]
 
 
 def _as_built(batch: dict) -> dict:

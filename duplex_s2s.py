@@ -63,7 +63,8 @@ from transformers import AutoConfig, AutoModel, DynamicCache
 from checkpoint import CONFIG_NAME, find_checkpoint, read_checkpoint
 from data import DuplexS2SDataset
 from metrics import bleu
-from salm import DEFAULT_ASR_PROMPT, SALM, SpeechLLM, answer, frozen_modules_to_eval
+from salm import (DEFAULT_ASR_PROMPT, IGNORE_INDEX, SALM, SpeechLLM, answer, causal_mask,
+                  frozen_modules_to_eval)
 from speech_decoder import DecoderCache, build_speech_decoder, sample_codes
 from streaming import DuplexSession
 
@@ -183,9 +184,11 @@ class DuplexS2SModel(SpeechLLM):
         return user_embeds * self.user_channel_weight + self.embed_tokens(text_ids)
 
     def _llm_hidden(self, embeds: Tensor, state: "DuplexState | None") -> Tensor:
-        """The LLM's last hidden states (B, T, H); causal attention, right padding only, so no mask is needed."""
+        """The LLM's last hidden states (B, T, H); right padding only: a plain causal mask does."""
         cache = state.llm_cache if state is not None else None
-        out = self.llm.get_decoder()(inputs_embeds=embeds, cache=cache, use_cache=cache is not None)
+        mask = causal_mask(embeds.size(1), embeds.device) if cache is None else None
+        out = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, cache=cache,
+                                     use_cache=cache is not None)
         return out.last_hidden_state
 
     # ---- training and validation --------------------------------------------------------------------------
@@ -196,7 +199,7 @@ class DuplexS2SModel(SpeechLLM):
         out = self(inputs["user_embeds"], inputs["text_inputs"], inputs["audio_inputs"])
         text_sum, audio_sum, num_frames = self.loss_sums(out["text_logits"], out["audio_logits"], inputs)
         loss_sum = self.text_loss_weight * text_sum + self.audio_loss_weight * audio_sum / self.num_codebooks
-        n = max(num_frames, 1)
+        n = num_frames.clamp(min=1)
         return {
             "loss": loss_sum / n,
             "loss_sum": loss_sum,  # loss_sum / count is NeMo's weighted loss, exactly over micro-batches and ranks
@@ -205,14 +208,18 @@ class DuplexS2SModel(SpeechLLM):
             "log": {"text_loss": text_sum.detach() / n, "audio_loss": audio_sum.detach() / (n * self.num_codebooks)},
         }
 
-    def loss_sums(self, text_logits: Tensor, audio_logits: Tensor, inputs: dict) -> tuple[Tensor, Tensor, int]:
-        """Summed text CE, summed audio CE (over frames and codebooks) and the number of frames, in fp32."""
+    def loss_sums(self, text_logits: Tensor, audio_logits: Tensor, inputs: dict) -> tuple:
+        """Summed text CE, summed audio CE (over frames and codebooks) and the number of frames, in
+        fp32; frames past a session's length are ignored labels (no boolean indexing, no sync)."""
         frames = torch.arange(text_logits.size(1), device=text_logits.device)
-        mask = frames < inputs["frame_lens"][:, None]  # (B, T-1)
-        text_sum = F.cross_entropy(text_logits[mask].float(), inputs["text_labels"][mask], reduction="sum")
-        audio_sum = F.cross_entropy(audio_logits[mask].flatten(0, 1).float(), inputs["audio_labels"][mask].flatten(),
+        padding = frames >= inputs["frame_lens"][:, None]  # (B, T-1)
+        text_labels = inputs["text_labels"].masked_fill(padding, IGNORE_INDEX)
+        audio_labels = inputs["audio_labels"].masked_fill(padding[..., None], IGNORE_INDEX)
+        text_sum = F.cross_entropy(text_logits.flatten(0, 1).float(), text_labels.flatten(),
+                                   reduction="sum")
+        audio_sum = F.cross_entropy(audio_logits.flatten(0, 2).float(), audio_labels.flatten(),
                                     reduction="sum")
-        return text_sum, audio_sum, int(mask.sum())
+        return text_sum, audio_sum, (~padding).sum()
 
     @torch.no_grad()
     def validation_step(self, batch: dict, generate: bool = True) -> dict:
@@ -224,7 +231,7 @@ class DuplexS2SModel(SpeechLLM):
         logits = self(inputs["user_embeds"], inputs["text_inputs"], inputs["audio_inputs"])
         text_sum, audio_sum, num_frames = self.loss_sums(logits["text_logits"], logits["audio_logits"], inputs)
         out = {"text_loss_sum": float(text_sum), "audio_loss_sum": float(audio_sum) / self.num_codebooks,
-               "num_frames": num_frames}
+               "num_frames": int(num_frames)}
         scorer = self._scoring_asr()
         results = self.offline_inference(batch["source_audio"], batch["source_audio_lens"],
                                          decode_audio=scorer is not None)
@@ -385,6 +392,18 @@ class AudioCodec(nn.Module):
     def train(self, mode: bool = True) -> "AudioCodec":
         return super().train(False)  # always frozen
 
+    def _apply(self, fn, recurse=True):
+        """Moves and casts the codec, but its 0-dim integer buffers (Mimi's and Encodec's conv
+        strides and padding, which every encode reads on the host to pad its input) stay on the
+        CPU: read there, they sync no GPU."""
+        host = [(module, name, buffer.cpu()) for module in self.modules()
+                for name, buffer in module._buffers.items()
+                if buffer is not None and buffer.dim() == 0 and not buffer.is_floating_point()]
+        super()._apply(fn, recurse)
+        for module, name, buffer in host:
+            module._buffers[name] = buffer
+        return self
+
     @torch.no_grad()
     def encode(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor]:
         """audio (B, T) at `sample_rate` -> codes (B, T_frames, K) int64 and their lengths (B,)."""
@@ -447,7 +466,7 @@ def load_audio_codec(name_or_path: str) -> AudioCodec:
         if config.model_type != "mimi":
             raise ValueError(f"pretrained_audio_codec {path} holds no weights; only a Mimi config can be used "
                              "without them (scripts/make_tiny_codec.py)")
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), torch.device("cpu"):  # its seeding draws from a CPU generator
             torch.manual_seed(CODEC_SEED)
             model = AutoModel.from_config(config, dtype=torch.float32).eval()
             seed_mimi_codebooks(model, torch.Generator().manual_seed(CODEC_SEED))

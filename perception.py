@@ -120,6 +120,15 @@ class AudioPerceptionModule(nn.Module):
         factor = self.encoder.subsampling_factor * self.modality_adapter.subsampling_factor
         return self.preprocessor.hop_length / self.sample_rate * factor
 
+    def output_lengths(self, lengths):
+        """The frames `forward` returns for clips of `lengths` samples (ints or a tensor): its
+        arithmetic alone, so that the data loader can lay out a batch on the host."""
+        lengths = lengths // self.preprocessor.hop_length
+        for encoder in (self.encoder, self.modality_adapter):
+            for _ in range(round(math.log2(encoder.subsampling_factor))):
+                lengths = encoder.pre_encode.output_length(lengths)
+        return lengths
+
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, feature_lens = self.preprocessor(audio, audio_lens)  # (B, n_mels, T_mel), fp32
         features = features.to(self.proj.weight.dtype)
@@ -293,7 +302,9 @@ def make_attention_mask(
     """(B, T, T) bool, True where query i may attend to key j (NeMo's `_create_masks`, inverted).
 
     regular [l, r]: i - l <= j <= i + r (-1 = unlimited). chunked_limited [l, r]: chunks of r + 1 frames;
-    a frame sees its own chunk and l // (r + 1) chunks before it. Padded queries and keys see nothing.
+    a frame sees its own chunk and l // (r + 1) chunks before it. No query sees a padded key; a
+    padded query sees every valid key (its output is zeroed anyway): a row that sees no key at all
+    makes attention kernels (cuDNN's backward on Hopper GPUs) return NaN gradients.
     """
     left, right = att_context_size
     frames = torch.arange(max_len, device=lengths.device)
@@ -310,7 +321,8 @@ def make_attention_mask(
         if right >= 0:
             visible &= -offset <= right
     valid = ~_padding_mask(lengths, max_len)
-    return visible & valid.unsqueeze(1) & valid.unsqueeze(2)
+    keys = ~_padding_mask(lengths.clamp(min=1), max_len).unsqueeze(1)  # (B, 1, T)
+    return torch.where(valid.unsqueeze(2), visible & keys, keys)
 
 
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float, norm="slaney") -> torch.Tensor:
@@ -350,13 +362,14 @@ class ConvSubsampling(nn.Module):
                 layers.append(nn.Conv2d(in_channels, channels, 3, stride=2, padding=conv_padding))
             layers.append(nn.ReLU(inplace=True))
             in_channels = channels
-        self.conv = nn.Sequential(*layers)
+        # channels-last weights, the layout of their gradients (see forward): DDP's buckets match
+        self.conv = nn.Sequential(*layers).to(memory_format=torch.channels_last)
         freq = feat_in
         for _ in range(num_stages):
-            freq = self._output_length(freq)
+            freq = self.output_length(freq)
         self.out = nn.Linear(channels * freq, feat_out)
 
-    def _output_length(self, length):
+    def output_length(self, length):
         return (length + self.left_pad + self.right_pad - 3) // 2 + 1
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,7 +382,7 @@ class ConvSubsampling(nn.Module):
             if isinstance(layer, nn.Conv2d) and layer.stride[0] == 2:
                 if layer.padding[0] == 0:
                     x = F.pad(x, (self.left_pad, self.right_pad, self.left_pad, self.right_pad))
-                lengths = self._output_length(lengths)
+                lengths = self.output_length(lengths)
             elif isinstance(layer, nn.ReLU):  # zero past each length, in place: a conv's backward never reads its output
                 x = x.mul_(~_padding_mask(lengths, x.size(2))[:, None, :, None])
             x = layer(x)

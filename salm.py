@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from checkpoint import PretrainedMixin, nemo_named_parameters
@@ -139,22 +140,44 @@ class SALM(SpeechLLM):
         return self.formatter.encode_dialog(turns)
 
     def prepare_inputs(self, batch: dict) -> dict[str, Tensor]:
-        """Training batch -> LLM inputs and next-token targets, already shifted by one."""
-        target_ids = batch["input_ids"].masked_fill(~batch["loss_mask"].bool(), IGNORE_INDEX)
-        input_embeds, target_ids, attention_mask, audio_embeds = self._embed(
-            batch["input_ids"], batch["audios"], batch["audio_lens"], target_ids
-        )
+        """Training batch -> LLM inputs and next-token targets, already shifted by one. Rows are
+        right-padded: a plain causal mask does (no row of it is empty), positions count from 0."""
+        batch = self.with_layout(batch)
+        ids, index, frames = batch["input_ids"], batch["splice"], batch["splice_frames"]
+        input_embeds, audio_embeds = self._embed(ids, batch["audios"], batch["audio_lens"], index,
+                                                 frames)
+        targets = ids.masked_fill(~batch["loss_mask"].bool(), IGNORE_INDEX)
+        clip_targets = targets.new_full((len(audio_embeds), frames), IGNORE_INDEX)
+        target_ids = splice(targets, clip_targets, index, IGNORE_INDEX)
+        padding = ids.numel() + len(audio_embeds) * frames  # the index of the padding entry
         return {
             "input_embeds": input_embeds[:, :-1],  # (B, T, H)
-            "attention_mask": attention_mask[:, :-1],  # (B, T)
+            "attention_mask": causal_mask(input_embeds.size(1) - 1, index.device),
             "target_ids": target_ids[:, 1:],  # (B, T)
-            "audio_embeds": audio_embeds,  # per clip (T_enc, H)
+            "audio_embeds": audio_embeds,  # (N, T_enc, H)
+            "num_tokens": (index[:, 1:] != padding).sum(),  # LLM input positions incl. audio frames
         }
+
+    def with_layout(self, batch: dict) -> dict:
+        """The batch with its layout keys: SALMDataset's, or made here on the host for a batch built
+        by hand."""
+        if "splice" in batch:
+            return batch
+        ids, masks = batch["input_ids"].cpu(), batch["loss_mask"].cpu()
+        starts = [_num_leading(row, self.text_pad_id) for row in ids]
+        rows, masks = [r[n:] for r, n in zip(ids, starts)], [m[n:] for m, n in zip(masks, starts)]
+        return {**batch, **self.layout(rows, masks, batch["audio_lens"].cpu())}
+
+    def layout(self, rows: list[Tensor], masks: list[Tensor], audio_lens: Tensor) -> dict:
+        """The layout keys of a batch (splice_layout) from its unpadded token rows, loss masks
+        and audio lengths in samples; SALMDataset calls it on the host."""
+        return splice_layout(rows, masks, self.perception.output_lengths(audio_lens).tolist(),
+                             self.audio_locator_tag_id, self.text_eos_id)
 
     def forward(self, input_embeds: Tensor, attention_mask: Tensor | None = None, cache=None) -> dict:
         """input_embeds (B, T, H) -> {"logits": (B, T, V)} (+ "cache" when a KV cache is passed in)."""
         position_ids = None
-        if attention_mask is not None:  # with a cache the mask spans past + current positions
+        if attention_mask is not None and attention_mask.dim() == 2:  # with a cache: past + current
             position_ids = position_ids_from_mask(attention_mask)[:, -input_embeds.shape[1] :]
         out = self.llm(
             inputs_embeds=input_embeds,
@@ -170,11 +193,12 @@ class SALM(SpeechLLM):
     def training_step(self, batch: dict) -> dict:
         """loss = loss_sum / count; train.py sums both over micro-batches and ranks for an exact global mean."""
         frozen_modules_to_eval([self.llm, *self.perception.children()])
+        batch = self.with_layout(batch)
         inputs = self.prepare_inputs(batch)
         logits = self(inputs["input_embeds"], attention_mask=inputs["attention_mask"])["logits"]
         loss_sum, count = _masked_cross_entropy_sum(logits, inputs["target_ids"])
         out = {"loss_sum": loss_sum, "count": count,  # supervised tokens
-               "num_tokens": inputs["attention_mask"].sum()}  # LLM input positions incl. audio frames
+               "num_tokens": inputs["num_tokens"]}
         ctc_weight = self.cfg["ctc_loss_weight"]
         if ctc_weight:
             ctc_sum, num_targets = self._ctc_loss_sum(inputs["audio_embeds"], batch)
@@ -183,7 +207,7 @@ class SALM(SpeechLLM):
         out["loss"] = out["loss_sum"] / count.clamp(min=1)
         return out
 
-    def _ctc_loss_sum(self, audio_embeds: list[Tensor], batch: dict) -> tuple[Tensor, int]:
+    def _ctc_loss_sum(self, audio_embeds: Tensor, batch: dict) -> tuple[Tensor, int]:
         """CTC of the LLM's own output head over each clip's embeddings against its transcript (blank = pad id).
 
         Not in NeMo: with `ctc_loss_weight` > 0 it trains a from-scratch encoder to put token-like embeddings in
@@ -191,22 +215,14 @@ class SALM(SpeechLLM):
         (the encoder output collapses to one vector). Only conversations with exactly one clip take part: the
         supervised tokens (EOS dropped) are that clip's transcript.
         """
-        clips_per_row = (batch["input_ids"] == self.audio_locator_tag_id).sum(1).tolist()
-        first_clip = [sum(clips_per_row[:i]) for i in range(len(clips_per_row))]
-        clips, targets = [], []
-        for row, (ids, mask) in enumerate(zip(batch["input_ids"], batch["loss_mask"].bool())):
-            if clips_per_row[row] == 1:
-                clips.append(audio_embeds[first_clip[row]])
-                transcript = ids[mask]
-                targets.append(transcript[transcript != self.text_eos_id])
-        if not clips:
+        if not batch["ctc_lens"]:  # host lists (splice_layout): no sync
             return torch.zeros((), device=self.device), 0
-        padded, clip_lens = right_pad(clips, 0.0)  # (B, T, H)
-        log_probs = self.llm.get_output_embeddings()(padded).float().log_softmax(-1)  # (B, T, V)
-        target_lens = torch.tensor([len(t) for t in targets])
-        ctc_sum = F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), clip_lens, target_lens,
-                             blank=self.text_pad_id, reduction="sum", zero_infinity=True)
-        return ctc_sum, int(target_lens.sum())
+        clips = audio_embeds[batch["ctc_clips"], : max(batch["ctc_frames"])]  # (n, T, H)
+        log_probs = self.llm.get_output_embeddings()(clips).float().log_softmax(-1)  # (n, T, V)
+        ctc_sum = F.ctc_loss(log_probs.transpose(0, 1), batch["ctc_targets"], batch["ctc_frames"],
+                             batch["ctc_lens"], blank=self.text_pad_id, reduction="sum",
+                             zero_infinity=True)
+        return ctc_sum, sum(batch["ctc_lens"])
 
     def make_dataset(self, data_cfg: dict) -> SALMDataset:
         """The dataset that turns sampled conversations into this model's batches (see data.py).
@@ -225,7 +241,7 @@ class SALM(SpeechLLM):
         return SALMDataset(self.encode_dialog, self.text_pad_id, self.sampling_rate, self.audio_locator_tag,
                            token_equivalent_duration=self.token_equivalent_duration,
                            max_tokens=self.context_limit(data_cfg["train_ds"].get("max_tokens")),
-                           min_tokens=data_cfg["train_ds"].get("min_tokens"))
+                           min_tokens=data_cfg["train_ds"].get("min_tokens"), layout=self.layout)
 
     @torch.no_grad()
     def validation_step(self, batch: dict, generate: bool = False) -> dict:
@@ -295,9 +311,14 @@ class SALM(SpeechLLM):
         num_audios = 0 if audios is None else len(audios)
         if num_tags != num_audios:
             raise ValueError(f"the prompts hold {num_tags} audio locator tags but {num_audios} audios were given")
+        clip_frames = []
         if audios is not None:
             audios, audio_lens = audios.to(self.device), torch.as_tensor(audio_lens, device=self.device)
-        input_embeds, _, attention_mask, _ = self._embed(input_ids, audios, audio_lens)
+            clip_frames = self.perception.output_lengths(audio_lens).tolist()
+        index, frames = splice_index(rows, clip_frames, self.audio_locator_tag_id, left=True)
+        index = index.to(self.device)
+        input_embeds, _ = self._embed(input_ids, audios, audio_lens, index, frames)
+        attention_mask = index != input_ids.numel() + len(clip_frames) * frames  # not padding
 
         if generation_config is None:
             generation_config = GenerationConfig(bos_token_id=self.text_bos_id, eos_token_id=self.text_eos_id)
@@ -331,19 +352,22 @@ class SALM(SpeechLLM):
         return {"pairs": list(zip(references, hypotheses)), "ref_words": counts["ref_words"],
                 "word_errors": counts["substitutions"] + counts["deletions"] + counts["insertions"]}
 
-    def _embed(self, input_ids: Tensor, audios: Tensor | None, audio_lens: Tensor | None, target_ids=None):
-        """Token ids (B, L) + audios -> (input_embeds (B, T, H), target_ids (B, T) | None, attention_mask (B, T),
-        the clips' own embeddings [(T_enc, H)])."""
-        audio_embeds = []
-        if audios is not None and len(audios) > 0:
-            embeds, embed_lens = self.perception(audios, audio_lens)  # (B_audio, T_enc, H)
-            audio_embeds = [emb[:n] for emb, n in zip(embeds, embed_lens)]
+    def _embed(self, input_ids: Tensor, audios: Tensor | None, audio_lens: Tensor | None,
+               index: Tensor, frames: int) -> tuple[Tensor, Tensor]:
+        """Token ids (B, L) + audios (N, samples) -> the LLM's input (B, T, H) laid out by `index`
+        and `frames` (splice_index), and the clips' embeddings (N, T_enc, H)."""
         tag_id = self.audio_locator_tag_id
         # The embedding is not resized for the tag (as in NeMo): its id is never looked up, its slot is replaced.
         text_embeds = self.embed_tokens(input_ids.masked_fill(input_ids == tag_id, 0))  # (B, L, H)
-        return *replace_placeholders_and_build_targets(
-            input_ids, text_embeds, self.text_pad_id, tag_id, audio_embeds, target_ids
-        ), audio_embeds
+        if audios is not None and len(audios) > 0:
+            audio_embeds = self.perception(audios, audio_lens)[0]  # (N, T_enc, H)
+        else:
+            audio_embeds = text_embeds.new_zeros(0, frames, text_embeds.size(-1))
+            if torch.is_grad_enabled():  # a zero gradient for every perception weight: under DDP,
+                # ranks with and without audio in their batch then reduce the same parameters
+                weights = [p for p in self.perception.parameters() if p.requires_grad]
+                text_embeds = text_embeds + 0 * sum(p.sum() for p in weights)
+        return splice(text_embeds, audio_embeds[:, :frames], index), audio_embeds
 
 
 @torch.no_grad()
@@ -360,41 +384,63 @@ def answer(model: SALM, prompts: list[list[dict]], audios: list[np.ndarray], max
     return texts, int(lengths.sum())
 
 
-def replace_placeholders_and_build_targets(
-    input_ids: Tensor,
-    embeds: Tensor,
-    padding_id: int,
-    placeholder_id: int,
-    replacements: list[Tensor],
-    target_ids: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Put the i-th replacement (L_i, H) where the i-th placeholder is (reading rows top to bottom, left to right).
-
-    input_ids, target_ids: (B, L), left-padded with `padding_id`; embeds: (B, L, H).
-    Returns embeds (B, T, H), targets (B, T) (IGNORE_INDEX on padding and replaced positions; None without
-    target_ids) and attention_mask (B, T), left-padded with zeros / IGNORE_INDEX / False.
-    """
-    num_placeholders = int((input_ids == placeholder_id).sum())
-    if num_placeholders != len(replacements):
-        raise ValueError(f"{num_placeholders} placeholders but {len(replacements)} replacements")
-    targets = input_ids.new_full(input_ids.shape, IGNORE_INDEX) if target_ids is None else target_ids
-    replacements = iter(replacements)
-    row_embeds, row_targets = [], []
-    for ids, emb, tgt in zip(input_ids, embeds, targets):
-        start = _num_leading(ids, padding_id)
-        ids, emb, tgt = ids[start:], emb[start:], tgt[start:]
-        emb_pieces, tgt_pieces, prev = [], [], 0
-        for pos in (ids == placeholder_id).nonzero().flatten().tolist():
-            rep = next(replacements).to(emb.dtype)
-            emb_pieces += [emb[prev:pos], rep]
-            tgt_pieces += [tgt[prev:pos], tgt.new_full((len(rep),), IGNORE_INDEX)]
+def splice_index(rows: list[Tensor], clip_frames: list[int], tag_id: int, left: bool = False):
+    """Where each position of SALM's LLM input comes from: a (B, T) index into the table [the
+    token ids of the left-padded (B, L) `rows`, row by row | the clips' frames (N, F), clip by
+    clip | one padding entry], and F. Each audio tag gives way to its clip's frames (clips in
+    reading order); rows are padded with the padding entry on the right (training: a plain causal
+    mask does) or the left (generation)."""
+    num_tags = sum(int((r == tag_id).sum()) for r in rows)
+    if num_tags != len(clip_frames):
+        raise ValueError(f"{num_tags} audio locator tags but {len(clip_frames)} audios")
+    B, L, F = len(rows), max(len(r) for r in rows), max(clip_frames, default=0)
+    clips, out = iter(range(len(clip_frames))), []
+    for b, ids in enumerate(rows):
+        index = torch.arange((b + 1) * L - len(ids), (b + 1) * L)  # where its tokens are in (B, L)
+        pieces, prev = [], 0
+        for pos in (ids == tag_id).nonzero().flatten().tolist():
+            clip = next(clips)
+            pieces += [index[prev:pos], torch.arange(clip_frames[clip]) + B * L + clip * F]
             prev = pos + 1
-        row_embeds.append(torch.cat(emb_pieces + [emb[prev:]]))
-        row_targets.append(torch.cat(tgt_pieces + [tgt[prev:]]))
-    out_embeds = left_pad(row_embeds, 0.0)
-    out_targets = left_pad(row_targets, IGNORE_INDEX)
-    attention_mask = left_pad([torch.ones(len(r), dtype=torch.bool, device=r.device) for r in row_targets], False)
-    return out_embeds, (None if target_ids is None else out_targets), attention_mask
+        out.append(torch.cat(pieces + [index[prev:]]))
+    padding = B * L + len(clip_frames) * F
+    return pad_sequence(out, True, padding, "left" if left else "right"), F
+
+
+def splice_layout(rows: list[Tensor], masks: list[Tensor], clip_frames: list[int],
+                  tag_id: int, eos_id: int) -> dict:
+    """SALM's training layout of a batch, made on the host so that the training step needs no host
+    sync: `splice_index` (right-padded), and the CTC targets (supervised tokens but EOS) of each
+    conversation with exactly one clip, with that clip's index; lengths are plain lists (they stay
+    on the host)."""
+    index, frames = splice_index(rows, clip_frames, tag_id)
+    clips, targets, first_clip = [], [], 0
+    for ids, mask in zip(rows, masks):
+        num_clips = int((ids == tag_id).sum())
+        if num_clips == 1:
+            clips.append(first_clip)
+            targets.append(ids[mask.bool() & (ids != eos_id)])
+        first_clip += num_clips
+    return {"splice": index, "splice_frames": frames,
+            "ctc_clips": torch.tensor(clips, dtype=torch.long),
+            "ctc_targets": torch.cat(targets + [torch.zeros(0, dtype=torch.long)]),
+            "ctc_lens": [len(t) for t in targets], "ctc_frames": [clip_frames[c] for c in clips]}
+
+
+def splice(text: Tensor, clips: Tensor, index: Tensor, fill=0) -> Tensor:
+    """text (B, L, ...) and clips (N, F, ...) -> (B, T, ...): position t of row b is entry
+    index[b, t] of the table [text, row by row | clips, clip by clip | `fill`] (see
+    splice_index). A gather: no host sync."""
+    padding = text.new_full((1, *text.shape[2:]), fill)
+    table = torch.cat([text.flatten(0, 1), clips.flatten(0, 1).to(text.dtype), padding])
+    return table.index_select(0, index.flatten()).view(*index.shape, *text.shape[2:])
+
+
+def causal_mask(length: int, device) -> Tensor:
+    """(1, 1, T, T) boolean causal mask for right-padded rows. Prebuilt, so that Hugging Face models
+    use it as it is: building one themselves, they read the mask or the position ids on the host (a
+    GPU sync every step). An LLM with sliding-window layers then attends its whole context."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

@@ -467,11 +467,13 @@ def causal_attention(qkv: Tensor, n_heads: int, cache: DecoderCache | None, laye
     if cache is not None:
         past = cache.num_frames
         k, v = cache.append(layer, k, v)  # (B, nh, past + T, d_head)
-    # query i sits at position past + i and may see keys 0 .. past + i; a single new frame sees all
+    # query i sits at position past + i and may see keys 0 .. past + i; a single new frame sees all;
+    # without a past that is is_causal (no mask tensor: flash attention on a GPU)
     mask = None
-    if T > 1:
+    if T > 1 and past:
         mask = torch.ones(T, past + T, dtype=torch.bool, device=qkv.device).tril(diagonal=past)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and not past,
+                                       dropout_p=dropout_p)
     return y.transpose(1, 2).reshape(B, T, -1)
 
 

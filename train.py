@@ -79,22 +79,24 @@ def main(argv: list[str]) -> torch.nn.Module | None:
 
     # 4. the loop: step, log, validate, save, until max_steps or the time budget
     deadline = time_budget(exp["max_time_per_run"], trainer["max_time"])
-    start_step, stream, meter, stop_reason = run.step, iter(run.batches), Meter(), "max_steps"
+    start_step, stream, meter, stop_reason, failed = run.step, iter(run.batches), Meter(), "max_steps", False
     progress = tqdm(total=max_steps, initial=run.step, desc="train", dynamic_ncols=True,
                     disable=not master or not trainer["enable_progress_bar"])
     while run.step < max_steps:
         micro_batches = [next(stream) for _ in range(trainer["accumulate_grad_batches"])]
-        if not train_step(run, micro_batches, trainer, device, autocast_dtype, meter):
-            stop_reason = f"{meter.bad_steps} non-finite losses in a row (check the learning rate, precision " \
-                          "and data)"
-            break
+        train_step(run, micro_batches, trainer, device, autocast_dtype, meter)
         progress.update(1)
-        if run.step % log_every == 0 or run.step == max_steps:
+        if run.step % log_every == 0 or run.step == max_steps:  # the host reads the steps here only
             metrics = meter.summary(world_size, run.optimizer.param_groups[0]["lr"], device,
                                     run.batches.skipped.counts())
             if master:
                 progress.write(format_log(run.step, max_steps, metrics))
                 log_metrics(loggers, metrics, run.step)
+            failed = meter.too_many_bad  # read at log lines only
+            if failed:
+                stop_reason = (f"{MAX_BAD_STEPS} non-finite losses in a row (check the learning "
+                               "rate, precision and data)")
+                break
         results = None
         if run.val_loaders and (run.step % val_every == 0 or run.step == max_steps):
             results, _ = validate(run.model, run.val_loaders, trainer["limit_val_batches"], device, autocast_dtype)
@@ -113,7 +115,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
         print(f"stopped at step {run.step}: {stop_reason}")
 
     # 5. held-out evaluation with generation (WER for SALM, BLEU for the duplex models)
-    if run.val_loaders and meter.bad_steps < MAX_BAD_STEPS:
+    if run.val_loaders and not failed:
         results, pairs = validate(run.model, run.val_loaders, trainer["limit_val_batches"], device,
                                   autocast_dtype, generate=True)
         if master:
@@ -126,7 +128,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    if meter.bad_steps >= MAX_BAD_STEPS:
+    if failed:
         sys.exit(f"error: {stop_reason}")
     return run.model
 
@@ -152,6 +154,8 @@ def setup(cfg: dict, device: torch.device, rank: int, world_size: int, resume_pa
     state, RNG streams and data position; else a per-rank seed for dropout and sampling."""
     seed = cfg["data"]["train_ds"]["seed"]
     seed_everything(seed)
+    if device.type == "cuda":  # cuDNN attention's backward (torch >= 2.11, Hopper) can give NaN
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model = build_model(cfg["model"]).to(device)
     if cfg["trainer"]["precision"] == "bf16-true":
         cast_model(model, torch.bfloat16)  # the mel frontend and the codec keep their fp32 numerics
@@ -202,10 +206,13 @@ def resume_rank_state(ranks: list[dict], rank: int, world_size: int) -> dict:
     return {"batches": skip, "skipped": ranks[rank]["skipped"] if rank < len(ranks) else {}}
 
 
-def train_step(run: Run, micro_batches: list[dict], trainer: dict, device, autocast_dtype, meter) -> bool:
-    """One optimizer step over `micro_batches` (gradient accumulation); False once MAX_BAD_STEPS non-finite
-    losses came in a row. Gradients of summed losses / the global number of supervised positions give the
-    exact global mean, however the tokens fall into micro-batches and ranks."""
+def train_step(run: Run, micro_batches: list[dict], trainer: dict, device, autocast_dtype,
+               meter) -> None:
+    """One optimizer step over `micro_batches` (gradient accumulation), without a host sync: a step
+    whose loss or gradient is not finite updates nothing (a fused optimizer skips it on the device)
+    and is counted in `meter`, which the host reads at log lines. Gradients of summed losses / the
+    global number of supervised positions give the exact global mean, however the tokens fall into
+    micro-batches and ranks."""
     run.model.train()
     loss_sum, count = torch.zeros((), device=device), torch.zeros((), device=device)
     autocast = dict(dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
@@ -221,31 +228,30 @@ def train_step(run: Run, micro_batches: list[dict], trainer: dict, device, autoc
     totals = torch.stack([loss_sum, count])
     if run.world_size > 1:
         dist.all_reduce(totals)
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
     run.scaler.unscale_(run.optimizer)
-    for p in run.params:  # DDP averaged over ranks: undo that, then divide by the global count
-        if p.grad is not None:
-            p.grad.mul_(run.world_size / totals[1].clamp(min=1))
-    grad_norm = clip_gradients(run.params, trainer["gradient_clip_val"], trainer["gradient_clip_algorithm"])
-    if math.isfinite(loss):
-        run.scaler.step(run.optimizer)
-        meter.bad_steps = 0
-    else:
-        meter.bad_steps += 1
-        meter.skipped["non-finite loss"] += 1
+    grads = [p.grad for p in run.params if p.grad is not None]
+    # DDP averaged over ranks: undo that, then divide by the global count
+    torch._foreach_mul_(grads, run.world_size / totals[1].clamp(min=1))
+    grad_norm = clip_gradients(run.params, trainer["gradient_clip_val"],
+                               trainer["gradient_clip_algorithm"])
+    finite = torch.isfinite(totals[0]) & torch.isfinite(grad_norm)
+    if run.scaler.is_enabled():
+        run.scaler.step(run.optimizer)  # 16-mixed: the scaler skips inf/NaN gradients itself
+    elif getattr(run.optimizer, "_step_supports_amp_scaling", False):  # fused: skips on the device
+        run.optimizer.grad_scale, run.optimizer.found_inf = None, (~finite).float()
+        run.optimizer.step()
+    elif finite:  # other optimizers: the host waits for the flag
+        run.optimizer.step()
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    if meter.bad_steps >= MAX_BAD_STEPS:
-        return False
     run.scheduler.step()
     run.step += 1
-    meter.add_step(loss, grad_norm)
-    return True
+    meter.add_step(totals[0] / totals[1].clamp(min=1), grad_norm, finite)
 
 
 def save(run: Run, cfg: dict, log_dir: Path, results: dict | None, meter, master: bool) -> None:
     """Checkpoints of the run as it stands (see save_checkpoints), with every rank's RNG and data state."""
-    skipped = run.batches.skipped.state(meter.skipped)
+    skipped = run.batches.skipped.state(meter.step_skips())
     ranks = gather_rank_states(run.batches.num_batches, run.world_size, skipped)
     run.best = save_checkpoints(log_dir, run.step, run.model, run.optimizer, run.scheduler, run.scaler, cfg,
                                 run.best, cfg["exp_manager"]["checkpoint_callback_params"], results, ranks, master)
@@ -483,13 +489,13 @@ def every_n(ckpt_params: dict, step: int) -> bool:
     return bool(n) and step % int(n) == 0
 
 
-def clip_gradients(params, clip_val, algorithm) -> float:
+def clip_gradients(params: list, clip_val, algorithm) -> torch.Tensor:
+    """Clip by `gradient_clip_algorithm`; the total norm (before norm clipping), a device tensor."""
+    if clip_val and algorithm != "value":
+        return torch.nn.utils.clip_grad_norm_(params, clip_val)
     if clip_val:
-        if algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, clip_val)
-        else:
-            return float(torch.nn.utils.clip_grad_norm_(params, clip_val))
-    return float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+        torch.nn.utils.clip_grad_value_(params, clip_val)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def to_device(batch: dict, device) -> dict:
@@ -526,29 +532,37 @@ def set_rng_state(state: dict) -> None:
 
 
 class Meter:
-    """What the log line reports, summed between two log lines."""
+    """What the log line reports, summed between two log lines as tensors where they are: the host
+    reads them at the log line only (no GPU sync in a step)."""
 
     def __init__(self):
         self.reset()
-        self.bad_steps = 0  # non-finite losses in a row
+        self.non_finite = self.in_a_row = 0  # steps skipped for non-finite values: in all, in a row
+        self.too_many_bad = False  # MAX_BAD_STEPS in a row; a tensor until summary() reads it
 
     def reset(self):
         self.start, self.steps, self.micro_steps = time.time(), 0, 0
         self.tokens, self.audio_seconds, self.loss, self.grad_norm = 0, 0.0, 0.0, 0.0
-        self.logs, self.skipped = {}, Counter()
+        self.logs = {}
 
     def add(self, out: dict, batch: dict):
-        """Tensors are summed where they are and read at the log line: no GPU sync in every step."""
         self.micro_steps += 1
         self.tokens += out.get("num_tokens", 0)
         self.audio_seconds += float(batch.get("audio_seconds", 0.0))
         for key, value in out.get("log", {}).items():
             self.logs[key] = self.logs.get(key, 0.0) + value
 
-    def add_step(self, loss: float, grad_norm: float):
+    def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor):
         self.steps += 1
         self.loss += loss
         self.grad_norm += grad_norm
+        self.non_finite += (~finite).long()
+        self.in_a_row = (self.in_a_row + 1) * (~finite).long()
+        self.too_many_bad = self.too_many_bad | (self.in_a_row >= MAX_BAD_STEPS)
+
+    def step_skips(self) -> Counter:
+        """Steps the loop skipped in the whole run (reads the device counter)."""
+        return Counter({"non-finite loss": int(self.non_finite)})
 
     def summary(self, world_size, lr, device, data_skips) -> dict:
         elapsed = max(time.time() - self.start, 1e-9)
@@ -560,16 +574,16 @@ class Meter:
         else:
             memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
         steps, micro_steps = max(self.steps, 1), max(self.micro_steps, 1)
-        metrics = {"loss": self.loss / steps, **{k: float(v) / micro_steps for k, v in self.logs.items()},
-                   "lr": lr, "grad_norm": self.grad_norm / steps,
+        metrics = {"loss": float(self.loss) / steps,
+                   **{k: float(v) / micro_steps for k, v in self.logs.items()},
+                   "lr": lr, "grad_norm": float(self.grad_norm) / steps,
                    "tokens_per_s": counts[0].item() / elapsed, "audio_s_per_s": counts[1].item() / elapsed,
                    "ms_per_step": 1000 * elapsed / steps, "peak_mem_gb": memory}
-        skipped = Counter(data_skips) + self.skipped  # items and batches the data dropped, steps the loop dropped
+        skipped = Counter(data_skips) + self.step_skips()  # what the data and the loop dropped
         metrics["skipped"] = sum(skipped.values())
         metrics.update({f"skipped/{reason}": n for reason, n in sorted(skipped.items())})
-        skipped_steps = self.skipped
+        self.too_many_bad = bool(self.too_many_bad)
         self.reset()
-        self.skipped = skipped_steps  # step skips are counted for the whole run, like data skips
         return metrics
 
 

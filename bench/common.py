@@ -9,7 +9,6 @@ import platform
 import re
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +53,7 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as train.py does (NaN gradients on Hopper)
     print(f"device {describe_device(device)} | dtype {args.dtype} | threads {torch.get_num_threads()}")
     return device, DTYPES[args.dtype]
 
@@ -100,9 +100,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fns: dict, reps: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each function. They take turns within every repetition, so the noise of a
-    shared machine hits all of them alike and their ratios stay fair."""
+def measure(fns: dict, reps: int, warmup: int, device: torch.device, every: dict | None = None):
+    """Median seconds per call of each function (and every timed call's into `every`). They take
+    turns within every repetition, so the noise of a shared machine hits all of them alike and
+    their ratios stay fair."""
     times = {name: [] for name in fns}
     for rep in range(warmup + reps):
         for name, fn in fns.items():
@@ -112,6 +113,8 @@ def measure(fns: dict, reps: int, warmup: int, device: torch.device) -> dict[str
             sync(device)
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
+    if every is not None:
+        every.update(times)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

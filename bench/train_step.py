@@ -12,6 +12,7 @@ on a GPU; on the CPU the weights' bytes plus how far the step raised the process
 bound: it includes the allocator's slack and libraries loaded on first use).
 """
 import resource
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +37,16 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(cfg["model"].get("optimizer"), params)
     stream = iter(TrainBatches(cfg["data"]["train_ds"], model.make_dataset(cfg["data"])))
 
-    # What each SALM step fed its LLM and encoder, recorded by hooks (kept as tensors: no host sync in the step).
-    seen = {"llm_shape": None, "tokens": [], "frames": []}
+    # What each SALM step fed its LLM (a hook sees its shape) and encoder, and the bare LLM step's
+    # positions: tensors, no host sync in a step. Batches differ in size: MFU takes FLOPs and time
+    # over all the timed steps.
+    seen = {"llm_shape": None, "salm": [], "llm": []}
 
     def record_llm_input(module, args, kwargs):
         if kwargs.get("inputs_embeds") is not None:  # SALM's call, not the bare LLM step's
             seen["llm_shape"] = kwargs["inputs_embeds"].shape[:2]
 
     model.llm.register_forward_pre_hook(record_llm_input, with_kwargs=True)
-    model.perception.register_forward_hook(lambda module, inputs, out: seen["frames"].append(out[1].sum()))
 
     def salm_step():
         batch = to_device(next(stream), device)
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        seen["tokens"].append(out["num_tokens"])
+        frames = model.perception.output_lengths(batch["audio_lens"]).sum()
+        seen["salm"].append((out["num_tokens"], frames))
 
     def perception_step():  # the perception alone on the SALM step's audio: forward, backward of a plain sum
         embeds, _ = model.perception(seen["audios"], seen["audio_lens"])
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten()).backward()
         optimizer.step()  # parameters without a gradient (the perception's) are skipped
         optimizer.zero_grad(set_to_none=True)
+        seen["llm"].append(ids.numel())
 
     # Peak memory of one SALM step, the first, which also allocates the optimizer state.
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -80,17 +84,17 @@ def main(argv: list[str] | None = None) -> None:
                           for t in state.values() if torch.is_tensor(t))
     static = weights + grads + optimizer_state
 
+    every = {}  # seconds of every timed call
     times = common.measure({"salm": salm_step, "llm": llm_step, "perception": perception_step}, args.reps,
-                           args.warmup, device)
+                           args.warmup, device, every)
     ratio = times["salm"] / times["llm"]
     glue = times["salm"] / (times["llm"] + times["perception"])  # what data, splicing and the loss add
     B, T = seen["llm_shape"]
-    tokens = float(sum(seen["tokens"])) / len(seen["tokens"])
-    frames = float(torch.stack(seen["frames"]).float().mean())
+    tokens, frames = (float(torch.stack(n).float().mean()) for n in zip(*seen["salm"][-args.reps:]))
     print(f"SALM: {matmul_params(model.llm):,} LLM + {matmul_params(model.perception):,} perception parameters; "
           f"LLM input {B}x{T}: {tokens:.0f} tokens and {frames:.0f} encoder frames per step")
-    salm_flops = train_flops(model.llm, tokens) + train_flops(model.perception, frames)
-    llm_flops = train_flops(model.llm, B * T)
+    salm_flops = train_flops(model.llm, tokens) + train_flops(model.perception, frames)  # a step
+    llm_flops = train_flops(model.llm, statistics.mean(seen["llm"][-args.reps:]))
     print(f"median of {args.reps}: SALM step {1000 * times['salm']:.1f} ms | bare LLM step {1000 * times['llm']:.1f} ms"
           f" | model FLOPs SALM / LLM {salm_flops / llm_flops:.2f}x (the time ratio at equal FLOP rates)")
     print(f"perception alone (forward + backward) {1000 * times['perception']:.1f} ms | SALM step / (LLM step + "
@@ -99,13 +103,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{grads / 1e9:.3f} + optimizer state {optimizer_state / 1e9:.3f} GB")
     figures = [("salm_step_over_llm_step", ratio, "x", "<= 1.3x"), ("salm_over_llm_plus_perception", glue, "x", None),
                ("peak_mem", peak / 1e9, "GB", None),
-               ("peak_mem_over_static", peak / static, "x", None)]
+               ("peak_mem_over_static", peak / static, "x", None),
+               ("tokens_per_step", tokens, "", None)]
     peak_flops = common.peak_tflops(device, dtype, args.peak_tflops)
     if peak_flops:
-        salm_mfu = salm_flops / times["salm"] / (peak_flops * 1e12)
-        llm_mfu = llm_flops / times["llm"] / (peak_flops * 1e12)
+        salm_mfu = salm_flops / statistics.mean(every["salm"]) / (peak_flops * 1e12)
+        llm_mfu = llm_flops / statistics.mean(every["llm"]) / (peak_flops * 1e12)
         print(f"MFU at a {peak_flops:g} TFLOPs peak: SALM step {100 * salm_mfu:.1f}% | LLM step {100 * llm_mfu:.1f}%")
-        figures.append(("salm_mfu", 100 * salm_mfu, "%", ">= 40%"))
+        figures += [("salm_mfu", 100 * salm_mfu, "%", ">= 40%"),
+                    ("llm_mfu", 100 * llm_mfu, "%", None)]
     common.result(*figures)
 
 

@@ -252,9 +252,9 @@ def test_non_finite_losses_in_a_row_stop_the_run_with_a_message(tmp_path, capsys
         run_main([], tmp_path)
     assert str(stop.value.code) == ("error: 3 non-finite losses in a row (check the learning rate, precision and "
                                     "data)")
-    assert "stopped at step 2:" in capsys.readouterr().out
+    assert "stopped at step 3:" in capsys.readouterr().out  # at the log line after the third
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)  # the run is kept
-    assert state["step"] == 2
+    assert state["step"] == 3
 
 
 TYPO = ("unknown config key 'trainer.max_step' on the command line (did you mean "

@@ -26,7 +26,7 @@ from conftest import (CHAT_TEMPLATE, CORPUS, TAG, byte_level_tokenizer, tiny_lla
                       write_llm_dir)
 from data import Conversation, Turn, audio_file_cut, right_pad
 from prompts import make_prompt_formatter
-from salm import SALM, load_tokenizer, replace_placeholders_and_build_targets
+from salm import SALM, load_tokenizer, splice, splice_index
 
 SAMPLE_RATE = 16000
 SHIPPED_LLM = Path(__file__).resolve().parents[1] / "assets" / "tiny-llm"
@@ -113,10 +113,11 @@ def test_replace_placeholders_nemo_vector():
     loss_mask = torch.tensor([[False, False, False, False, False, True], [False, False, False, False, True, True]])
     embeds = torch.ones(2, 6, 2)
     embeds[1, :2] = 0
-    replacements = [torch.full((4, 2), 2.0), torch.full((3, 2), 3.0), torch.full((2, 2), 4.0)]
-    embeds_r, targets_r, attention_mask_r = replace_placeholders_and_build_targets(
-        input_ids, embeds, PAD, AUDIO, replacements, target_ids=input_ids.where(loss_mask, -100)
-    )
+    replacements = torch.stack([torch.full((4, 2), v) for v in (2.0, 3.0, 4.0)])  # (3, 4, 2)
+    index, frames = splice_index([input_ids[0], input_ids[1, 2:]], [4, 3, 2], AUDIO, left=True)
+    embeds_r = splice(embeds, replacements, index)
+    targets_r = splice(input_ids.where(loss_mask, -100), torch.full((3, 4), -100), index, fill=-100)
+    attention_mask_r = index != input_ids.numel() + 3 * frames  # not the padding entry
     assert embeds_r.shape == (2, 11, 2)
     assert (embeds_r[0, 0] == 1.0).all() and (embeds_r[0, 1:5] == 2.0).all() and (embeds_r[0, 5:7] == 1.0).all()
     assert (embeds_r[0, 7:10] == 3.0).all() and (embeds_r[0, 10] == 1.0).all()
@@ -125,8 +126,8 @@ def test_replace_placeholders_nemo_vector():
     torch.testing.assert_close(targets_r, torch.tensor([[-100] * 10 + [1], [-100] * 9 + [4, 5]]))
     torch.testing.assert_close(attention_mask_r, torch.tensor([[True] * 11, [False] * 6 + [True] * 5]))
 
-    with pytest.raises(ValueError, match="3 placeholders but 2 replacements"):
-        replace_placeholders_and_build_targets(input_ids, embeds, PAD, AUDIO, replacements[:2])
+    with pytest.raises(ValueError, match="3 audio locator tags but 2 audios"):
+        splice_index([input_ids[0], input_ids[1, 2:]], [4, 3], AUDIO)
 
 
 def test_llama2_matches_nemo_rendering(sentencepiece_llm_dir, llm_dir):
@@ -458,8 +459,10 @@ def test_generate_equals_greedy_decoding_with_forward(llm_dir):
     with torch.no_grad():
         audio_embeds, audio_embed_lens = model.perception(audios, audio_lens)
         text_embeds = model.embed_tokens(input_ids.masked_fill(input_ids == tag_id, 0))
-        prompt_embeds, _, prompt_mask = replace_placeholders_and_build_targets(
-            input_ids, text_embeds, model.text_pad_id, tag_id, [audio_embeds[0, : audio_embed_lens[0]]])
+        tag = int((input_ids[0] == tag_id).nonzero())  # the one clip's frames go where its tag is
+        clip = audio_embeds[:, : audio_embed_lens[0]]
+        prompt_embeds = torch.cat([text_embeds[:, :tag], clip, text_embeds[:, tag + 1 :]], 1)
+        prompt_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool)
 
         # no cache: the whole sequence at every step
         embeds, mask, tokens = prompt_embeds, prompt_mask, []

@@ -10,8 +10,8 @@ from checkpoint import atomic_save
 from config import ConfigError
 from conftest import ROOT, SMALL, salm_dataset, tone
 from data import TrainBatches
-from train import (build_optimizer, build_scheduler, cosine_annealing, resume_rank_state,
-                   time_budget, validation_interval)
+from train import (build_optimizer, build_scheduler, clip_gradients, cosine_annealing,
+                   resume_rank_state, time_budget, validation_interval)
 
 
 def nemo_cosine(step, base, warmup, max_steps, min_lr):
@@ -147,3 +147,12 @@ def test_rerunning_a_finished_run_says_so_and_keeps_its_checkpoint(tmp_path, cap
             "(raise trainer.max_steps to go on)") in out.splitlines()
     assert "stopped at step 2: max_steps" in out
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == finished  # not rewritten
+
+
+def test_clip_gradients_returns_the_norm_and_clips():
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
+    for algorithm, clipped in (("norm", [0.6, -0.8, 0.0]), ("value", [0.5, -0.5, 0.0])):
+        params[0].grad, params[1].grad = torch.tensor([3.0, -4.0]), torch.tensor([0.0])
+        norm = clip_gradients(params, 0.5 if algorithm == "value" else 1.0, algorithm)
+        assert float(norm) == pytest.approx(0.5 * 2**0.5 if algorithm == "value" else 5.0)
+        assert torch.cat([p.grad for p in params]).tolist() == pytest.approx(clipped, abs=1e-5)
