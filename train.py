@@ -300,7 +300,7 @@ def build_optimizer(opt_cfg: dict | None, params) -> torch.optim.Optimizer:
     opt_cfg = dict(opt_cfg or {"_target_": "torch.optim.AdamW", "lr": 1e-4})
     target = opt_cfg.pop("_target_", None) or opt_cfg.pop("name", "AdamW")
     name = target.rsplit(".", 1)[-1]
-    if name not in OPTIMIZERS or not target.removesuffix(name).rstrip(".") in ("", "torch.optim"):
+    if name not in OPTIMIZERS or target.removesuffix(name).rstrip(".") not in ("", "torch.optim"):
         raise ConfigError(f"model.optimizer._target_ '{target}' is not allowed: use torch.optim.<{'|'.join(OPTIMIZERS)}>")
     if not params:
         raise ConfigError("no trainable parameters: model.freeze_params froze everything")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+E2E = "test_train_e2e.py::"
 NOTHING_WRITTEN = "test_bad_input.py::test_mistakes_stop_the_run_before_anything_is_written"
 
 
@@ -116,7 +117,34 @@ MUTATIONS = [
              "        set_rng_state(rank_state)\n"
              "        [p.data.add_(1e-9) for p in model.parameters()]\n",
              ["test_resume.py"], slow=True),
-    # ---- training loop (train_step, DDP, accumulation)
+    # ---- training loop (train_step, DDP, accumulation) and the GPU path
+    Mutation("DDP: gradients not rescaled by the world size", "train.py",
+             "run.world_size / totals[1]", "1 / totals[1]",
+             [E2E + "test_torchrun_two_ranks_equal_one_process_on_the_same_global_batch"], slow=True),
+    Mutation("no gradient normalisation after accumulation", "train.py",
+             "    torch._foreach_mul_(grads, run.world_size / totals[1].clamp(min=1))\n", "",
+             [E2E + "test_gradient_accumulation_equals_a_double_batch_and_the_mean_loss_gradient"],
+             slow=True),
+    Mutation("per-micro-batch mean instead of the global mean", "train.py",
+             'run.scaler.scale(out["loss_sum"]).backward()',
+             'run.scaler.scale(out["loss"] / len(micro_batches)).backward()',
+             [E2E + "test_gradient_accumulation_equals_a_double_batch_and_the_mean_loss_gradient"],
+             slow=True),
+    Mutation("text-only batch skips the perception (DDP)", "salm.py",
+             "                text_embeds = text_embeds + 0 * sum(p.sum() for p in weights)",
+             "                pass",
+             [E2E + "test_torchrun_two_ranks_equal_one_process_on_the_same_global_batch"], slow=True),
+    Mutation("padded encoder queries see nothing (bf16 NaN on cuDNN)", "perception.py",
+             "return torch.where(valid.unsqueeze(2), visible & keys, keys)",
+             "return visible & keys & valid.unsqueeze(2)",
+             ["test_gpu_step.py::test_no_attention_row_sees_nothing"]),
+    Mutation("a host sync in the step (non-fused skip)", "train.py",
+             'getattr(run.optimizer, "_step_supports_amp_scaling", False)', "False",
+             ["test_gpu_step.py::test_a_training_step_needs_no_host_sync"]),
+    Mutation("HF builds the LLM mask itself (host sync, empty rows)", "salm.py",
+             '"attention_mask": causal_mask(input_embeds.size(1) - 1, index.device),',
+             '"attention_mask": None,',
+             ["test_gpu_step.py::test_a_training_step_needs_no_host_sync"]),
 ]
 
 
