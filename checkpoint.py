@@ -1,20 +1,17 @@
-"""Checkpoints and exports: read them safely, write them atomically, and move models in and out of them.
+"""Checkpoints and exports: read them safely, write them atomically, move models in and out of them.
 
-    load_checkpoint(path)            a torch.save file as plain tensors and containers (weights_only=True)
-    atomic_save(state, path)         temporary file, fsync, rename: a kill never leaves half a checkpoint
+    load_checkpoint(path)            a torch.save file, loaded with weights_only=True
+    atomic_save(state, path)         temporary file, fsync, rename: never half a checkpoint
     load_model(path, choose_class)   a model from an export directory or a train.py checkpoint
     PretrainedMixin                  save_pretrained / from_pretrained for the project's models
     load_nemo_checkpoint(path)       a NeMo `.nemo` archive: (config, state dict)
     load_nemo_duplex_weights(model, ckpt)  NeMo duplex weights, renamed by NEMO_DUPLEX_NAMES
 
 NeMo-trained SALMs load too (`load_model`, `SALM.from_pretrained`, `infer.py --model`): a Lightning
-`.ckpt` (weights under `state_dict`, the model config under `hyper_parameters.cfg`) or NeMo's
-HF-style export (config.json + model.safetensors, as published for canary-qwen-2.5b). Their names
-differ from ours in one place: the token embedding, moved out of NeMo's LLM (NEMO_EMBEDDING).
+`.ckpt` (config under `hyper_parameters.cfg`) or NeMo's HF-style export (as for canary-qwen-2.5b).
 
 An export directory (`save_pretrained`), laid out as Hugging Face lays out a model:
-    config.json        the resolved model config; pretrained_llm (and pretrained_audio_codec) point at the copies
-                       below, pretrained_weights is false (every weight comes from model.safetensors)
+    config.json        the resolved model config: asset paths point below, pretrained_weights false
     model.safetensors  all weights except the codec's
     llm/               the tokenizer (audio locator tag included) and the LLM's config.json
     codec/             duplex models: the frozen audio codec as a transformers model directory
@@ -39,10 +36,9 @@ from torch import nn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 LLM_DIR, CODEC_DIR = "llm", "codec"
-# The name map between NeMo's SALM and ours. NeMo moves the LLM's input embedding to the top level
-# (`embed_tokens.weight`); here it stays in the LLM, under LLM_EMBEDDINGS[0] (LoRA: [1], peft's).
-# Every other name is the same. With tied embeddings NeMo lists the shared tensor once, as the LLM's
-# `lm_head.weight` (the top-level module comes after the LLM); its exports store it as embed_tokens.
+# NeMo's SALM moves the LLM's input embedding to the top (`embed_tokens.weight`); ours stays in the
+# LLM, under LLM_EMBEDDINGS[0] (LoRA: [1]). Other names are the same. Tied embeddings: NeMo lists
+# the shared tensor once, as the LLM's `lm_head.weight`; its exports store it as embed_tokens.
 NEMO_EMBEDDING = "embed_tokens."
 LLM_EMBEDDINGS = ("llm.model.embed_tokens.", "llm.base_model.model.model.embed_tokens.")
 NEMO_EXPORT_KEYS = ("model_type", "architectures", "dtype", "torch_dtype")  # added by NeMo's export
@@ -73,7 +69,7 @@ def atomic_save(state: dict, path: Path) -> None:
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
-    """A train.py checkpoint: the file itself, or a run directory's checkpoints/last.ckpt (or last.ckpt)."""
+    """A train.py checkpoint: the file, or a run directory's checkpoints/last.ckpt or last.ckpt."""
     path = Path(path)
     if path.is_file():
         return path
@@ -84,16 +80,17 @@ def find_checkpoint(path: str | Path) -> Path | None:
 
 
 def read_checkpoint(path: str | Path, state: dict | None = None) -> dict:
-    """A train.py checkpoint's contents: "model" (the state dict), "config" (the full config), ..."""
+    """A train.py checkpoint's contents: "model" (state dict), "config" (full config), ..."""
     state = load_checkpoint(path) if state is None else state
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config')")
+        raise ValueError(f"{path} is not a checkpoint written by train.py "
+                         "(no 'model' and 'config')")
     return state
 
 
 def read_model(path: str | Path) -> tuple[dict, dict, str | None]:
-    """(model config with pretrained_weights false, state dict, saved dtype or None) of an export directory
-    or a train.py checkpoint (.ckpt file, or a run directory)."""
+    """(model config with pretrained_weights false, state dict, saved dtype or None) of an export
+    directory or a train.py checkpoint (.ckpt file, or a run directory)."""
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
         cfg = pretrained_config(path)
@@ -101,17 +98,18 @@ def read_model(path: str | Path) -> tuple[dict, dict, str | None]:
             state = {name: f.get_tensor(name) for name in f.keys()}
             saved_dtype = (f.metadata() or {}).get("dtype", "float32")
         if saved_dtype not in DTYPES:
-            raise ValueError(f"{path / WEIGHTS_NAME} says its weights are {saved_dtype!r}; expected one of "
-                             f"{', '.join(DTYPES)}")
+            raise ValueError(f"{path / WEIGHTS_NAME} says its weights are {saved_dtype!r}; "
+                             f"expected one of {', '.join(DTYPES)}")
         if any(name.startswith(NEMO_EMBEDDING) for name in state):  # a NeMo export
             cfg, state = nemo_model_config(cfg, path), from_nemo_names(state, cfg.get("lora"))
         return cfg, state, saved_dtype
     checkpoint = find_checkpoint(path)
     if checkpoint is None:
-        raise FileNotFoundError(f"{path}: neither an export directory (config.json + model.safetensors) nor "
-                                "a train.py or NeMo Lightning checkpoint (.ckpt file, or a run "
-                                "directory holding checkpoints/last.ckpt); convert a NeMo "
-                                "distributed checkpoint directory with NeMo's to_hf.py first")
+        raise FileNotFoundError(
+            f"{path}: neither an export directory (config.json + model.safetensors) nor a "
+            "train.py or NeMo Lightning checkpoint (.ckpt file, or a run directory holding "
+            "checkpoints/last.ckpt); convert a NeMo distributed checkpoint directory with NeMo's "
+            "to_hf.py first")
     state = load_checkpoint(checkpoint)
     nemo = isinstance(state, dict) and isinstance(state.get("hyper_parameters"), dict)
     if nemo and "state_dict" in state:
@@ -130,8 +128,8 @@ def load_model(path: str | Path, choose_class, dtype: torch.dtype | None = None)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise ValueError(f"{path} does not fit the model its config builds: {str(e).splitlines()[-1]}") \
-            from None
+        raise ValueError(f"{path} does not fit the model its config builds: "
+                         f"{str(e).splitlines()[-1]}") from None
     aliases = tied_aliases(model)
     missing = [k for k in result.missing_keys
                if k not in aliases and not k.startswith(("audio_codec.", PREPROCESSOR_BUFFERS))]
@@ -144,14 +142,14 @@ def load_model(path: str | Path, choose_class, dtype: torch.dtype | None = None)
 
 class PretrainedMixin:
     """`save_pretrained(dir)` / `from_pretrained(dir or checkpoint)` (NeMo's HFHubMixin, offline).
-    The model needs `cfg`, `tokenizer`, `llm` and, for a codec, `audio_codec.model` (a transformers model)."""
+    It needs `cfg`, `tokenizer`, `llm` and, for a codec, `audio_codec.model` (transformers)."""
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write the export directory; `dtype` casts the weights (modules marked keep_fp32 stay fp32)."""
+        """Write the export directory; `dtype` casts the weights (keep_fp32 modules stay fp32)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = copy.deepcopy(self.cfg)
-        # the ASR checkpoint's config is already in cfg["perception"], its weights in model.safetensors
+        # the ASR model's config is already in cfg["perception"], its weights in model.safetensors
         cfg.update(pretrained_llm=LLM_DIR, tokenizer_path=None, pretrained_weights=False,
                    pretrained_asr=None)
         self.tokenizer.save_pretrained(path / LLM_DIR)
@@ -160,7 +158,8 @@ class PretrainedMixin:
         if codec is not None:
             codec.model.save_pretrained(path / CODEC_DIR)
             cfg["pretrained_audio_codec"] = CODEC_DIR
-        keep_fp32 = tuple(f"{n}." for n, m in self.named_modules() if getattr(m, "keep_fp32", False))
+        keep_fp32 = tuple(f"{n}." for n, m in self.named_modules()
+                          if getattr(m, "keep_fp32", False))
         aliases = tied_aliases(self)
         state = {}
         for name, tensor in self.state_dict().items():
@@ -169,21 +168,22 @@ class PretrainedMixin:
             if dtype is not None and tensor.is_floating_point() and not name.startswith(keep_fp32):
                 tensor = tensor.to(dtype)
             state[name] = tensor.contiguous()
-        saved = str(dtype or next(p.dtype for n, p in self.named_parameters() if n.startswith("llm.")))
-        save_file(state, path / WEIGHTS_NAME, metadata={"format": "pt", "dtype": saved.removeprefix("torch.")})
+        saved = str(dtype or next(p.dtype for n, p in self.named_parameters()
+                                  if n.startswith("llm.")))
+        save_file(state, path / WEIGHTS_NAME,
+                  metadata={"format": "pt", "dtype": saved.removeprefix("torch.")})
         (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None):
-        """Rebuild from an export directory or a train.py checkpoint, weights loaded strictly, in eval mode.
-        The weights keep the dtype they were saved in unless `dtype` is given."""
+        """`load_model` of this class: strict, eval mode, saved dtype unless `dtype` is given."""
         return load_model(path, lambda cfg: cls, dtype)
 
     def merge_lora(self) -> None:
-        """Fold the LoRA adapters into the LLM's weights (peft merge_and_unload): a plain LLM, loadable
-        without peft, that computes what the adapted one did."""
+        """Fold the LoRA adapters into the LLM (peft merge_and_unload): a plain LLM."""
         if self.cfg.get("lora") is None:
-            raise ValueError("this model has no LoRA adapters to merge (its config has no 'lora' section)")
+            raise ValueError("this model has no LoRA adapters to merge "
+                             "(its config has no 'lora' section)")
         if hasattr(self.llm, "merge_and_unload"):
             self.llm = self.llm.merge_and_unload()
         else:  # the duplex models wrap only the LLM's decoder stack
@@ -193,12 +193,13 @@ class PretrainedMixin:
 
 
 def pretrained_config(path: str | Path) -> dict:
-    """The model config of an export directory, its relative asset paths resolved, pretrained_weights false."""
+    """An export directory's model config, relative asset paths resolved, pretrained_weights off."""
     path = Path(path)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not an exported model: it has no {name} (write one with "
-                                    "model.save_pretrained(dir) or `python infer.py export`)")
+            raise FileNotFoundError(
+                f"{path} is not an exported model: it has no {name} (write one with "
+                "model.save_pretrained(dir) or `python infer.py export`)")
     cfg = json.loads((path / CONFIG_NAME).read_text())
     for key in ("pretrained_llm", "pretrained_audio_codec"):
         if cfg.get(key) and (path / cfg[key]).exists():
@@ -227,8 +228,7 @@ def to_nemo_name(name: str) -> str:
 
 
 def nemo_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) as NeMo's SALM.named_parameters() lists them: a tied embedding once, as the
-    LLM's lm_head."""
+    """(name, parameter) as NeMo's SALM lists them: a tied embedding once, as the LLM's lm_head."""
     named = [(to_nemo_name(n), p) for n, p in model.named_parameters(remove_duplicate=False)]
     named.sort(key=lambda item: item[0].startswith(NEMO_EMBEDDING))  # stable: the LLM's names first
     seen = set()
@@ -236,9 +236,8 @@ def nemo_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def nemo_model_config(cfg: dict, path) -> dict:
-    """A NeMo SALM config as ours: export bookkeeping and initialisation sources dropped (the
-    weights come from the file); options that change the computation and are not implemented here
-    refused."""
+    """A NeMo SALM config as ours: export bookkeeping and init sources dropped (the weights come
+    from the file), options that change the computation and are not implemented here refused."""
     cfg = {k: v for k, v in cfg.items() if k not in NEMO_EXPORT_KEYS + NEMO_INIT_KEYS}
     for key in ("encoder_chunk_size_seconds", "trust_remote_code", "use_nemo_automodel"):
         if cfg.get(key):
@@ -253,7 +252,7 @@ def nemo_model_config(cfg: dict, path) -> dict:
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """model.to(dtype), except modules marked keep_fp32 (the mel frontend, the codec): they stay fp32."""
+    """model.to(dtype), except modules marked keep_fp32 (mel frontend, codec): they stay fp32."""
     model.to(dtype)
     for module in model.modules():
         if getattr(module, "keep_fp32", False):
@@ -262,7 +261,7 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def tied_aliases(model: nn.Module) -> set[str]:
-    """State-dict names whose tensor is the same as an earlier name's (tied embeddings): saved once."""
+    """State-dict names whose tensor is an earlier name's (tied embeddings): saved once."""
     seen, aliases = set(), set()
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
@@ -273,7 +272,7 @@ def tied_aliases(model: nn.Module) -> set[str]:
 
 
 def resolve_pretrained_asr(name_or_path: str) -> str:
-    """A `.nemo` path as is, or a model name -> the `.nemo` file of the `nvidia/<name>` Hugging Face repo."""
+    """A `.nemo` path as is, or a model name -> the `.nemo` file of the HF repo `nvidia/<name>`."""
     if name_or_path.endswith(".nemo") or os.path.exists(name_or_path):
         if not os.path.isfile(name_or_path):
             raise FileNotFoundError(f"pretrained_asr: no such .nemo file: {name_or_path}")
@@ -282,22 +281,24 @@ def resolve_pretrained_asr(name_or_path: str) -> str:
     filename = repo_id.split("/")[-1] + ".nemo"
     try:  # downloads when online, reads the local cache when offline
         return huggingface_hub.hf_hub_download(repo_id, filename)
-    except Exception as error:  # not cached while offline, no such repo or file, no network, gated repo
+    except Exception as error:  # offline, uncached, no such repo or file, no network, gated repo
         raise FileNotFoundError(
-            f"pretrained_asr={name_or_path!r}: found no {filename} in the Hugging Face repo {repo_id}, online "
-            f"or in the cache {huggingface_hub.constants.HF_HUB_CACHE} ({type(error).__name__}); pass a "
-            "local .nemo path or set pretrained_weights: false") from None
+            f"pretrained_asr={name_or_path!r}: found no {filename} in the Hugging Face repo "
+            f"{repo_id}, online or in the cache {huggingface_hub.constants.HF_HUB_CACHE} "
+            f"({type(error).__name__}); pass a local .nemo path or set pretrained_weights: "
+            "false") from None
 
 
 def load_nemo_checkpoint(path: str) -> tuple[dict, dict]:
-    """A `.nemo` file, a tar (or tar.gz) of model_config.yaml and model_weights.ckpt: (config, state dict)."""
+    """A `.nemo` file (tar of model_config.yaml and model_weights.ckpt) -> (config, state dict)."""
     try:
         archive = tarfile.open(path, "r:*")
     except tarfile.ReadError:
         raise ValueError(f"{path} is not a .nemo file (not a tar archive)") from None
     with archive, tempfile.TemporaryDirectory() as tmp:
         members = {os.path.normpath(m.name): m for m in archive.getmembers() if m.isfile()}
-        absent = [name for name in ("model_config.yaml", "model_weights.ckpt") if name not in members]
+        absent = [name for name in ("model_config.yaml", "model_weights.ckpt")
+                  if name not in members]
         if absent:
             raise ValueError(f"{path} is not a .nemo checkpoint: it has no {' or '.join(absent)}")
         config = yaml.safe_load(archive.extractfile(members["model_config.yaml"]))
@@ -307,12 +308,12 @@ def load_nemo_checkpoint(path: str) -> tuple[dict, dict]:
         try:
             state_dict = load_checkpoint(weights_path)
         except ValueError as e:  # name the .nemo file, not the temporary copy of its weights
-            raise ValueError(str(e).replace(weights_path, f"{path} (its model_weights.ckpt)")) from None
+            raise ValueError(str(e).replace(weights_path,
+                                            f"{path} (its model_weights.ckpt)")) from None
     return config, state_dict
 
 
-# NeMo speechlm2's duplex parameter names -> this project's (DuplexS2SModel and
-# DuplexS2SSpeechDecoderModel). NeMo keeps only the LLM's decoder stack as `llm`, moves its
+# NeMo's duplex parameter names -> ours. NeMo keeps only the LLM's decoder stack as `llm`, moves its
 # embedding and output head to the top and calls the speech decoder `speech_generation`. The first
 # rule whose pattern matches renames the tensor; None drops it.
 NEMO_DUPLEX_NAMES = (
@@ -328,9 +329,8 @@ NEMO_UNUSED = ("embed_audio_tokens.", "audio_head.")  # NeMo's speech-decoder mo
 
 
 def load_nemo_duplex_weights(model: nn.Module, source: str | Path | dict) -> None:
-    """Load a NeMo duplex model's weights (a Lightning .ckpt's `state_dict`, or the state dict
-    itself) into `model`, renamed by NEMO_DUPLEX_NAMES. Every weight of `model` but the codec's must
-    be there, with the same shape (the audio heads need a codec with NeMo's codebooks)."""
+    """A NeMo duplex model's weights (a .ckpt or its state dict) into `model`, renamed by
+    NEMO_DUPLEX_NAMES: all but the codec's, same shapes (the audio heads need NeMo's codebooks)."""
     state = source if isinstance(source, dict) else load_checkpoint(source)
     state = state.get("state_dict", state)
     own, renamed = model.state_dict(), {}

@@ -1,26 +1,23 @@
-"""Use a trained model: export it, generate with it, score it, let a duplex model answer a recording.
+"""Use a trained model: export it, generate with it, score it, have a duplex model answer speech.
 
-    python infer.py export   --model runs/salm/checkpoints/last.ckpt --out exports/salm [--dtype bfloat16]
+    python infer.py export   --model runs/salm --out exports/salm [--dtype bfloat16]
     python infer.py generate --model exports/salm --inputs assets/demo/asr_val [--user-prompt ...]
     python infer.py evaluate --model runs/salm --inputs assets/demo/asr_val more.jsonl
     python infer.py duplex   --model runs/s2s_duplex --audio question.wav --out answer/
     python infer.py stream   --model runs/s2s_duplex --audio question.wav --out live/ [--realtime]
 
---model: an export directory (save_pretrained) or a train.py checkpoint (a .ckpt file, or the run
-directory); for SALM also NeMo's own: a Lightning .ckpt, or an HF-style export directory
-(config.json + model.safetensors).
---inputs, each one dataset named after its file or directory: lhotse Shar directories, lhotse cut
+--model: an export directory (save_pretrained) or a train.py checkpoint (.ckpt file or run dir); for
+SALM also NeMo's: a Lightning .ckpt or an HF-style export (config.json + model.safetensors).
+--inputs, one dataset each, named after its file or directory: lhotse Shar directories or cut
 manifests (.jsonl.gz), NeMo ASR manifests ({"audio_filepath", "duration", "text"} lines), NeMo
-multimodal conversation manifests ({"id", "conversations"} lines), YAML files holding an `input_cfg`
-list, or audio files (together the dataset "audio"). ASR items are written as {"id", "duration",
-"text", "pred_text", "prompt"} lines, prompted with their `context` (a manifest line's key, or tags)
-or, without one, with NeMo salm_eval's "Repeat after me, typing in lowercase." (--user-prompt
-replaces it; '' for none); conversations are written back with the generated assistant turn in place
-of the last one. "prompt" is the text the model was given.
-generate and evaluate run SALM, duplex and stream the duplex models; export takes all three.
-stream feeds the recording to a live session 80 ms at a time, as if spoken now (--realtime: at
-the pace of speech), and writes agent.wav (on the user's time axis), timeline.jsonl, timeline.svg
-and summary.json.
+conversation manifests ({"id", "conversations"} lines), YAML `input_cfg` lists, or audio files (all
+in the dataset "audio"). ASR items, prompted with their `context` (a manifest key, or tags) or else
+NeMo salm_eval's "Repeat after me, typing in lowercase." (--user-prompt replaces it; '' for none),
+are written as {"id", "duration", "text", "pred_text", "prompt"} lines; conversations are written
+back with the generated turn in place of the last assistant turn. "prompt": the model's input.
+generate and evaluate run SALM, duplex and stream the duplex models; export takes all three. stream
+feeds the recording to a live session 80 ms at a time (--realtime: at the pace of speech) and writes
+agent.wav (on the user's time axis), timeline.jsonl, timeline.svg and summary.json.
 Metrics (metrics.py): WER and BLEU after Whisper's text normalizer, per dataset and their mean.
 """
 import argparse
@@ -54,30 +51,38 @@ AGENT_PEAK = 0.9  # agent speech beyond full scale (an untrained codec's) is sca
 
 def main(argv: list[str] | None = None) -> dict | None:
     """Run a subcommand; returns evaluate's metrics or stream's summary (for tests, notebooks)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     model_help = "export directory or train.py checkpoint (.ckpt or run dir)"
     export_cmd = commands.add_parser("export", help="checkpoint -> self-contained export directory")
     export_cmd.add_argument("--model", required=True, help=model_help)
     export_cmd.add_argument("--out", required=True, help="the export directory to write")
     export_cmd.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: float32)")
-    export_cmd.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the LLM weights")
+    export_cmd.add_argument("--merge-lora", action="store_true",
+                            help="fold LoRA adapters into the LLM weights")
     for name in ("generate", "evaluate"):
-        cmd = commands.add_parser(name, help="SALM answers to every input" + " + WER or BLEU" * (name[0] == "e"))
+        cmd = commands.add_parser(name, help="SALM answers to every input"
+                                  + " + WER or BLEU" * (name[0] == "e"))
         cmd.add_argument("--model", required=True, help=model_help)
-        cmd.add_argument("--inputs", required=True, nargs="+", help="datasets: Shar dirs, manifests, audio files")
-        cmd.add_argument("--output-dir", default="generations", help="one <dataset>.jsonl per dataset goes here")
+        cmd.add_argument("--inputs", required=True, nargs="+",
+                         help="datasets: Shar dirs, manifests, audio files")
+        cmd.add_argument("--output-dir", default="generations",
+                         help="one <dataset>.jsonl per dataset goes here")
         cmd.add_argument("--system-prompt", help="a system turn put first in every conversation")
-        cmd.add_argument("--user-prompt", help=f"user text before the audio (ASR default: '{DEFAULT_ASR_PROMPT}')")
-        cmd.add_argument("--batch-size", type=int, default=16, help="items per batch (sorted by duration)")
+        cmd.add_argument("--user-prompt",
+                         help=f"user text before the audio (ASR default: '{DEFAULT_ASR_PROMPT}')")
+        cmd.add_argument("--batch-size", type=int, default=16,
+                         help="items per batch (sorted by duration)")
         cmd.add_argument("--max-new-tokens", type=int, default=128)
         if name == "evaluate":
             cmd.add_argument("--metric", choices=("auto", "wer", "bleu"), default="auto",
                              help="auto: WER for ASR inputs, BLEU for conversations")
-    duplex_cmd = commands.add_parser("duplex", help="a duplex model answers a recording: agent.wav, agent.txt")
+    duplex_cmd = commands.add_parser(
+        "duplex", help="a duplex model answers a recording: agent.wav, agent.txt")
     duplex_cmd.add_argument("--model", required=True, help=model_help)
-    duplex_cmd.add_argument("--audio", required=True, help="the user's side of the conversation (any rate)")
+    duplex_cmd.add_argument("--audio", required=True,
+                            help="the user's side of the conversation (any rate)")
     duplex_cmd.add_argument("--out", required=True, help="output directory")
     stream_cmd = commands.add_parser("stream", help="a live duplex session over a recording")
     stream_cmd.add_argument("--model", required=True, help=model_help)
@@ -86,8 +91,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     stream_cmd.add_argument("--realtime", action="store_true",
                             help="feed 80 ms every 80 ms (default: as fast as it goes)")
     stream_cmd.add_argument("--threads", type=int, default=1,
-                            help="torch CPU threads (default 1: a step's operations are too small to "
-                            "share, and spinning threads on busy cores stall it)")
+                            help="torch CPU threads (default 1: a step's operations are too small "
+                            "to share, and spinning threads on busy cores stall it)")
     for cmd in (*commands.choices.values(),):
         if cmd is not export_cmd:
             cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,9 +106,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     model = load_model(args.model, model_class, dtype).to(args.device)
     wanted = DuplexS2SModel if args.command in ("duplex", "stream") else SALM
     if not isinstance(model, wanted):
-        raise ValueError(f"{args.model} is a {type(model).__name__}; `infer.py {args.command}` runs a "
-                         f"{wanted.__name__} (SALM: generate / evaluate; duplex models: duplex / "
-                         "stream)")
+        raise ValueError(f"{args.model} is a {type(model).__name__}; `infer.py {args.command}` "
+                         f"runs a {wanted.__name__} (SALM: generate / evaluate; duplex models: "
+                         "duplex / stream)")
     if args.command == "duplex":
         duplex(model, args.audio, Path(args.out))
         return None
@@ -112,31 +117,32 @@ def main(argv: list[str] | None = None) -> dict | None:
             torch.set_num_threads(args.threads)
         return stream(model, args.audio, Path(args.out), args.realtime)
     datasets = read_datasets(args.inputs)
-    results = generate(model, datasets, args.output_dir, args.system_prompt, args.user_prompt, args.batch_size,
-                       args.max_new_tokens)
+    results = generate(model, datasets, args.output_dir, args.system_prompt, args.user_prompt,
+                       args.batch_size, args.max_new_tokens)
     if args.command == "evaluate":
         return evaluate(results, args.metric, Path(args.output_dir))
     return None
 
 
-def export(model_path: str | Path, out: str | Path, dtype: torch.dtype | None = None, merge_lora: bool = False):
-    """Checkpoint (or export) -> a self-contained export directory, optionally cast and with LoRA merged."""
+def export(model_path: str | Path, out: str | Path, dtype: torch.dtype | None = None,
+           merge_lora: bool = False):
+    """Checkpoint (or export) -> a self-contained export directory, optionally cast, LoRA merged."""
     model = load_model(model_path, model_class)
     if merge_lora:
         model.merge_lora()
     model.save_pretrained(out, dtype)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     print(f"exported {type(model).__name__} to {out} ({size / 2**20:.1f} MiB"
-          f"{', ' + str(dtype).removeprefix('torch.') if dtype else ''}{', LoRA merged' if merge_lora else ''})")
+          f"{', ' + str(dtype).removeprefix('torch.') if dtype else ''}"
+          f"{', LoRA merged' if merge_lora else ''})")
     return model
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # inputs
 
 def read_datasets(inputs: list[str]) -> dict[str, tuple[list, Skipped]]:
-    """Each input -> its name: (its items: lhotse cuts for ASR data, Conversations for conversation
-    data; what reading it dropped, e.g. manifest lines whose audio is missing)."""
+    """Each input -> its name: (lhotse cuts or Conversations, a Skipped of what reading dropped)."""
     datasets = {}
     for spec in inputs:
         path = Path(spec)
@@ -169,7 +175,8 @@ def _input_cfg(path: Path) -> list[dict] | str:
     try:
         row = json.loads(first)
     except json.JSONDecodeError:
-        raise ValueError(f"--inputs {path}: not JSON lines, a Shar directory, a YAML input_cfg or audio") from None
+        raise ValueError(f"--inputs {path}: not JSON lines, a Shar directory, a YAML input_cfg "
+                         "or audio") from None
     if "conversations" in row:
         return [{"type": "multimodal_conversation", "manifest_filepath": str(path)}]
     if "audio_filepath" in row:
@@ -177,8 +184,9 @@ def _input_cfg(path: Path) -> list[dict] | str:
     return [{"type": "lhotse", "cuts_path": str(path)}]
 
 
-def prompt_and_reference(item, system_prompt: str | None, user_prompt: str | None) -> tuple[Conversation, str | None]:
-    """The conversation to answer (the last assistant turn removed, prompts added) and that turn's text."""
+def prompt_and_reference(item, system_prompt: str | None,
+                         user_prompt: str | None) -> tuple[Conversation, str | None]:
+    """The conversation to answer (last assistant turn cut, prompts added) and that turn's text."""
     conversation = item if isinstance(item, Conversation) else cut_to_conversation(item)
     turns, reference = list(conversation.turns), None
     if turns and turns[-1].role == "assistant":
@@ -186,34 +194,36 @@ def prompt_and_reference(item, system_prompt: str | None, user_prompt: str | Non
     if user_prompt is None and isinstance(item, Cut) and not (item.custom or {}).get("context"):
         user_prompt = DEFAULT_ASR_PROMPT
     if user_prompt:
-        turns.insert(next((i for i, t in enumerate(turns) if t.role != "system"), len(turns)), Turn("user", user_prompt))
+        turns.insert(next((i for i, t in enumerate(turns) if t.role != "system"), len(turns)),
+                     Turn("user", user_prompt))
     if system_prompt:
         turns = [Turn("system", system_prompt)] + [t for t in turns if t.role != "system"]
     return Conversation(conversation.id, turns, conversation.custom), reference
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # generation
 
 def generate(model, datasets: dict[str, tuple[list, Skipped]], output_dir: str | Path,
              system_prompt: str | None = None, user_prompt: str | None = None, batch_size: int = 16,
              max_new_tokens: int = 128) -> dict[str, tuple[list, Skipped]]:
-    """Answer every item, longest first in batches; write `output_dir/<dataset>.jsonl` and print tokens/s and
-    RTFx (seconds of audio per second of generation). Returns per dataset (a list of (record,
-    reference, hypothesis), what was skipped, with the items whose audio failed to load added)."""
+    """Answer every item, longest first in batches; write `output_dir/<dataset>.jsonl`; print
+    tokens/s and RTFx. Per dataset: ([(record, reference, hypothesis)], its Skipped, updated)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, (items, skipped) in datasets.items():
         items = sorted(items, key=lambda item: item.duration, reverse=True)
         rows, audio_seconds, num_tokens, seconds = [], 0.0, 0, 0.0
-        progress = tqdm(total=len(items), desc=name, unit="item", dynamic_ncols=True, file=sys.stderr)
+        progress = tqdm(total=len(items), desc=name, unit="item", dynamic_ncols=True,
+                        file=sys.stderr)
         for start in range(0, len(items), batch_size):
             batch, conversations, references, audios = [], [], [], []
             for item in items[start : start + batch_size]:
                 conversation, reference = prompt_and_reference(item, system_prompt, user_prompt)
                 try:
-                    clips = [load_audio(cut, model.sampling_rate) for cut in conversation.audio_cuts]
+                    clips = [load_audio(cut, model.sampling_rate)
+                             for cut in conversation.audio_cuts]
                 except AudioError as e:
                     skipped.add(UNREADABLE, item.id, str(e))
                     continue
@@ -235,7 +245,8 @@ def generate(model, datasets: dict[str, tuple[list, Skipped]], output_dir: str |
             progress.update(len(items[start : start + batch_size]))
         progress.close()
         path = output_dir / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(record, ensure_ascii=False, default=str) + "\n" for record, _, _ in rows))
+        path.write_text("".join(json.dumps(record, ensure_ascii=False, default=str) + "\n"
+                                for record, _, _ in rows))
         print(f"{name}: {len(rows)} items ({_skips(skipped)}), {audio_seconds:.1f} s of audio, "
               f"{num_tokens} tokens in {seconds:.2f} s: "
               f"{num_tokens / max(seconds, 1e-9):.1f} tokens/s, "
@@ -257,8 +268,9 @@ def _record(item, conversation: Conversation, reference: str | None, hypothesis:
             turns.append({"from": turn.role.capitalize(), "type": "text", "value": turn.text})
             continue
         source = turn.audio.recording.sources[0]
-        turns.append({"from": turn.role.capitalize(), "type": "audio", "duration": round(turn.audio.duration, 3),
-                      "offset": turn.audio.start, "value": source.source if source.type == "file" else turn.audio.id})
+        turns.append({"from": turn.role.capitalize(), "type": "audio",
+                      "duration": round(turn.audio.duration, 3), "offset": turn.audio.start,
+                      "value": source.source if source.type == "file" else turn.audio.id})
     custom = {"custom": conversation.custom} if conversation.custom else {}
     return {"id": conversation.id, "conversations": turns, **custom, "prompt": prompt}
 
@@ -280,8 +292,9 @@ def evaluate(results: dict[str, tuple[list, Skipped]], metric: str = "auto",
         by_key.setdefault(key, {})[name] = pairs
         if key == "wer":
             d = wer_details([r for r, _ in pairs], [h for _, h in pairs])
-            print(f"{name}: WER {100 * d['wer']:.2f}% (ins {100 * d['ins']:.2f}%, del {100 * d['del']:.2f}%, "
-                  f"sub {100 * d['sub']:.2f}%) {scored}, {d['ref_words']} words")
+            print(f"{name}: WER {100 * d['wer']:.2f}% (ins {100 * d['ins']:.2f}%, "
+                  f"del {100 * d['del']:.2f}%, sub {100 * d['sub']:.2f}%) {scored}, "
+                  f"{d['ref_words']} words")
         else:
             print(f"{name}: BLEU {bleu([r for r, _ in pairs], [h for _, h in pairs]):.2f} {scored}")
     for key, pairs in by_key.items():
@@ -290,7 +303,8 @@ def evaluate(results: dict[str, tuple[list, Skipped]], metric: str = "auto",
         print(f"{key} (mean over {len(pairs)} dataset{'s' * (len(pairs) > 1)}): {value}")
     metrics.update(skips)
     if output_dir is not None:
-        (output_dir / "metrics.json").write_text(json.dumps({**metrics, "normalizer": NORMALIZER}, indent=2) + "\n")
+        (output_dir / "metrics.json").write_text(
+            json.dumps({**metrics, "normalizer": NORMALIZER}, indent=2) + "\n")
     return metrics
 
 
@@ -302,8 +316,7 @@ def _skips(skipped: Skipped) -> str:
 
 
 def duplex(model: DuplexS2SModel, audio_path: str, out: Path) -> None:
-    """Answer one recording of the user: write the agent's speech and text, print the time per
-    frame. Speech beyond full scale (an untrained codec's) is scaled to AGENT_PEAK, not clipped."""
+    """Answer a recording of the user: write the agent's speech and text, print time per frame."""
     audio, audio_lens = load_audio_files([audio_path], model.perception.sample_rate)
     start = time.perf_counter()
     result = model.offline_inference(audio, audio_lens)
@@ -318,7 +331,8 @@ def duplex(model: DuplexS2SModel, audio_path: str, out: Path) -> None:
     soundfile.write(out / "agent.wav", agent.numpy(), model.audio_codec.sample_rate)
     (out / "agent.txt").write_text(result["text"][0] + "\n")
     frames = int(result["tokens_len"][0])
-    print(f"{frames} frames in {elapsed:.2f} s ({1000 * elapsed / max(frames, 1):.1f} ms per frame)")
+    print(f"{frames} frames in {elapsed:.2f} s "
+          f"({1000 * elapsed / max(frames, 1):.1f} ms per frame)")
     print(f"agent: {result['text'][0]}")
     print(f"wrote {out / 'agent.wav'} and {out / 'agent.txt'}")
 
@@ -400,8 +414,7 @@ def percentiles(name: str, values: list[float]) -> dict[str, float]:
 
 def response_times(records: list[dict], frame_s: float) -> list[float]:
     """Per end of a user's turn (speech, then MIN_PAUSE_FRAMES silent chunks): ms from the end of
-    the user's speech to the output of the step that starts the agent's next turn (none if the user
-    speaks again first)."""
+    its speech to the output of the step starting the agent's next turn (none if speech resumes)."""
     times = []
     for k in range(1, len(records)):
         pause = records[k : k + MIN_PAUSE_FRAMES]
@@ -419,8 +432,7 @@ def response_times(records: list[dict], frame_s: float) -> list[float]:
 
 def timeline_svg(user: np.ndarray, user_rate: int, agent: np.ndarray, agent_rate: int,
                  records: list[dict], frame_s: float, title: str) -> str:
-    """A self-contained SVG: the user's and the agent's waveforms, shaded where each speaks, and the
-    agent's text tokens, on one time axis."""
+    """A self-contained SVG: both waveforms, shaded where each speaks, and the agent's text."""
     seconds, left = len(records) * frame_s, 70
     width = left + max(800, int(100 * seconds)) + 20
     x = lambda t: left + (width - left - 20) * t / seconds  # noqa: E731
@@ -428,9 +440,9 @@ def timeline_svg(user: np.ndarray, user_rate: int, agent: np.ndarray, agent_rate
            'font-family="sans-serif" font-size="11">',
            '<rect width="100%" height="100%" fill="white"/>',
            f'<text x="{left}" y="16" font-size="13">{escape(title)}</text>',
-           f'<text x="{left}" y="30" fill="#666">shaded: the user speaking (above {USER_SPEECH_DBFS:g}'
-           " dBFS), the agent's turn (its text channel from BOS to EOS); each output is drawn where it"
-           " plays, after the step that made it</text>"]
+           f'<text x="{left}" y="30" fill="#666">shaded: the user speaking (above '
+           f"{USER_SPEECH_DBFS:g} dBFS), the agent's turn (its text channel from BOS to EOS); each "
+           "output is drawn where it plays, after the step that made it</text>"]
     lanes = (("user", 42, user, user_rate, "#1f77b4"), ("agent", 132, agent, agent_rate, "#d62728"))
     for name, y, samples, rate, color in lanes:
         for r in records:  # a chunk is heard during the frame before its output, which plays after

@@ -285,11 +285,10 @@ class DecoderCache:
         return self.keys[layer], self.values[layer]
 
 
-def sample_codes(
-    logits: Tensor, temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None
-) -> Tensor:
-    """Codes from logits (..., V): argmax when temperature is 0 (the default), otherwise a sample from
-    softmax(logits / temperature) restricted to the top_k most likely codes when top_k is given."""
+def sample_codes(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Codes from logits (..., V): argmax when temperature is 0 (the default), otherwise a sample
+    from softmax(logits / temperature), restricted to the top_k likeliest codes if top_k is set."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
@@ -330,7 +329,7 @@ class Block(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention with n_heads heads of size d_kv; n_heads * d_kv need not equal d_model."""
+    """Causal attention with n_heads heads of size d_kv; n_heads * d_kv need not equal d_model."""
 
     def __init__(self, cfg: SpeechDecoderConfig):
         super().__init__()
