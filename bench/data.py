@@ -1,12 +1,13 @@
-"""Data pipeline headroom: audio seconds per second the loader delivers / audio seconds per second training
-consumes (goal >= 10x: the loader never makes a step wait).
+"""Data pipeline headroom: audio seconds per second the loader delivers / audio seconds per second
+training consumes (goal >= 10x: the loader never makes a step wait).
 
-    python -m bench.data                                   # configs/salm.yaml, its num_workers, on the CPU
+    python -m bench.data                  # configs/salm.yaml, its num_workers, on the CPU
     python -m bench.data --config configs/s2s_duplex.yaml data.train_ds.num_workers=2 --batches 16
 
-Each round first pulls `--batches` batches from TrainBatches as fast as they come (the clock starts after the
-batches its workers had ready while training ran: DataLoader prefetches 2 per worker), then trains `--steps`
-steps on batches already loaded (to_device -> training_step -> backward -> optimizer step). Medians over rounds.
+Each round pulls `--batches` batches from TrainBatches as fast as they come (the clock starts after
+the batches its workers made ready while training ran: DataLoader prefetches 2 per worker), then
+trains `--steps` steps on loaded batches (to_device -> training_step -> backward -> optimizer
+step). Medians over rounds.
 """
 import statistics
 import time
@@ -19,22 +20,23 @@ PREFETCH_FACTOR = 2  # DataLoader's default: batches each worker has ready ahead
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = common.parser(__doc__, "configs/salm.yaml")
+    p = common.parser(__doc__, "configs/salm.yaml", reps=3)
     p.add_argument("--batches", type=int, default=8, help="batches the loader delivers per round")
     p.add_argument("--steps", type=int, default=2, help="training steps per round")
-    p.set_defaults(reps=3)
     args = p.parse_intermixed_args(argv)
     device, dtype = common.setup(args)
     cfg = common.load(args)
     model = common.build_model(cfg["model"], device, dtype).train()
-    optimizer = build_optimizer(cfg["model"].get("optimizer"), [p for p in model.parameters() if p.requires_grad])
+    optimizer = build_optimizer(cfg["model"].get("optimizer"),
+                                [p for p in model.parameters() if p.requires_grad])
     ds_cfg = cfg["data"]["train_ds"]
     num_workers = ds_cfg.get("num_workers") or 0
     stream = iter(TrainBatches(ds_cfg, model.make_dataset(cfg["data"])))
     loaded = []
 
     def loader_rate() -> float:
-        loaded.extend(next(stream) for _ in range(PREFETCH_FACTOR * num_workers))  # ready before the clock starts
+        # the batches ready before the clock starts
+        loaded.extend(next(stream) for _ in range(PREFETCH_FACTOR * num_workers))
         start = time.perf_counter()
         batches = [next(stream) for _ in range(args.batches)]
         elapsed = time.perf_counter() - start
@@ -52,15 +54,11 @@ def main(argv: list[str] | None = None) -> None:
         common.sync(device)
         return sum(b["audio_seconds"] for b in batches) / (time.perf_counter() - start)
 
-    rates = {"loader": [], "training": []}
-    for round_ in range(args.warmup + args.reps):
-        loader, training = loader_rate(), training_rate()
-        if round_ >= args.warmup:
-            rates["loader"].append(loader)
-            rates["training"].append(training)
-    loader, training = statistics.median(rates["loader"]), statistics.median(rates["training"])
+    rounds = [(loader_rate(), training_rate()) for _ in range(args.warmup + args.reps)]
+    loader, training = (statistics.median(rates) for rates in zip(*rounds[args.warmup:]))
     audio_per_batch = statistics.mean(b["audio_seconds"] for b in loaded)
-    print(f"num_workers {num_workers} | {audio_per_batch:.1f} audio seconds per batch | median of {args.reps} rounds")
+    print(f"num_workers {num_workers} | {audio_per_batch:.1f} audio seconds per batch | "
+          f"median of {args.reps} rounds")
     print(f"loader delivers {loader:.1f} audio s/s | training consumes {training:.1f} audio s/s "
           f"({1000 * audio_per_batch / training:.0f} ms per step)")
     common.result(("loader_over_training", loader / training, "x", ">= 10x"))

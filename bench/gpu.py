@@ -67,28 +67,24 @@ def main(argv: list[str] | None = None) -> None:
                                               f"loss {loss:.3f}, {ms:.0f} ms/step"))
             figures += [(f"{key}_finite", float(finite), "", None), (f"{key}_ms", ms, "ms", None)]
 
-    out = run_part(train_step.main, SIZES["train_step"][size], device)
+    out = run_part(train_step.main, SIZES["train_step"][size], device, figures)
     mfu = lambda key: f"{out[key]:.1f}%" if key in out else "n/a (no GPU peak)"  # noqa: E731
     rows += [("SALM step / bare LLM step, large preset, >= 16k tokens", "<= 1.3x",
               f"{out['salm_step_over_llm_step']:.2f}x, {out['tokens_per_step']:,.0f} tokens/step"),
              ("MFU of a SALM step (large preset)", ">= 40%", mfu("salm_mfu")),
              ("MFU of the bare-LLM step (large preset)", "—", mfu("llm_mfu"))]
-    figures += [(k, v, "", None) for k, v in out.items()]
-    out = run_part(generate.main, SIZES["generate"][size], device)
+    out = run_part(generate.main, SIZES["generate"][size], device, figures)
     rows += [("SALM / HF decode tokens/s (large)", ">= 0.95x",
               f"{out['salm_decode_over_hf']:.2f}x"),
              ("RTFx batch of 16 / one clip at a time (large)", ">= 4x",
               f"{out['batched_rtfx_over_one_by_one']:.1f}x")]
-    figures += [(k, v, "", None) for k, v in out.items()]
-    out = run_part(encoder.main, SIZES["encoder"][size], device)
+    out = run_part(encoder.main, SIZES["encoder"][size], device, figures)
     rows.append(("ParakeetEncoder / ours (large, inference)", ">= 1.0x",
                  f"{out['parakeet_over_ours']:.2f}x, max abs diff {out['max_abs_diff']:.1e}"))
-    figures += [(k, v, "", None) for k, v in out.items()]
-    out = run_part(duplex.main, SIZES["duplex"][size], device)
+    out = run_part(duplex.main, SIZES["duplex"][size], device, figures)
     for model in ("s2s_duplex", "s2s_duplex_speech_decoder"):
         rows.append((f"{model} per 80 ms frame (large), RTF", "—",
                      f"{out[f'{model}_ms_per_frame']:.1f} ms, RTF {out[f'{model}_rtf']:.3f}"))
-    figures += [(k, v, "", None) for k, v in out.items()]
 
     machine = common.describe_device(device)
     print(f"\nbench/README.md rows ({time.time() - start:.0f} s in all):")
@@ -119,8 +115,8 @@ def train_steps(config: str, precision: str, steps: int, device: torch.device) -
     return second["ms_per_step"], second["loss"], finite
 
 
-def run_part(script_main, argv: list[str], device: torch.device) -> dict[str, float]:
-    """A bench script's figures (its RESULT line); its output is shown as it runs."""
+def run_part(script_main, argv: list[str], device: torch.device, figures: list) -> dict:
+    """A script's RESULT figures, also added to `figures`; its output is shown as it runs."""
     print(f"\n$ python -m {script_main.__module__} {' '.join(argv)}")
     shown = sys.stdout
 
@@ -132,7 +128,9 @@ def run_part(script_main, argv: list[str], device: torch.device) -> dict[str, fl
     with contextlib.redirect_stdout(Tee()) as captured:
         script_main(argv + ["--device", str(device)])
     free(device)
-    return common.parse_result(captured.getvalue().strip().splitlines()[-1])
+    out = common.parse_result(captured.getvalue().strip().splitlines()[-1])
+    figures += [(k, v, "", None) for k, v in out.items()]
+    return out
 
 
 def free(device: torch.device) -> None:
