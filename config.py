@@ -88,6 +88,8 @@ TARGETS = {
                                       "perception.MelSpectrogram"),
     "model.perception.encoder": CONFORMER,
     "model.perception.modality_adapter": CONFORMER + IDENTITY,
+    "model.perception.spec_augment": ("nemo.collections.asr.modules.SpectrogramAugmentation",
+                                      "perception.SpectrogramAugmentation"),
     "model.speech_decoder": ("nemo.collections.speechlm2.modules.speech_generation.TransformerARSpeechDecoder",
                              "nemo.collections.speechlm2.modules.TransformerARSpeechDecoder",
                              "speech_decoder.SpeechDecoder",
@@ -114,6 +116,7 @@ LOADER = dict(
     seed=0, shard_seed="trng", num_workers=0, pin_memory=None, min_duration=None, max_duration=None,
     prompt_format=None, token_equivalent_duration=None, audio_locator_tag=None,
     use_multimodal_sampling=False, batch_tokens=None, max_tokens=None, min_tokens=None,
+    perturb_speed=False, noise_path=None, noise_snr=[10.0, 20.0], noise_mix_prob=0.5,
     force_finite=IGNORED, force_map_dataset=IGNORED, max_open_streams=IGNORED,
 )
 

@@ -42,7 +42,7 @@ import numpy as np
 import soundfile
 import torch
 from lhotse import CutSet, Recording, SupervisionSegment
-from lhotse.cut import Cut, MonoCut
+from lhotse.cut import Cut, MixedCut, MonoCut
 from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
 from lhotse.utils import compute_num_frames, fastcopy
 from torch.nn.utils.rnn import pad_sequence
@@ -330,9 +330,11 @@ def read_inputs(ds_cfg: dict, train: bool, skipped: Skipped | None = None,
         if not entry:
             raise ValueError(f"{what} names no data: set one of {', '.join(DATA_KEYS)}")
         entries = [entry]
+    augmented = train and (ds_cfg.get("perturb_speed") or ds_cfg.get("noise_path"))
     defaults = {"seed": ds_cfg.get("seed") or 0, "shard_seed": ds_cfg.get("shard_seed"),
                 "shuffle": bool(train and ds_cfg.get("shuffle")),
-                "slice_length": ds_cfg.get("slice_length")}
+                "slice_length": ds_cfg.get("slice_length"),
+                "augment": ds_cfg if augmented else None}
     return _read_group(entries, defaults, train, skipped)
 
 
@@ -342,6 +344,29 @@ def loader_values(ds_cfg: dict, key: str) -> list:
     entries = read_input_cfg(entries) if isinstance(entries, (str, Path)) else entries
     values = [ds_cfg.get(key)] + [v for entry in entries for v in loader_values(entry, key)]
     return [v for v in values if v is not None]
+
+
+def augment(cuts: CutSet, ds_cfg: dict) -> CutSet:
+    """NeMo's lhotse augmentation of training cuts, before sampling (batches see the new durations),
+    applied when the audio loads: `noise_path` cuts mixed in with probability `noise_mix_prob` at an
+    SNR drawn from `noise_snr`, then `perturb_speed`: each cut also at 0.9x and 1.1x speed
+    (supervisions rescaled), the three interleaved. Both draw from `seed`: a resume replays them."""
+    seed = ds_cfg["seed"]
+    if ds_cfg.get("noise_path"):
+        source = ds_cfg["noise_path"]
+        if not isinstance(source, dict):
+            path = Path(source)
+            key = "cuts_path" if ".jsonl" in path.name else "manifest_filepath"
+            source = {"shar_path" if path.is_dir() else key: str(path)}
+        # eager: reshuffled whole each pass (lazy noise, lhotse rereads into a 2000-cut buffer)
+        noise = read_inputs({**source, "seed": seed}, train=False, what="noise_path").to_eager()
+        cuts = cuts.mix(cuts=noise.resample(ds_cfg["sample_rate"]), snr=tuple(ds_cfg["noise_snr"]),
+                        mix_prob=ds_cfg["noise_mix_prob"], seed=seed, random_mix_offset=True,
+                        preserve_id="left")  # NeMo: a random id, which a resume could not replay
+    if ds_cfg.get("perturb_speed"):
+        slow, fast = cuts.map(_PerturbSpeed(0.9)), cuts.map(_PerturbSpeed(1.1))
+        cuts = CutSet.mux(cuts, slow, fast, seed=seed)
+    return cuts
 
 
 class DuplexS2SDataset(torch.utils.data.Dataset):
@@ -439,7 +464,8 @@ def load_target_audio(cut: Cut, sample_rate: int) -> np.ndarray:
     if not (cut.custom or {}).get("target_audio"):
         raise AudioError(f"cut {cut.id} has no 'target_audio' field: duplex data needs the agent channel as a "
                          "Recording in cut.custom['target_audio'] (Shar field target_audio)")
-    return _load_mono(cut.custom["target_audio"], sample_rate, f"target_audio of {cut.id}", offset=cut.start,
+    start = cut.tracks[0].cut.start if isinstance(cut, MixedCut) else cut.start  # noise mixed in: 0
+    return _load_mono(cut.custom["target_audio"], sample_rate, f"target_audio of {cut.id}", offset=start,
                       duration=cut.duration)
 
 
@@ -561,9 +587,13 @@ def _read_group(entries, defaults, train, skipped):
             if tarred:
                 raise ValueError("multimodal_conversation with tarred_audio_filepaths is not "
                                  "supported: untar the audio beside the JSONL, or make Shar")
+            if options["augment"]:
+                raise ValueError("perturb_speed and noise_path apply to audio cuts; a "
+                                 "multimodal_conversation entry cannot be augmented")
             items = CutSet(_MultimodalJsonl(entry["manifest_filepath"], skipped, entry.get("tags")))
         else:
             items = _read_cuts(entry, options, kind, skipped)
+            items = augment(items, options["augment"]) if options["augment"] else items
         if entry.get("tags"):
             items = items.map(_AttachTags(entry["tags"]), apply_fn=None)
         if kind == "lhotse_as_conversation":
@@ -677,6 +707,20 @@ class _AttachTags:
         else:
             item.custom = {**(item.custom or {}), **self.tags}
         return item
+
+
+class _PerturbSpeed:
+    """A cut at `factor` times its speed (lhotse resamples it when loaded). Duplex cuts are refused:
+    the agent channel (custom target_audio) would keep its speed and drift out of step."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, cut):
+        if (cut.custom or {}).get("target_audio") is not None:
+            raise ValueError(f"perturb_speed: {cut.id} is a duplex conversation, whose agent "
+                             "channel (target_audio) would fall out of step: set it to false")
+        return cut.perturb_speed(self.factor, affix_id=True)
 
 
 class _Chain:

@@ -44,6 +44,8 @@ ENCODER_OFF_KEYS = {
     "global_attn_separate": False, "conv_dual_mode": False, "att_chunk_context_size": None,
     "conv_context_style": "regular",
 }
+SPEC_AUGMENT_FREE_KEYS = {"_target_", "rng"}  # NeMo's rng seeds only its legacy path and SpecCutout
+SPEC_AUGMENT_OFF_KEYS = {"use_vectorized_spec_augment": True, "use_numba_spec_augment": False}
 
 
 def setup_perception(model_cfg: dict, output_dim: int) -> tuple["AudioPerceptionModule", dict]:
@@ -92,8 +94,8 @@ class AudioPerceptionModule(nn.Module):
                     f"perception.{section} is missing: without pretrained ASR weights the architecture comes from "
                     "the config (set pretrained_asr, or copy the section from the ASR model's model_config.yaml)"
                 )
-        if cfg.get("spec_augment"):
-            raise ValueError("perception.spec_augment is not supported; remove it from the config")
+        augment = cfg.get("spec_augment")  # as NeMo: none when the section is absent or null
+        self.spec_augmentation = None if augment is None else SpectrogramAugmentation(**augment)
         self.preprocessor = MelSpectrogram(**cfg["preprocessor"])
         self.encoder = ConformerEncoder(**cfg["encoder"])
         adapter_cfg = cfg["modality_adapter"]
@@ -131,6 +133,8 @@ class AudioPerceptionModule(nn.Module):
 
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, feature_lens = self.preprocessor(audio, audio_lens)  # (B, n_mels, T_mel), fp32
+        if self.spec_augmentation is not None and self.training:  # as NeMo: after normalisation
+            features = self.spec_augmentation(features, feature_lens)
         features = features.to(self.proj.weight.dtype)
         encoded, encoded_lens = self.encoder(features, feature_lens)  # (B, d_enc, T_enc)
         encoded, encoded_lens = self.modality_adapter(encoded, encoded_lens)  # (B, d_adapter, T_enc)
@@ -214,6 +218,53 @@ class MelSpectrogram(nn.Module):
         if self.log_zero_guard_value in ("tiny", "eps"):
             return getattr(torch.finfo(dtype), self.log_zero_guard_value)
         return self.log_zero_guard_value
+
+
+class SpectrogramAugmentation(nn.Module):
+    """NeMo's SpectrogramAugmentation on log-mel features (B, F, T): `rect_masks` rectangles set
+    to 0.0 (SpecCutout), then `time_masks` and `freq_masks` bands set to `mask_value` (SpecAugment).
+
+    Each mask's width is drawn below its maximum (`time_width`: frames, or a float fraction of each
+    clip), per clip, from the global torch RNG in the order of NeMo's vectorised code: a seed gives
+    NeMo's masks, and a resumed run (its RNG state restored) masks as the uninterrupted one would.
+    Unlike NeMo, nothing past a clip's length is touched, and rectangles are placed within the clip
+    with torch's RNG (NeMo: within the padded batch, with Python's RNG).
+    """
+
+    def __init__(self, freq_masks=0, time_masks=0, freq_width=10, time_width=10, rect_masks=0,
+                 rect_time=5, rect_freq=20, mask_value=0.0, **nemo_keys):
+        super().__init__()
+        _check_nemo_keys("spec_augment", nemo_keys, SPEC_AUGMENT_FREE_KEYS, SPEC_AUGMENT_OFF_KEYS)
+        if isinstance(time_width, float) and not 0.0 <= time_width <= 1.0:
+            raise ValueError(f"spec_augment.time_width={time_width}: a float must be in [0, 1]")
+        if not isinstance(freq_width, int):
+            raise ValueError(f"spec_augment.freq_width={freq_width!r} must be an int (mel bins)")
+        self.freq_masks, self.freq_width = freq_masks, freq_width
+        self.time_masks, self.time_width, self.mask_value = time_masks, time_width, mask_value
+        self.rect_masks, self.rect_time, self.rect_freq = rect_masks, rect_time, rect_freq
+
+    @torch.no_grad()
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        batch, n_freq, n_time = features.shape
+        valid = ~_padding_mask(lengths, n_time).unsqueeze(1)  # (B, 1, T)
+        if self.rect_masks:
+            def upto(high):  # NeMo's randint(0, high), both ends included
+                draws = torch.rand(batch, self.rect_masks, device=features.device)
+                return (draws * (high + 1)).long()
+            freq = _spans(upto(max(n_freq - self.rect_freq, 0)), upto(self.rect_freq), n_freq)
+            last_start = (lengths.unsqueeze(1) - self.rect_time).clamp(min=0)
+            time = _spans(upto(last_start), upto(self.rect_time), n_time)  # (B, n, T)
+            rect = (freq.unsqueeze(-1) & time.unsqueeze(-2)).any(1)  # (B, F, T)
+            features = features.masked_fill(rect & valid, 0.0)
+        if self.freq_masks + self.time_masks:
+            width = self.time_width
+            if isinstance(width, float):
+                width = torch.clamp(width * lengths, max=n_time).unsqueeze(1)  # (B, 1)
+            time = _random_bands(batch, self.time_masks, width, lengths.unsqueeze(1), n_time)
+            freq = _random_bands(batch, self.freq_masks, self.freq_width, n_freq, n_freq)
+            bands = time.unsqueeze(1) | freq.unsqueeze(2)  # (B, F, T)
+            features = features.masked_fill(bands & valid, self.mask_value)
+        return features
 
 
 class ConformerEncoder(nn.Module):
@@ -510,6 +561,22 @@ def nemo_state_from_parakeet(state: dict) -> dict:
 def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """A kernel-1 Conv1d applied to (B, T, C_in) as a Linear -> (B, T, C_out)."""
     return F.linear(x, conv.weight.squeeze(-1), conv.bias)
+
+
+def _random_bands(batch: int, n: int, width, limit, size: int) -> torch.Tensor:
+    """NeMo's SpecAugment draw of n bands per row: width floor(U * width), then start
+    floor(U * (limit - width)); `width` and `limit` are numbers or (B, 1) tensors.
+    Returns (B, size) bool, True inside a band."""
+    device = next((x.device for x in (width, limit) if torch.is_tensor(x)), None)
+    widths = (torch.rand(batch, n, device=device) * width).long()
+    starts = (torch.rand(batch, n, device=device) * (limit - widths)).long()
+    return _spans(starts, widths, size).any(1)
+
+
+def _spans(starts: torch.Tensor, widths: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, n) spans [start, start + width) -> (B, n, size) bool, True inside each span."""
+    idx = torch.arange(size, device=starts.device)
+    return (idx >= starts.unsqueeze(-1)) & (idx < (starts + widths).unsqueeze(-1))
 
 
 def _padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ from salm import SALM
 
 SCHEDULERS = ("CosineAnnealing",)
 MAX_BAD_STEPS = 10  # non-finite losses in a row before the run stops
+GENERATED_METRICS = ("val_wer", "val_txt_bleu", "val_asr_bleu")  # need generation in validation
 
 
 def main(argv: list[str]) -> torch.nn.Module | None:
@@ -65,9 +66,10 @@ def main(argv: list[str]) -> torch.nn.Module | None:
     check_monitor(exp, run.model, run.val_loaders)
     max_steps, log_every = trainer["max_steps"], trainer["log_every_n_steps"]
     val_every, ckpt_params = validation_interval(trainer), exp["checkpoint_callback_params"]
+    generate = str(ckpt_params["monitor"]).startswith(GENERATED_METRICS)  # e.g. monitor: val_wer
     if run.val_loaders and trainer["num_sanity_val_steps"] and not resume_path:
         results, _ = validate(run.model, run.val_loaders, trainer["num_sanity_val_steps"], device,
-                              autocast_dtype)
+                              autocast_dtype, generate)
         if exp["create_checkpoint_callback"]:
             check_monitor_logged(ckpt_params, results)
     loggers = make_loggers(exp, log_dir, cfg) if master else []
@@ -80,6 +82,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
     # 4. the loop: step, log, validate, save, until max_steps or the time budget
     deadline = time_budget(exp["max_time_per_run"], trainer["max_time"])
     start_step, stream, meter, stop_reason, failed = run.step, iter(run.batches), Meter(), "max_steps", False
+    results = None
     progress = tqdm(total=max_steps, initial=run.step, desc="train", dynamic_ncols=True,
                     disable=not master or not trainer["enable_progress_bar"])
     while run.step < max_steps:
@@ -99,7 +102,8 @@ def main(argv: list[str]) -> torch.nn.Module | None:
                 break
         results = None
         if run.val_loaders and (run.step % val_every == 0 or run.step == max_steps):
-            results, _ = validate(run.model, run.val_loaders, trainer["limit_val_batches"], device, autocast_dtype)
+            results, pairs = validate(run.model, run.val_loaders, trainer["limit_val_batches"],
+                                      device, autocast_dtype, generate)
             if master:
                 progress.write("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
                 log_metrics(loggers, results, run.step)
@@ -116,8 +120,9 @@ def main(argv: list[str]) -> torch.nn.Module | None:
 
     # 5. held-out evaluation with generation (WER for SALM, BLEU for the duplex models)
     if run.val_loaders and not failed:
-        results, pairs = validate(run.model, run.val_loaders, trainer["limit_val_batches"], device,
-                                  autocast_dtype, generate=True)
+        if not (generate and results):  # else the last step's validation generated with this model
+            results, pairs = validate(run.model, run.val_loaders, trainer["limit_val_batches"],
+                                      device, autocast_dtype, generate=True)
         if master:
             print("held-out: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
             for reference, hypothesis in pairs[:5]:

@@ -209,3 +209,13 @@ def test_exponent_floats_parse_as_numbers(tmp_path):
     cfg = load_config(write(tmp_path, text), ["+model.optimizer.lr=3e-4", "+model.optimizer.eps=1e-8"], report=None)
     assert cfg["model"]["optimizer"] == {"lr": 3e-4, "eps": 1e-8}
     assert cfg["data"]["train_ds"]["max_duration"] == 20.0
+
+
+def test_spec_augment_section_takes_nemo_target_only(tmp_path):
+    nemo = "nemo.collections.asr.modules.SpectrogramAugmentation"
+    section = f"+model.perception.spec_augment={{_target_: {nemo}, time_masks: 2}}"
+    cfg = load_config(write(tmp_path, BASE), [section], report=None)
+    assert cfg["model"]["perception"]["spec_augment"] == {"_target_": nemo, "time_masks": 2}
+    with pytest.raises(ConfigError, match="model.perception.spec_augment._target_ .*not allowed"):
+        load_config(write(tmp_path, BASE), ["+model.perception.spec_augment={_target_: my.Aug}"],
+                    report=None)

@@ -16,6 +16,7 @@ from conftest import TAG, salm_dataset, tone
 from data import (Conversation, TrainBatches, Turn, audio_file_cut, cut_to_conversation,
                   expand_sharded_paths, left_pad, load_audio, load_audio_files, make_sampler,
                   make_val_loaders, read_inputs, right_pad)
+from data import load_target_audio, read_duplex_demo
 
 
 def make_cuts(tmp_path, n=12, rate=16000, prefix="utt"):
@@ -455,3 +456,71 @@ def test_a_list_of_nemo_manifests(tmp_path):
         stream = iter(TrainBatches(cfg, salm_dataset()))
         ids = [i for _ in range(4) for i in next(stream)["ids"]]  # one epoch of 8 items
         assert sorted(ids) == sorted([f"a-{i}" for i in range(6)] + ["b-0", "b-1"])
+
+
+def noisy_speed_config(tmp_path, **keys):
+    """Four tones as ASR conversations, NeMo's perturb_speed and noise keys (white noise, 10 dB)."""
+    make_cuts(tmp_path, 4).to_file(tmp_path / "c.jsonl.gz")
+    noise = np.random.default_rng(0).normal(0, 0.1, 48000).astype(np.float32)
+    sf.write(tmp_path / "noise.wav", noise, 16000)
+    (tmp_path / "noise.json").write_text(json.dumps({"audio_filepath": "noise.wav", "duration": 3}))
+    entry = {"type": "lhotse_as_conversation", "cuts_path": str(tmp_path / "c.jsonl.gz")}
+    return loader_defaults({"input_cfg": [entry], "perturb_speed": True, "seed": 1,
+                            "noise_path": str(tmp_path / "noise.json"), "noise_snr": [10.0, 10.0],
+                            "noise_mix_prob": 1.0, **keys})
+
+
+def test_perturb_speed_and_noise_mixing_use_nemo_keys(tmp_path):
+    cfg = noisy_speed_config(tmp_path)
+    clean = {c.id: c for c in make_cuts(tmp_path, 4)}
+    assert [i.id for i in read_inputs(cfg, train=False)] == [f"utt{i}" for i in range(4)]  # no aug
+    items = {i.id: i for i in read_inputs(cfg, train=True)}
+    assert sorted(items) == sorted(f"utt{i}{s}" for i in range(4) for s in ("", "_sp0.9", "_sp1.1"))
+    for i in range(4):
+        duration = clean[f"utt{i}"].duration
+        for suffix, factor in (("", 1.0), ("_sp0.9", 0.9), ("_sp1.1", 1.1)):
+            cut = items[f"utt{i}{suffix}"].audio_cuts[0]
+            assert cut.duration == pytest.approx(duration / factor, abs=1e-3)
+            assert cut.load_audio().shape[1] == round(cut.duration * 16000)
+            assert items[f"utt{i}{suffix}"].turns[-1].text == f"word {i}"  # the noise adds no words
+        mixed = items[f"utt{i}"].audio_cuts[0].load_audio()[0]
+        signal = clean[f"utt{i}"].load_audio()[0]
+        snr = 10 * np.log10(np.mean(signal**2) / np.mean((mixed - signal) ** 2))
+        assert snr == pytest.approx(10.0, abs=0.5)
+
+
+def test_augmented_stream_resumes_exactly(tmp_path):
+    cfg = noisy_speed_config(tmp_path, batch_size=3, shuffle=True, noise_mix_prob=0.5,
+                             noise_snr=[5.0, 20.0])
+    full = iter(TrainBatches(cfg, salm_dataset()))
+    reference = [next(full) for _ in range(9)]  # crosses two epochs of 12 conversations
+    stream = iter(TrainBatches(cfg, salm_dataset(), skip=5))
+    for expected in reference[5:]:
+        batch = next(stream)
+        assert batch["ids"] == expected["ids"] and torch.equal(batch["audios"], expected["audios"])
+    first_epoch = {i for b in reference[:4] for i in b["ids"]}
+    assert len(first_epoch) == 12 and any("_sp" in i for i in first_epoch)
+
+
+def test_augmentation_refuses_what_it_would_break(tmp_path):
+    duplex = {"input_cfg": [{"type": "duplex_demo", "shar_path": "assets/demo/qa_val"}],
+              "perturb_speed": True}
+    with pytest.raises(ValueError, match="out of step"):
+        for _ in read_inputs(loader_defaults(duplex), train=True):
+            pass
+    (tmp_path / "m.jsonl").write_text("")
+    entry = {"type": "multimodal_conversation", "manifest_filepath": str(tmp_path / "m.jsonl")}
+    multimodal = {"input_cfg": [entry]}
+    with pytest.raises(ValueError, match="cannot be augmented"):
+        read_inputs(loader_defaults(dict(multimodal, perturb_speed=True)), train=True)
+
+
+def test_noise_in_a_duplex_cut_leaves_the_agent_channel_in_place():
+    conversation = next(iter(read_duplex_demo("assets/demo/qa_val")))
+    cut = conversation.truncate(offset=0.5, duration=conversation.duration - 0.5)
+    noise = conversation.truncate(duration=2.0)
+    noise.custom = None
+    noisy = cut.mix(noise, snr=10, preserve_id="left").truncate(duration=cut.duration,
+                                                                 preserve_id=True)
+    assert np.array_equal(load_target_audio(noisy, 16000), load_target_audio(cut, 16000))
+    assert not np.array_equal(load_audio(noisy, 16000), load_audio(cut, 16000))

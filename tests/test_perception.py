@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import tarfile
@@ -16,6 +17,7 @@ from perception import (
     AudioPerceptionModule,
     ConformerEncoder,
     MelSpectrogram,
+    SpectrogramAugmentation,
     load_nemo_checkpoint,
     make_attention_mask,
     mel_filterbank,
@@ -436,3 +438,106 @@ def test_nemo3_encoder_and_preprocessor_configs_load():
         with pytest.raises(ValueError, match=f"encoder.{key}=.* is not supported; set it to"):
             ConformerEncoder(feat_in=64, n_layers=1, d_model=32,
                              **dict(NEMO3_ENCODER_DEFAULTS, **{key: value}))
+# ------------------------------------------------------------------------------------------------
+# SpecAugment
+
+
+def runs(row: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, width) of each run of True in a 1-D bool tensor."""
+    padded_row = torch.cat([row.new_zeros(1), row, row.new_zeros(1)]).int()
+    edges = torch.diff(padded_row).nonzero().flatten()
+    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def test_spec_augment_masks_what_nemo_masks_for_the_same_seed():
+    """tests/fixtures/nemo/spec_augment.safetensors: where NeMo's SpectrogramAugmentation masked.
+    Ours masks the same frames and bins of every clip and leaves the padding alone."""
+    path = ROOT / "tests" / "fixtures" / "nemo" / "spec_augment.safetensors"
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    with safe_open(str(path), "np") as f:
+        cases = json.loads(f.metadata()["cases"])
+    arrays = load_file(str(path))
+    lengths = torch.from_numpy(arrays["lengths"])
+    features = torch.randn(len(lengths), 80, 200)
+    valid = (torch.arange(200) < lengths[:, None]).unsqueeze(1).expand_as(features)
+    for name, case in cases.items():
+        nemo = torch.from_numpy(np.unpackbits(arrays[name], axis=-1, count=200).astype(bool))
+        torch.manual_seed(case["seed"])
+        out = SpectrogramAugmentation(**case["keys"])(features, lengths)
+        masked = out != features
+        assert torch.equal(masked[valid], nemo[valid]), name
+        assert not masked[~valid].any(), name
+        assert (out[masked] == case["keys"].get("mask_value", 0.0)).all()
+        assert 0.05 < masked[valid].float().mean() < 0.95, name  # the case masks something
+
+
+def test_spec_augment_mask_counts_widths_and_limits():
+    torch.manual_seed(0)
+    lengths = torch.randint(30, 101, (3000,))
+    valid = torch.arange(100) < lengths[:, None]  # (B, T)
+    ones = torch.ones(3000, 80, 100)
+
+    time = SpectrogramAugmentation(time_masks=1, time_width=10)(ones, lengths)[:, 0] == 0  # (B, T)
+    widths = time.sum(1)
+    assert set(widths.tolist()) == set(range(10))  # int time_width W: widths 0 .. W-1
+    assert not (time & ~valid).any()
+    assert not time[torch.arange(3000), lengths - 1].any()  # as NeMo: never the last frame
+
+    fraction = SpectrogramAugmentation(time_masks=1, time_width=0.2)(ones, lengths)[:, 0] == 0
+    limit = torch.ceil(0.2 * lengths)  # float time_width: below that fraction of each clip's length
+    assert (fraction.sum(1) < limit).all() and (fraction.sum(1) == limit - 1).any()
+
+    freq = SpectrogramAugmentation(freq_masks=1, freq_width=27)(ones, lengths)  # (B, F, T)
+    bins = freq[:, :, 0] == 0
+    assert set(bins.sum(1).tolist()) == set(range(27))
+    assert torch.equal(freq == 0, bins.unsqueeze(-1) & valid.unsqueeze(1))  # whole clip, no padding
+
+    masks = dict(time_masks=3, time_width=4, freq_masks=2, freq_width=5)
+    three = SpectrogramAugmentation(**masks)(ones, lengths)
+    time_runs = [runs(row) for row in (three == 0).all(1)]
+    freq_runs = [runs(row[:n]) for row, n in zip((three == 0).transpose(1, 2).all(1), lengths)]
+    assert max(map(len, time_runs)) == 3 and max(map(len, freq_runs)) == 2  # at most n bands each
+    assert max(w for r in time_runs for _, w in r) <= 3 * 3  # overlapping bands merge
+    assert max(w for r in freq_runs for _, w in r) <= 2 * 4
+
+    cutout = SpectrogramAugmentation(rect_masks=1, rect_freq=20, rect_time=5, mask_value=7.0)
+    rect = cutout(ones, lengths)
+    assert set(rect.unique().tolist()) == {0.0, 1.0}  # as NeMo: rectangles are 0.0, not mask_value
+    for row, n in zip(rect[:300] == 0, lengths):
+        rows, cols = row.any(1).nonzero().flatten(), row.any(0).nonzero().flatten()
+        if len(rows):  # one rectangle of at most 20 bins x 5 frames inside the clip
+            assert torch.equal(row, row.any(1)[:, None] & row.any(0)[None])
+            assert rows[-1] - rows[0] < 20 and cols[-1] - cols[0] < 5 and cols[-1] < n
+
+
+def test_spec_augment_in_training_only_and_off_without_the_section():
+    no_dither = dict(PREPROCESSOR_CFG, dither=0.0)
+    cfg = {"preprocessor": no_dither, "encoder": ENCODER_CFG, "modality_adapter": ADAPTER_CFG}
+    plain = randomize(AudioPerceptionModule(cfg, output_dim=24))
+    augment = {"_target_": "nemo.collections.asr.modules.SpectrogramAugmentation", "freq_masks": 2,
+               "time_masks": 10, "freq_width": 27, "time_width": 0.05}
+    augmented = AudioPerceptionModule({**cfg, "spec_augment": augment}, output_dim=24)
+    augmented.load_state_dict(plain.state_dict())
+    assert AudioPerceptionModule({**cfg, "spec_augment": None}, 24).spec_augmentation is None
+    assert plain.spec_augmentation is None
+    audio, lengths = padded([torch.randn(n) * 0.1 for n in (16000, 9000)])
+    with torch.no_grad():
+        for mode in ("eval", "train"):  # BatchNorm: eval uses running stats, train batch statistics
+            expected = getattr(plain, mode)()(audio, lengths)[0]
+            state = torch.get_rng_state()
+            out = getattr(augmented, mode)()(audio, lengths)[0]
+            assert torch.equal(out, expected) == (mode == "eval"), mode
+            assert torch.equal(torch.get_rng_state(), state) == (mode == "eval")  # the run's RNG
+
+
+def test_spec_augment_keys_are_checked():
+    SpectrogramAugmentation(_target_="x", rng=None, use_vectorized_spec_augment=True, time_width=1.)
+    for keys, message in [({"time_width": 1.5}, "in \\[0, 1\\]"),
+                          ({"freq_width": 0.1}, "must be an int"),
+                          ({"use_numba_spec_augment": True}, "set it to False"),
+                          ({"use_vectorized_spec_augment": False}, "set it to True"),
+                          ({"freq_mask": 2}, "unknown key 'freq_mask'")]:
+        with pytest.raises(ValueError, match=message):
+            SpectrogramAugmentation(**keys)

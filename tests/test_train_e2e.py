@@ -141,3 +141,19 @@ def test_a_failing_rank_ends_the_other_within_bounded_time(tmp_path):
     assert out.returncode != 0
     assert time.time() - start < 120  # rank 0, blocked in the gradient all-reduce, is stopped, not left hanging
     assert "injected failure on rank 1" in out.stdout + out.stderr
+
+
+def test_val_wer_monitor_generates_in_validation_and_keeps_the_lowest(tmp_path):
+    out = run_train([f"exp_manager.explicit_log_dir={tmp_path}", "trainer.max_steps=6",
+                     "trainer.val_check_interval=2",
+                     "exp_manager.checkpoint_callback_params.monitor=val_wer",
+                     "exp_manager.checkpoint_callback_params.mode=min"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line.split() for line in out.stdout.splitlines() if line.startswith("validation:")]
+    wers = [float(words[words.index("val_wer") + 1]) for words in lines]
+    assert len(wers) == 3 and all(0 < w for w in wers)  # at steps 2, 4 and 6
+    best_step = 2 * (wers.index(min(wers)) + 1)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step=*.ckpt"))
+    assert kept == [f"step={best_step}.ckpt"]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["best"] == [(pytest.approx(min(wers), abs=1e-4), best_step)]
