@@ -46,7 +46,8 @@ MUTATIONS = [
              "            position_ids=position_ids_from_mask(",
              ["test_salm.py::test_batched_generation_equals_one_by_one"]),
     Mutation("validation accuracy over the wrong count", "salm.py",
-             '"acc": totals["correct"] / count}', '"acc": totals["correct"] / (count + 1)}',
+             '"acc": totals["batch_acc"] / batches}',
+             '"acc": totals["batch_acc"] / (batches + 1)}',
              ["test_salm.py::test_validation_with_generation_scores_the_last_answer"]),
     # ---- data
     Mutation("bucketing ignored", "data.py", 'if train and ds_cfg["use_bucketing"]:', "if False:",
