@@ -326,6 +326,24 @@ NEMO_DUPLEX_NAMES = (
     (r"^llm\.", "llm.model."),  # LoRA: llm.base_model.model.* -> llm.model.base_model.model.*
 )
 NEMO_UNUSED = ("embed_audio_tokens.", "audio_head.")  # NeMo's speech-decoder model never uses them
+PARAKEET_TO_NEMO = [  # transformers' ParakeetEncoder parameter names -> NeMo's, as substrings
+    ("subsampling.layers.", "pre_encode.conv."), ("subsampling.linear.", "pre_encode.out."),
+    (".q_proj.", ".linear_q."), (".k_proj.", ".linear_k."), (".v_proj.", ".linear_v."),
+    (".o_proj.", ".linear_out."), (".relative_k_proj.", ".linear_pos."), (".bias_u", ".pos_bias_u"),
+    (".bias_v", ".pos_bias_v"), (".conv.norm.", ".conv.batch_norm."),
+]
+
+
+def nemo_state_from_parakeet(state: dict) -> dict:
+    """A transformers ParakeetEncoder state dict (NeMo's FastConformer under other names) under
+    NeMo's names, which are perception.ConformerEncoder's:
+    `ConformerEncoder.load_state_dict(nemo_state_from_parakeet(parakeet.state_dict()))`."""
+    renamed = {}
+    for name, tensor in state.items():
+        for hf_name, nemo_name in PARAKEET_TO_NEMO:
+            name = name.replace(hf_name, nemo_name)
+        renamed[name] = tensor
+    return renamed
 
 
 def load_nemo_duplex_weights(model: nn.Module, source: str | Path | dict) -> None:

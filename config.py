@@ -1,22 +1,24 @@
-"""YAML configs in NeMo's layout (`model`, `trainer`, `exp_manager`, `data`), read with pyyaml alone.
+"""YAML configs in NeMo's layout (`model`, `trainer`, `exp_manager`, `data`), read with pyyaml.
 
 `load_config(path, overrides)` does, in order:
   1. read the YAML file;
-  2. apply command-line overrides: `a.b=value` sets a key the file or the schema knows, `+a.b=value` adds a key
-     that is not there, `++a.b=value` sets or adds; values are parsed as YAML (`[a,b]`, `8`, `null`, `1e-4`);
-     list items are addressed by index (`data.train_ds.input_cfg.0.shar_path=/x`);
+  2. apply command-line overrides: `a.b=value` sets a key the file or the schema knows, `+a.b=value`
+     adds a key that is not there, `++a.b=value` sets or adds; values are parsed as YAML (`[a,b]`,
+     `8`, `null`, `1e-4`); list items go by index (`data.train_ds.input_cfg.0.shar_path=/x`);
   3. check every key against SCHEMA: an unknown key (a typo) is an error naming the key, where it
      came from (the file or the command line) and the closest valid key; a value of the wrong type
      is an error; keys that only mean something to NeMo or Lightning are accepted and reported once
      as ignored, so NeMo's own example files load; only free-form sections (model.lora,
      model.optimizer, ...) take keys SCHEMA lacks;
   4. fill in the schema's defaults for `trainer`, `exp_manager` and the `data` loaders;
-  5. resolve `${a.b.c}` interpolations anywhere: a reference that is the whole value keeps its type, one
-     inside a string is substituted as text; a cycle or a missing target is an error;
+  5. resolve `${a.b.c}` interpolations anywhere: a reference that is the whole value keeps its type,
+     one inside a string is substituted as text; a cycle or a missing target is an error;
   6. refuse any `???` that is left, naming its full dotted key;
-  7. check every `_target_` / `target` against TARGETS, the class names allowed where it sits. No class is ever
-     imported from a config string: a name only picks one of this project's modules (or torch.optim).
-The result is a plain nested dict, the fully resolved config that a run saves next to its checkpoints.
+  7. check every `_target_` / `target` against TARGETS, the class names allowed where it sits. No
+     class is ever imported from a config string: a name only picks one of this project's modules
+     (or torch.optim).
+The result is a plain nested dict: the fully resolved config a run saves beside its checkpoints.
+The perception modules check their own sections' NeMo keys with NEMO_FREE_KEYS and NEMO_OFF_KEYS.
 """
 import copy
 import difflib
@@ -34,7 +36,7 @@ UNKNOWN = object()
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML as OmegaConf reads it: `1e-5` and `3e-4` are floats (plain pyyaml would keep them as strings)."""
+    """YAML as OmegaConf reads it: `1e-5` and `3e-4` are floats (plain pyyaml reads strings)."""
 
 
 _Loader.add_implicit_resolver(
@@ -54,7 +56,7 @@ class ConfigError(ValueError):
 
 
 class Keys(dict):
-    """A section whose keys are checked but whose defaults are not filled in (the model reads them itself)."""
+    """A section whose keys are checked but whose defaults are not filled in (the model does it)."""
 
 
 class ListOf:
@@ -77,26 +79,49 @@ class MapOf:
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adafactor", "Adagrad", "RMSprop", "NAdam", "RAdam", "Adamax")
 CONFORMER = ("nemo.collections.asr.modules.ConformerEncoder", "perception.ConformerEncoder")
-IDENTITY = ("nemo.collections.speechlm2.modules.perception.IdentityConnector", "perception.IdentityConnector")
+IDENTITY = ("nemo.collections.speechlm2.modules.perception.IdentityConnector",
+            "perception.IdentityConnector")
 
-# The class names a `_target_` (or NeMo's `target`) may hold, by the section it sits in: NeMo's names for what
-# this project implements, the project's own names, and torch.optim. Anything else is an error.
+# The class names a `_target_` (or NeMo's `target`) may hold, by the section it sits in: NeMo's
+# names for what this project implements, its own names, and torch.optim. Anything else is an error.
 TARGETS = {
     "model.perception": ("nemo.collections.speechlm2.modules.perception.AudioPerceptionModule",
                          "perception.AudioPerceptionModule"),
-    "model.perception.preprocessor": ("nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
-                                      "perception.MelSpectrogram"),
+    "model.perception.preprocessor": (
+        "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+        "perception.MelSpectrogram"),
     "model.perception.encoder": CONFORMER,
     "model.perception.modality_adapter": CONFORMER + IDENTITY,
     "model.perception.spec_augment": ("nemo.collections.asr.modules.SpectrogramAugmentation",
                                       "perception.SpectrogramAugmentation"),
-    "model.speech_decoder": ("nemo.collections.speechlm2.modules.speech_generation.TransformerARSpeechDecoder",
-                             "nemo.collections.speechlm2.modules.TransformerARSpeechDecoder",
-                             "speech_decoder.SpeechDecoder",
-                             "speech_decoder.TransformerARSpeechDecoder"),
+    "model.speech_decoder": (
+        "nemo.collections.speechlm2.modules.speech_generation.TransformerARSpeechDecoder",
+        "nemo.collections.speechlm2.modules.TransformerARSpeechDecoder",
+        "speech_decoder.SpeechDecoder", "speech_decoder.TransformerARSpeechDecoder"),
     "model.optimizer": tuple(f"torch.optim.{name}" for name in OPTIMIZERS),
     "model.lr_scheduler": ("nemo.core.optim.lr_scheduler.CosineAnnealing",),
-    "trainer.strategy": ("lightning.pytorch.strategies.DDPStrategy",),  # ignored: torchrun and train.py set up DDP
+    "trainer.strategy": ("lightning.pytorch.strategies.DDPStrategy",),  # ignored: train.py does DDP
+}
+
+# The NeMo keys of the perception sections (perception.py checks them, check_nemo_keys): those that
+# change nothing here (bookkeeping, speed, limits), accepted with any value, and options not
+# implemented here, accepted only at the value that switches them off.
+NEMO_FREE_KEYS = {
+    "preprocessor": {"_target_", "rng", "nb_max_freq", "use_grads", "use_torchaudio",
+                     "max_duration"},
+    "encoder": {"_target_", "pos_emb_max_len", "subsampling_conv_chunking_factor",
+                "stochastic_depth_mode", "stochastic_depth_start_layer", "global_tokens_spacing",
+                "reduction_position", "use_pytorch_sdpa", "use_pytorch_sdpa_backends",
+                "sync_max_audio_length"},
+    "spec_augment": {"_target_", "rng"},  # NeMo's rng seeds only its legacy path and SpecCutout
+}
+NEMO_OFF_KEYS = {
+    "preprocessor": {"exact_pad": False, "nb_augmentation_prob": 0.0, "stft_exact_pad": False,
+                     "stft_conv": False},
+    "encoder": {"reduction": None, "reduction_factor": 1, "stochastic_depth_drop_prob": 0.0,
+                "global_tokens": 0, "global_attn_separate": False, "conv_dual_mode": False,
+                "att_chunk_context_size": None, "conv_context_style": "regular"},
+    "spec_augment": {"use_vectorized_spec_augment": True, "use_numba_spec_augment": False},
 }
 
 # One `input_cfg` entry: which reader, where the data is, and the reader's options (data.py).
@@ -128,8 +153,8 @@ SCHEMA = {
         pretrained_weights=True, audio_locator_tag=None, prompt_format="llama2",
         freeze_params=[], prevent_freeze_params=[], lora=ANY,
         perception=ANY, speech_decoder=ANY, optimizer=ANY, lr_scheduler=ANY,
-        audio_loss_weight=1.0, text_loss_weight=1.0, duplex_user_channel_weight=1.0, ctc_loss_weight=0.0,
-        torch_dtype=IGNORED,
+        audio_loss_weight=1.0, text_loss_weight=1.0, duplex_user_channel_weight=1.0,
+        ctc_loss_weight=0.0, torch_dtype=IGNORED,
     ),
     "trainer": dict(
         devices="auto", num_nodes=1, accelerator="auto", precision="32",
@@ -143,9 +168,9 @@ SCHEMA = {
         check_val_every_n_epoch=IGNORED, reload_dataloaders_every_n_epochs=IGNORED,
     ),
     "exp_manager": dict(
-        explicit_log_dir=None, exp_dir=None, name="default", version=None, use_datetime_version=True,
-        resume_if_exists=False, resume_ignore_no_checkpoint=False, resume_from_checkpoint=None,
-        max_time_per_run=None, create_checkpoint_callback=True,
+        explicit_log_dir=None, exp_dir=None, name="default", version=None,
+        use_datetime_version=True, resume_if_exists=False, resume_ignore_no_checkpoint=False,
+        resume_from_checkpoint=None, max_time_per_run=None, create_checkpoint_callback=True,
         checkpoint_callback_params=dict(
             monitor="val_loss", mode="min", save_top_k=1, filename="{step}", save_last=True,
             every_n_train_steps=None,
@@ -166,7 +191,7 @@ SCHEMA = {
 
 
 def load_config(path: str | Path, overrides: list[str] = (), report=print) -> dict:
-    """Read, override, check, fill, resolve and validate a config (module docstring); `report` gets notes."""
+    """Read, override, check, fill, resolve and validate (module docstring); `report` gets notes."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -175,7 +200,8 @@ def load_config(path: str | Path, overrides: list[str] = (), report=print) -> di
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{path} must hold a mapping with sections model, trainer, exp_manager, data")
+        raise ConfigError(f"{path} must hold a mapping with sections "
+                          "model, trainer, exp_manager, data")
     where = _source(path, [apply_override(cfg, override) for override in overrides])
     ignored = []
     _check(cfg, SCHEMA, "", where, ignored)
@@ -193,7 +219,7 @@ def load_config(path: str | Path, overrides: list[str] = (), report=print) -> di
 
 
 def model_defaults(model_cfg: dict) -> dict:
-    """A copy of a `model` section with SCHEMA's defaults filled in (the one place model defaults live)."""
+    """A copy of a `model` section with SCHEMA's defaults filled in (where model defaults live)."""
     cfg = copy.deepcopy(model_cfg)
     _fill_defaults(cfg, SCHEMA["model"])
     for key, default in SCHEMA["model"].items():
@@ -210,8 +236,8 @@ def loader_defaults(ds_cfg: dict) -> dict:
 
 
 def cli(main) -> None:
-    """Run a command's `main(argv)`: a config, data or path mistake ends it with one line on stderr and exit
-    code 2, not a traceback (SLM_DEBUG=1 shows the traceback)."""
+    """Run a command's `main(argv)`: a config, data or path mistake ends it with one line on stderr
+    and exit code 2, not a traceback (SLM_DEBUG=1 shows the traceback)."""
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError) as e:
@@ -236,6 +262,24 @@ def read_input_cfg(path: str | Path) -> list:
         entries = entries["input_cfg"]
     _check(entries, ListOf(INPUT_CFG), "input_cfg", lambda key: f"in {path}", [])
     return entries
+
+
+def check_nemo_keys(section: str, keys: dict) -> None:
+    """The NeMo keys a perception section's module takes without a parameter of its own: each must
+    be in NEMO_FREE_KEYS, or in NEMO_OFF_KEYS at the value that switches it off."""
+    free, off = NEMO_FREE_KEYS[section], NEMO_OFF_KEYS[section]
+    for key, value in keys.items():
+        if key in free:
+            continue
+        if key not in off:
+            raise ValueError(f"{section}: unknown key {key!r}")
+        if value != off[key]:
+            raise ValueError(f"{section}.{key}={value!r} is not supported; set it to {off[key]!r}")
+
+
+def check_choice(key: str, value, *allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not supported; use one of {list(allowed)}")
 
 
 def save_config(cfg: dict, path: str | Path) -> None:
@@ -277,7 +321,7 @@ def apply_override(cfg: dict, override: str) -> str:
     return key
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # helpers
 
 def _get_child(node, part):
@@ -294,12 +338,13 @@ def _set_child(node, part, value, key):
     elif isinstance(node, list) and part.isdigit() and int(part) <= len(node):
         node[int(part):int(part) + 1] = [value]
     else:
-        raise ConfigError(f"override of '{key}': cannot set '{part}' inside a {type(node).__name__}")
+        raise ConfigError(f"override of '{key}': cannot set '{part}' inside a "
+                          f"{type(node).__name__}")
 
 
 def _schema_at(parts):
-    """The schema node at a key path, or UNKNOWN where the schema does not know the key (inside free-form
-    subtrees too: there a new key needs `+`)."""
+    """The schema node at a key path, or UNKNOWN where the schema does not know the key (inside
+    free-form subtrees too: there a new key needs `+`)."""
     node = SCHEMA
     for part in parts:
         if isinstance(node, ListOf):
@@ -366,8 +411,10 @@ def _check(value, schema, key, where, ignored):
 
 
 def _check_type(value, default, key, where):
-    """Values whose default has a clear type must match it (an int is fine where a float is expected)."""
-    if value is None or default is None or isinstance(value, str) and "${" in value or value == MISSING:
+    """Values whose default has a clear type must match it (an int does where a float is wanted)."""
+    if value is None or default is None or value == MISSING:
+        return
+    if isinstance(value, str) and "${" in value:
         return
     if isinstance(default, bool):
         ok, wanted = isinstance(value, bool), "true or false"
@@ -378,7 +425,8 @@ def _check_type(value, default, key, where):
     elif isinstance(default, list):
         ok, wanted = isinstance(value, list), "a list"
     elif isinstance(default, str):
-        ok, wanted = isinstance(value, (str, int, float)) and not isinstance(value, bool), "a string"
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        wanted = "a string"
     else:
         return
     if not ok:
@@ -386,7 +434,8 @@ def _check_type(value, default, key, where):
 
 
 def _check_targets(node, where, section=""):
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    items = (node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list)
+             else ())
     for name, value in items:
         key = f"{section}.{name}" if section else str(name)
         if name not in ("_target_", "target"):
@@ -394,7 +443,8 @@ def _check_targets(node, where, section=""):
             continue
         allowed = TARGETS.get(section, ())
         if not isinstance(value, str) or value not in allowed:
-            use = f"use one of {', '.join(allowed)}" if allowed else "remove it: no class is chosen there"
+            use = (f"use one of {', '.join(allowed)}" if allowed
+                   else "remove it: no class is chosen there")
             raise ConfigError(f"{key} {where(key)} is {value!r}, which is not allowed there; {use} "
                               "(a config never imports code)")
 
@@ -431,10 +481,11 @@ _REFERENCE = re.compile(r"\$\{([^${}]+)\}")
 
 
 def _resolve(cfg: dict) -> dict:
-    """Replace every ${a.b.c} with the (resolved) value it points at; detect cycles and dangling references."""
+    """Replace each ${a.b.c} with the resolved value it points at; detect cycles, dangling ones."""
 
     def lookup(target, referrer, stack):
-        loop = [i for i, seen in enumerate(stack) if seen == target or seen.startswith(target + ".")]
+        loop = [i for i, seen in enumerate(stack)
+                if seen == target or seen.startswith(target + ".")]
         if loop:
             raise ConfigError(f"interpolation cycle: {' -> '.join(stack[loop[0]:] + [target])}")
         node = cfg
@@ -462,7 +513,8 @@ def _resolve(cfg: dict) -> dict:
     try:
         return resolve(cfg, "", [])
     except RecursionError:
-        raise ConfigError("interpolations nest too deeply (a cycle through a parent key?)") from None
+        raise ConfigError("interpolations nest too deeply (a cycle through a parent key?)") \
+            from None
 
 
 def _walk(value, key=""):

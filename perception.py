@@ -1,7 +1,7 @@
-"""Audio perception: NeMo's mel frontend -> FastConformer encoder -> Conformer adapter -> projection.
+"""Audio perception: NeMo's mel frontend -> FastConformer encoder -> Conformer adapter -> Linear.
 
 Users bring NVIDIA's FastConformer ASR checkpoints (`.nemo` files), so the modules here keep NeMo's
-parameter names and math: the `preprocessor.*` and `encoder.*` weights of a `.nemo` file load as they are.
+parameter names and math: a `.nemo` file's `preprocessor.*` and `encoder.*` weights load as is.
 One deliberate difference: every stage masks the frames past each clip's length (NeMo's subsampling
 convolutions do not), so a clip gives the same output alone and inside a padded batch.
 """
@@ -11,49 +11,23 @@ import random
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from checkpoint import load_nemo_checkpoint, resolve_pretrained_asr
-from config import model_defaults
+from config import check_choice, check_nemo_keys, model_defaults
 
-PARAKEET_TO_NEMO = [  # transformers' ParakeetEncoder parameter names -> NeMo's, as substrings
-    ("subsampling.layers.", "pre_encode.conv."), ("subsampling.linear.", "pre_encode.out."),
-    (".q_proj.", ".linear_q."), (".k_proj.", ".linear_k."), (".v_proj.", ".linear_v."),
-    (".o_proj.", ".linear_out."), (".relative_k_proj.", ".linear_pos."), (".bias_u", ".pos_bias_u"),
-    (".bias_v", ".pos_bias_v"), (".conv.norm.", ".conv.batch_norm."),
-]
 NEMO_MASK_VALUE = -10000.0  # NeMo's attention score for masked positions
 NORMALIZE_EPS = 1e-5  # added to the per-feature std, as in NeMo
-WINDOWS = {
-    "hann": torch.hann_window,
-    "hamming": torch.hamming_window,
-    "blackman": torch.blackman_window,
-    "bartlett": torch.bartlett_window,
-}
-
-# NeMo keys that change nothing here (bookkeeping, speed, limits), accepted with any value.
-PREPROCESSOR_FREE_KEYS = {"_target_", "rng", "nb_max_freq", "use_grads", "use_torchaudio", "max_duration"}
-ENCODER_FREE_KEYS = {
-    "_target_", "pos_emb_max_len", "subsampling_conv_chunking_factor", "stochastic_depth_mode",
-    "stochastic_depth_start_layer", "global_tokens_spacing", "reduction_position", "use_pytorch_sdpa",
-    "use_pytorch_sdpa_backends", "sync_max_audio_length",
-}
-# NeMo options not implemented here, accepted only at the value that switches them off.
-PREPROCESSOR_OFF_KEYS = {"exact_pad": False, "nb_augmentation_prob": 0.0, "stft_exact_pad": False, "stft_conv": False}
-ENCODER_OFF_KEYS = {
-    "reduction": None, "reduction_factor": 1, "stochastic_depth_drop_prob": 0.0, "global_tokens": 0,
-    "global_attn_separate": False, "conv_dual_mode": False, "att_chunk_context_size": None,
-    "conv_context_style": "regular",
-}
-SPEC_AUGMENT_FREE_KEYS = {"_target_", "rng"}  # NeMo's rng seeds only its legacy path and SpecCutout
-SPEC_AUGMENT_OFF_KEYS = {"use_vectorized_spec_augment": True, "use_numba_spec_augment": False}
+WINDOWS = {"hann": torch.hann_window, "hamming": torch.hamming_window,
+           "blackman": torch.blackman_window, "bartlett": torch.bartlett_window}
 
 
 def setup_perception(model_cfg: dict, output_dim: int) -> tuple["AudioPerceptionModule", dict]:
-    """Build `model_cfg["perception"]`, starting from the pretrained ASR encoder named by `pretrained_asr`;
-    returns the module and its resolved config.
+    """Build `model_cfg["perception"]`, starting from the pretrained ASR encoder named by
+    `pretrained_asr`; returns the module and its resolved config.
 
-    As NeMo does, the checkpoint's preprocessor/encoder config (with the user's keys on top) becomes part of
-    the resolved config, so a saved model rebuilds offline with `pretrained_weights: false`.
+    As NeMo does, the checkpoint's preprocessor/encoder config (with the user's keys on top) becomes
+    part of the resolved config, so a saved model rebuilds offline with `pretrained_weights: false`.
     """
     model_cfg = model_defaults(model_cfg)
     perception_cfg = model_cfg["perception"]
@@ -68,32 +42,33 @@ def setup_perception(model_cfg: dict, output_dim: int) -> tuple["AudioPerception
     asr_cfg, asr_weights = load_nemo_checkpoint(path)
     for section in ("preprocessor", "encoder"):
         if section not in asr_cfg:
-            raise ValueError(f"{path}: model_config.yaml has no '{section}' section; is it an ASR model?")
+            raise ValueError(f"{path}: model_config.yaml has no '{section}' section; "
+                             "is it an ASR model?")
         perception_cfg[section] = {**asr_cfg[section], **(perception_cfg.get(section) or {})}
     perception = AudioPerceptionModule(perception_cfg, output_dim)
     weights = {k: v for k, v in asr_weights.items() if k.startswith(("preprocessor.", "encoder."))}
     try:
         result = perception.load_state_dict(weights, strict=False)
     except RuntimeError as error:
-        raise ValueError(f"{path}: weights do not fit the encoder built from its config and overrides: "
-                         f"{error}") from None
+        raise ValueError(f"{path}: weights do not fit the encoder built from its config and "
+                         f"overrides: {error}") from None
     missing = [k for k in result.missing_keys if k.startswith(("preprocessor.", "encoder."))]
-    print(f"perception: loaded {len(weights) - len(result.unexpected_keys)} tensors from {path}")
-    print(f"perception: missing keys: {missing or 'none'}; unexpected keys: {result.unexpected_keys or 'none'}")
+    unexpected = result.unexpected_keys
+    print(f"perception: loaded {len(weights) - len(unexpected)} tensors from {path}")
+    print(f"perception: missing keys: {missing or 'none'}; unexpected keys: {unexpected or 'none'}")
     return perception, perception_cfg
 
 
 class AudioPerceptionModule(nn.Module):
-    """Audio (B, T_samples) -> embeddings in the LLM's space (B, T_enc, output_dim), with their lengths."""
+    """Audio (B, T_samples) -> LLM-space embeddings (B, T_enc, output_dim), with their lengths."""
 
     def __init__(self, cfg: dict, output_dim: int):
         super().__init__()
         for section in ("preprocessor", "encoder", "modality_adapter"):
             if cfg.get(section) is None:
-                raise ValueError(
-                    f"perception.{section} is missing: without pretrained ASR weights the architecture comes from "
-                    "the config (set pretrained_asr, or copy the section from the ASR model's model_config.yaml)"
-                )
+                raise ValueError(f"perception.{section} is missing: without pretrained ASR weights "
+                                 "the architecture comes from the config (set pretrained_asr, or "
+                                 "copy the section from the ASR model's model_config.yaml)")
         augment = cfg.get("spec_augment")  # as NeMo: none when the section is absent or null
         self.spec_augmentation = None if augment is None else SpectrogramAugmentation(**augment)
         self.preprocessor = MelSpectrogram(**cfg["preprocessor"])
@@ -103,11 +78,10 @@ class AudioPerceptionModule(nn.Module):
             self.modality_adapter = IdentityConnector()
             adapter_dim = self.encoder.output_dim
         else:
-            if adapter_cfg.get("feat_in") != self.encoder.output_dim:
-                raise ValueError(
-                    f"perception.modality_adapter.feat_in={adapter_cfg.get('feat_in')} but the encoder outputs "
-                    f"{self.encoder.output_dim} features; set feat_in to {self.encoder.output_dim}"
-                )
+            feat_in, dim = adapter_cfg.get("feat_in"), self.encoder.output_dim
+            if feat_in != dim:
+                raise ValueError(f"perception.modality_adapter.feat_in={feat_in} but the encoder "
+                                 f"outputs {dim} features; set feat_in to {dim}")
             self.modality_adapter = ConformerEncoder(**adapter_cfg)
             adapter_dim = self.modality_adapter.output_dim
         self.proj = nn.Linear(adapter_dim, output_dim)
@@ -131,64 +105,67 @@ class AudioPerceptionModule(nn.Module):
                 lengths = encoder.pre_encode.output_length(lengths)
         return lengths
 
-    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor]:
         features, feature_lens = self.preprocessor(audio, audio_lens)  # (B, n_mels, T_mel), fp32
         if self.spec_augmentation is not None and self.training:  # as NeMo: after normalisation
             features = self.spec_augmentation(features, feature_lens)
         features = features.to(self.proj.weight.dtype)
         encoded, encoded_lens = self.encoder(features, feature_lens)  # (B, d_enc, T_enc)
-        encoded, encoded_lens = self.modality_adapter(encoded, encoded_lens)  # (B, d_adapter, T_enc)
+        encoded, encoded_lens = self.modality_adapter(encoded, encoded_lens)  # (B, d_adapt, T_enc)
         return self.proj(encoded.transpose(1, 2)), encoded_lens  # (B, T_enc, output_dim)
 
 
 class IdentityConnector(nn.Module):
-    """Stands in for the modality adapter when the encoder output goes straight to the projection."""
+    """Stands in for the modality adapter when encoder output goes straight to the projection."""
 
     subsampling_factor = 1
 
-    def forward(self, audio_signal: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, audio_signal: Tensor, length: Tensor) -> tuple[Tensor, Tensor]:
         return audio_signal, length
 
 
 class MelSpectrogram(nn.Module):
-    """NeMo's AudioToMelSpectrogramPreprocessor: audio (B, T_samples) -> log-mel features (B, n_mels, T_mel).
+    """NeMo's AudioToMelSpectrogramPreprocessor: audio (B, T_samples) -> log-mel (B, n_mels, T_mel).
 
     Follows current NeMo: zero-padded centred STFT, pre-emphasis masked past each length, and
     `len // hop` valid frames (the STFT gives one frame more, which is set to `pad_value`).
-    The window and filterbank sit under `.featurizer` as in NeMo, so `preprocessor.featurizer.window`
-    and `preprocessor.featurizer.fb` from a `.nemo` file load into them.
+    The window and filterbank sit under `.featurizer` as in NeMo, so a `.nemo` file's
+    `preprocessor.featurizer.window` and `preprocessor.featurizer.fb` load into them.
     """
 
-    keep_fp32 = True  # train.py keeps this module (its window and filterbank) in fp32 under bf16-true
+    keep_fp32 = True  # train.py keeps this module (window, filterbank) in fp32 under bf16-true
 
-    def __init__(
-        self, sample_rate=16000, window_size=0.025, window_stride=0.01, n_window_size=None, n_window_stride=None,
-        n_fft=512, features=80, window="hann", normalize="per_feature", dither=1e-5, pad_to=0, pad_value=0.0,
-        preemph=0.97, log=True, frame_splicing=1, mag_power=2.0, lowfreq=0, highfreq=None,
-        log_zero_guard_type="add", log_zero_guard_value=2**-24, mel_norm="slaney", **nemo_keys,
-    ):
+    def __init__(self, sample_rate=16000, window_size=0.025, window_stride=0.01, n_window_size=None,
+                 n_window_stride=None, n_fft=512, features=80, window="hann",
+                 normalize="per_feature", dither=1e-5, pad_to=0, pad_value=0.0, preemph=0.97,
+                 log=True, frame_splicing=1, mag_power=2.0, lowfreq=0, highfreq=None,
+                 log_zero_guard_type="add", log_zero_guard_value=2**-24, mel_norm="slaney",
+                 **nemo_keys):
         super().__init__()
-        _check_nemo_keys("preprocessor", nemo_keys, PREPROCESSOR_FREE_KEYS, PREPROCESSOR_OFF_KEYS)
-        _require("preprocessor", "window", window, list(WINDOWS))
-        _require("preprocessor", "normalize", normalize, ["per_feature", "NA", None, False])
-        _require("preprocessor", "frame_splicing", frame_splicing, [1])
-        _require("preprocessor", "log_zero_guard_type", log_zero_guard_type, ["add", "clamp"])
-        _require("preprocessor", "mel_norm", mel_norm, ["slaney", None])
+        check_nemo_keys("preprocessor", nemo_keys)
+        check_choice("preprocessor.window", window, *WINDOWS)
+        check_choice("preprocessor.normalize", normalize, "per_feature", "NA", None, False)
+        check_choice("preprocessor.frame_splicing", frame_splicing, 1)
+        check_choice("preprocessor.log_zero_guard_type", log_zero_guard_type, "add", "clamp")
+        check_choice("preprocessor.mel_norm", mel_norm, "slaney", None)
         if not isinstance(pad_to, int) or pad_to < 0:
-            raise ValueError(f"preprocessor.pad_to={pad_to!r} is not supported; use 0 or a positive multiple")
+            raise ValueError(f"preprocessor.pad_to={pad_to!r} is not supported; "
+                             "use 0 or a positive multiple")
         self.sample_rate = sample_rate
         self.win_length = n_window_size or int(window_size * sample_rate)
         self.hop_length = n_window_stride or int(window_stride * sample_rate)
         self.n_fft = n_fft or 2 ** math.ceil(math.log2(self.win_length))
         self.normalize, self.dither, self.preemph, self.log = normalize, dither, preemph, log
         self.pad_to, self.pad_value, self.mag_power = pad_to, pad_value, mag_power
-        self.log_zero_guard_type, self.log_zero_guard_value = log_zero_guard_type, log_zero_guard_value
-        fb = mel_filterbank(sample_rate, self.n_fft, features, lowfreq, highfreq or sample_rate / 2, mel_norm)
+        self.log_zero_guard_type = log_zero_guard_type
+        self.log_zero_guard_value = log_zero_guard_value
+        fb = mel_filterbank(sample_rate, self.n_fft, features, lowfreq, highfreq or sample_rate / 2,
+                            mel_norm)
         self.featurizer = nn.Module()
         self.featurizer.register_buffer("window", WINDOWS[window](self.win_length, periodic=False))
         self.featurizer.register_buffer("fb", fb.unsqueeze(0))  # (1, n_mels, n_fft // 2 + 1)
 
-    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         feature_lengths = torch.div(lengths, self.hop_length, rounding_mode="floor").long()
         with torch.autocast(audio.device.type, enabled=False):  # the STFT needs fp32's range
             x = audio.float()
@@ -197,19 +174,18 @@ class MelSpectrogram(nn.Module):
             if self.preemph:
                 x = torch.cat([x[:, :1], x[:, 1:] - self.preemph * x[:, :-1]], dim=1)
             x = x.masked_fill(_padding_mask(lengths, x.size(1)), 0.0)
-            spec = torch.stft(
-                x, self.n_fft, self.hop_length, self.win_length, window=self.featurizer.window.float(),
-                center=True, pad_mode="constant", return_complex=True,
-            )
+            spec = torch.stft(x, self.n_fft, self.hop_length, self.win_length,
+                              window=self.featurizer.window.float(), center=True,
+                              pad_mode="constant", return_complex=True)
             power = spec.real.square() + spec.imag.square()  # |X|^2, (B, n_fft // 2 + 1, T_mel)
-            spec = power if self.mag_power == 2.0 else power.pow(self.mag_power / 2)  # |X|^mag_power
+            spec = power if self.mag_power == 2.0 else power.pow(self.mag_power / 2)  # |X|^power
             x = torch.matmul(self.featurizer.fb.float(), spec)  # (B, n_mels, T_mel)
             if self.log:
-                guard = self._log_guard(x.dtype)
-                x = torch.log(x + guard) if self.log_zero_guard_type == "add" else torch.log(x.clamp(min=guard))
+                eps = self._log_guard(x.dtype)
+                x = torch.log(x + eps if self.log_zero_guard_type == "add" else x.clamp(min=eps))
             if self.normalize == "per_feature":
                 x = _normalize_per_feature(x, feature_lengths)
-            x = x.masked_fill(_padding_mask(feature_lengths, x.size(-1)).unsqueeze(1), self.pad_value)
+            x = x.masked_fill(_padding_mask(feature_lengths, x.size(-1))[:, None], self.pad_value)
             if self.pad_to and x.size(-1) % self.pad_to:
                 x = F.pad(x, (0, self.pad_to - x.size(-1) % self.pad_to), value=self.pad_value)
         return x, feature_lengths
@@ -234,7 +210,7 @@ class SpectrogramAugmentation(nn.Module):
     def __init__(self, freq_masks=0, time_masks=0, freq_width=10, time_width=10, rect_masks=0,
                  rect_time=5, rect_freq=20, mask_value=0.0, **nemo_keys):
         super().__init__()
-        _check_nemo_keys("spec_augment", nemo_keys, SPEC_AUGMENT_FREE_KEYS, SPEC_AUGMENT_OFF_KEYS)
+        check_nemo_keys("spec_augment", nemo_keys)
         if isinstance(time_width, float) and not 0.0 <= time_width <= 1.0:
             raise ValueError(f"spec_augment.time_width={time_width}: a float must be in [0, 1]")
         if not isinstance(freq_width, int):
@@ -244,7 +220,7 @@ class SpectrogramAugmentation(nn.Module):
         self.rect_masks, self.rect_time, self.rect_freq = rect_masks, rect_time, rect_freq
 
     @torch.no_grad()
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
         batch, n_freq, n_time = features.shape
         valid = ~_padding_mask(lengths, n_time).unsqueeze(1)  # (B, 1, T)
         if self.rect_masks:
@@ -274,18 +250,18 @@ class ConformerEncoder(nn.Module):
     subsampling_factor 1, `pre_encode` is a plain Linear: that is the modality adapter.
     """
 
-    def __init__(
-        self, feat_in, n_layers, d_model, feat_out=-1, subsampling="dw_striding", subsampling_factor=4,
-        subsampling_conv_channels=-1, causal_downsampling=False, ff_expansion_factor=4, self_attention_model="rel_pos",
-        n_heads=4, att_context_size=None, att_context_probs=None, att_context_style="regular", xscaling=True,
-        untie_biases=True, conv_kernel_size=31, conv_norm_type="batch_norm", conv_context_size=None, use_bias=True,
-        dropout=0.1, dropout_pre_encoder=0.1, dropout_emb=0.1, dropout_att=0.0, **nemo_keys,
-    ):
+    def __init__(self, feat_in, n_layers, d_model, feat_out=-1, subsampling="dw_striding",
+                 subsampling_factor=4, subsampling_conv_channels=-1, causal_downsampling=False,
+                 ff_expansion_factor=4, self_attention_model="rel_pos", n_heads=4,
+                 att_context_size=None, att_context_probs=None, att_context_style="regular",
+                 xscaling=True, untie_biases=True, conv_kernel_size=31, conv_norm_type="batch_norm",
+                 conv_context_size=None, use_bias=True, dropout=0.1, dropout_pre_encoder=0.1,
+                 dropout_emb=0.1, dropout_att=0.0, **nemo_keys):
         super().__init__()
-        _check_nemo_keys("encoder", nemo_keys, ENCODER_FREE_KEYS, ENCODER_OFF_KEYS)
-        _require("encoder", "self_attention_model", self_attention_model, ["rel_pos", "abs_pos"])
-        _require("encoder", "att_context_style", att_context_style, ["regular", "chunked_limited"])
-        _require("encoder", "conv_norm_type", conv_norm_type, ["batch_norm", "layer_norm"])
+        check_nemo_keys("encoder", nemo_keys)
+        check_choice("encoder.self_attention_model", self_attention_model, "rel_pos", "abs_pos")
+        check_choice("encoder.att_context_style", att_context_style, "regular", "chunked_limited")
+        check_choice("encoder.conv_norm_type", conv_norm_type, "batch_norm", "layer_norm")
         self.d_model = d_model
         self.relative = self_attention_model == "rel_pos"
         self.att_context_style = att_context_style
@@ -295,30 +271,27 @@ class ConformerEncoder(nn.Module):
         self.xscale = math.sqrt(d_model) if xscaling else 1.0
         self.dropout_pre_encoder, self.dropout_emb = dropout_pre_encoder, dropout_emb
         if subsampling and subsampling_factor > 1:
-            _require("encoder", "subsampling", subsampling, ["dw_striding", "striding"])
+            check_choice("encoder.subsampling", subsampling, "dw_striding", "striding")
             channels = subsampling_conv_channels if subsampling_conv_channels > 0 else d_model
-            self.pre_encode = ConvSubsampling(
-                subsampling, subsampling_factor, feat_in, d_model, channels, causal_downsampling
-            )
+            self.pre_encode = ConvSubsampling(subsampling, subsampling_factor, feat_in, d_model,
+                                              channels, causal_downsampling)
             self.subsampling_factor = subsampling_factor
         else:
             self.pre_encode = nn.Linear(feat_in, d_model)
             self.subsampling_factor = 1
         shared_u = shared_v = None  # untie_biases false: one pair of position biases for all layers
         if self.relative and not untie_biases:
-            shared_u, shared_v = (nn.Parameter(torch.zeros(n_heads, d_model // n_heads)) for _ in range(2))
+            shared_u, shared_v = (nn.Parameter(torch.zeros(n_heads, d_model // n_heads))
+                                  for _ in range(2))
         conv_context = _conv_context(conv_context_size, conv_kernel_size)
         self.layers = nn.ModuleList(
-            ConformerLayer(
-                d_model, d_model * ff_expansion_factor, n_heads, self.relative, conv_kernel_size, conv_context,
-                conv_norm_type, use_bias, dropout, dropout_att, shared_u, shared_v,
-            )
-            for _ in range(n_layers)
-        )
+            ConformerLayer(d_model, d_model * ff_expansion_factor, n_heads, self.relative,
+                           conv_kernel_size, conv_context, conv_norm_type, use_bias, dropout,
+                           dropout_att, shared_u, shared_v) for _ in range(n_layers))
         self.output_dim = feat_out if feat_out > 0 else d_model
-        self.out_proj = nn.Linear(d_model, feat_out) if feat_out > 0 and feat_out != d_model else None
+        self.out_proj = nn.Linear(d_model, feat_out) if 0 < feat_out != d_model else None
 
-    def forward(self, audio_signal: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, audio_signal: Tensor, length: Tensor) -> tuple[Tensor, Tensor]:
         x = audio_signal.transpose(1, 2)  # (B, T, feat_in)
         x = x.masked_fill(_padding_mask(length, x.size(1)).unsqueeze(-1), 0.0)
         if self.subsampling_factor > 1:
@@ -329,14 +302,16 @@ class ConformerEncoder(nn.Module):
         T = x.size(1)
         pos_emb = None
         if self.relative:  # relative positions T-1 ... -(T-1), used inside attention only
-            pos_emb = _sinusoids(torch.arange(T - 1, -T, -1, device=x.device), self.d_model).to(x.dtype)
+            positions = torch.arange(T - 1, -T, -1, device=x.device)
+            pos_emb = _sinusoids(positions, self.d_model).to(x.dtype)
             pos_emb = F.dropout(pos_emb, self.dropout_emb, self.training)  # (1, 2T-1, d_model)
         else:
             x = x + _sinusoids(torch.arange(T, device=x.device), self.d_model).to(x.dtype)
         x = F.dropout(x, self.dropout_pre_encoder, self.training)
 
         sizes, probs = self.att_context_sizes, self.att_context_probs
-        context = random.choices(sizes, weights=probs)[0] if self.training and len(sizes) > 1 else sizes[0]
+        drawn = self.training and len(sizes) > 1
+        context = random.choices(sizes, weights=probs)[0] if drawn else sizes[0]
         visible = make_attention_mask(length, T, context, self.att_context_style)  # (B, T, T)
         pad_mask = _padding_mask(length, T)  # (B, T)
         for layer in self.layers:
@@ -347,15 +322,14 @@ class ConformerEncoder(nn.Module):
         return x.transpose(1, 2), length.long()  # (B, output_dim, T')
 
 
-def make_attention_mask(
-    lengths: torch.Tensor, max_len: int, att_context_size, att_context_style: str = "regular"
-) -> torch.Tensor:
+def make_attention_mask(lengths: Tensor, max_len: int, att_context_size,
+                        att_context_style: str = "regular") -> Tensor:
     """(B, T, T) bool, True where query i may attend to key j (NeMo's `_create_masks`, inverted).
 
-    regular [l, r]: i - l <= j <= i + r (-1 = unlimited). chunked_limited [l, r]: chunks of r + 1 frames;
-    a frame sees its own chunk and l // (r + 1) chunks before it. No query sees a padded key; a
-    padded query sees every valid key (its output is zeroed anyway): a row that sees no key at all
-    makes attention kernels (cuDNN's backward on Hopper GPUs) return NaN gradients.
+    regular [l, r]: i - l <= j <= i + r (-1 = unlimited). chunked_limited [l, r]: chunks of r + 1
+    frames; a frame sees its own chunk and l // (r + 1) chunks before it. No query sees a padded
+    key; a padded query sees every valid key (its output is zeroed anyway): a row that sees no key
+    at all makes attention kernels (cuDNN's backward on Hopper GPUs) return NaN gradients.
     """
     left, right = att_context_size
     frames = torch.arange(max_len, device=lengths.device)
@@ -376,8 +350,9 @@ def make_attention_mask(
     return torch.where(valid.unsqueeze(2), visible & keys, keys)
 
 
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float, norm="slaney") -> torch.Tensor:
-    """(n_mels, n_fft // 2 + 1) triangular filters on the Slaney mel scale (librosa's `filters.mel`)."""
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float,
+                   norm="slaney") -> Tensor:
+    """(n_mels, n_fft // 2 + 1) triangular filters, Slaney mel scale (librosa's `filters.mel`)."""
     fft_freqs = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * sample_rate / n_fft
     mel_min, mel_max = (_hz_to_mel(torch.tensor(hz)).item() for hz in (fmin, fmax))
     mels = torch.linspace(mel_min, mel_max, n_mels + 2, dtype=torch.float64)
@@ -391,23 +366,26 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax:
 
 
 class ConvSubsampling(nn.Module):
-    """NeMo's ConvSubsampling (`dw_striding` or `striding`): stride-2 3x3 convs over (time, freq), then Linear.
+    """NeMo's ConvSubsampling (`dw_striding` or `striding`): stride-2 3x3 convs, then Linear.
 
-    Padding is (1, 1), inside the conv, or causal (2, 1) on both axes as in NeMo's CausalConv2D, by F.pad; the
-    frames past each length are zeroed before every strided conv, so no clip reads its neighbour's padding.
+    Padding: (1, 1) inside the conv, or causal (2, 1) on both axes (NeMo's CausalConv2D) by F.pad;
+    frames past each length are zeroed before every strided conv: no clip reads another's padding.
     """
 
-    def __init__(self, subsampling: str, factor: int, feat_in: int, feat_out: int, channels: int, is_causal: bool):
+    def __init__(self, subsampling: str, factor: int, feat_in: int, feat_out: int, channels: int,
+                 is_causal: bool):
         super().__init__()
         num_stages = int(math.log2(factor))
         if 2**num_stages != factor:
-            raise ValueError(f"encoder.subsampling_factor={factor} is not supported; use a power of 2")
+            raise ValueError(f"encoder.subsampling_factor={factor} is not supported; "
+                             "use a power of 2")
         self.left_pad, self.right_pad = (2, 1) if is_causal else (1, 1)
-        conv_padding = 0 if is_causal else 1  # symmetric padding is the conv's own: no padded copy of the input
+        conv_padding = 0 if is_causal else 1  # symmetric: the conv's own, no padded input copy
         layers, in_channels = [], 1
         for stage in range(num_stages):
             if subsampling == "dw_striding" and stage > 0:  # depthwise then pointwise
-                layers.append(nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=conv_padding, groups=in_channels))
+                layers.append(nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=conv_padding,
+                                        groups=in_channels))
                 layers.append(nn.Conv2d(in_channels, channels, 1))
             else:
                 layers.append(nn.Conv2d(in_channels, channels, 3, stride=2, padding=conv_padding))
@@ -423,37 +401,40 @@ class ConvSubsampling(nn.Module):
     def output_length(self, length):
         return (length + self.left_pad + self.right_pad - 3) // 2 + 1
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, T, F), already zero past each length."""
-        # (B, 1, T, F): time is the conv's height. Channels-last strides (made explicit: with one channel they
-        # are ambiguous) make every conv below run channels-last: on a CPU their backward is ~2x faster.
+        # (B, 1, T, F): time is the conv's height. Explicit channels-last strides (ambiguous with
+        # one channel) run every conv channels-last: ~2x faster backward on a CPU. Before each ReLU,
+        # zero past each length in place (a conv's backward never reads its output).
         b, t, f = x.shape
-        x = torch.empty((b, 1, t, f), dtype=x.dtype, device=x.device, memory_format=torch.channels_last).copy_(x[:, None])
+        x = torch.empty((b, 1, t, f), dtype=x.dtype, device=x.device,
+                        memory_format=torch.channels_last).copy_(x[:, None])
         for layer in self.conv:
             if isinstance(layer, nn.Conv2d) and layer.stride[0] == 2:
                 if layer.padding[0] == 0:
                     x = F.pad(x, (self.left_pad, self.right_pad, self.left_pad, self.right_pad))
                 lengths = self.output_length(lengths)
-            elif isinstance(layer, nn.ReLU):  # zero past each length, in place: a conv's backward never reads its output
+            elif isinstance(layer, nn.ReLU):
                 x = x.mul_(~_padding_mask(lengths, x.size(2))[:, None, :, None])
             x = layer(x)
         b, c, t, f = x.shape
-        return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lengths  # (B, T', feat_out), channel-major
+        return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lengths  # (B, T', feat_out)
 
 
 class ConformerLayer(nn.Module):
-    """Macaron block: + FF/2, + self-attention, + convolution, + FF/2, then LayerNorm (each on a pre-norm)."""
+    """Macaron block: + FF/2, + self-attention, + convolution, + FF/2 (each pre-norm), LayerNorm."""
 
-    def __init__(self, d_model, d_ff, n_heads, relative, conv_kernel_size, conv_context, conv_norm_type, use_bias,
-                 dropout, dropout_att, pos_bias_u=None, pos_bias_v=None):
+    def __init__(self, d_model, d_ff, n_heads, relative, conv_kernel, conv_context, conv_norm,
+                 use_bias, dropout, dropout_att, pos_bias_u=None, pos_bias_v=None):
         super().__init__()
         self.dropout = dropout
         self.norm_feed_forward1 = nn.LayerNorm(d_model)
         self.feed_forward1 = FeedForward(d_model, d_ff, dropout, use_bias)
         self.norm_self_att = nn.LayerNorm(d_model)
-        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout_att, use_bias, relative, pos_bias_u, pos_bias_v)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout_att, use_bias, relative,
+                                            pos_bias_u, pos_bias_v)
         self.norm_conv = nn.LayerNorm(d_model)
-        self.conv = ConformerConvolution(d_model, conv_kernel_size, conv_context, conv_norm_type, use_bias)
+        self.conv = ConformerConvolution(d_model, conv_kernel, conv_context, conv_norm, use_bias)
         self.norm_feed_forward2 = nn.LayerNorm(d_model)
         self.feed_forward2 = FeedForward(d_model, d_ff, dropout, use_bias)
         self.norm_out = nn.LayerNorm(d_model)
@@ -481,24 +462,26 @@ class FeedForward(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """NeMo's RelPositionMultiHeadAttention (Transformer-XL) or, with relative=False, MultiHeadAttention.
+    """NeMo's RelPositionMultiHeadAttention (Transformer-XL); relative=False: MultiHeadAttention.
 
-    Runs through scaled_dot_product_attention: the position term (q + pos_bias_v) . p, shifted so that
-    entry (i, j) holds relative position i - j, goes in as an additive float mask together with NeMo's
-    -10000 for masked positions; SDPA adds the content term (q + pos_bias_u) . k and scales by 1/sqrt(d_k).
+    Runs through SDPA: the position term (q + pos_bias_v) . p, shifted so that entry (i, j) holds
+    relative position i - j, is an additive float mask with NeMo's -10000 for masked positions;
+    SDPA adds the content term (q + pos_bias_u) . k and scales by 1/sqrt(d_k).
     """
 
-    def __init__(self, d_model, n_heads, dropout_att, use_bias, relative, pos_bias_u=None, pos_bias_v=None):
+    def __init__(self, d_model, n_heads, dropout_att, use_bias, relative, bias_u=None, bias_v=None):
         super().__init__()
-        self.n_heads, self.d_k, self.dropout, self.relative = n_heads, d_model // n_heads, dropout_att, relative
+        self.n_heads, self.d_k = n_heads, d_model // n_heads
+        self.dropout, self.relative = dropout_att, relative
         self.linear_q = nn.Linear(d_model, d_model, bias=use_bias)
         self.linear_k = nn.Linear(d_model, d_model, bias=use_bias)
         self.linear_v = nn.Linear(d_model, d_model, bias=use_bias)
         self.linear_out = nn.Linear(d_model, d_model, bias=use_bias)
         if relative:
             self.linear_pos = nn.Linear(d_model, d_model, bias=False)
-            self.pos_bias_u = pos_bias_u if pos_bias_u is not None else nn.Parameter(torch.zeros(n_heads, self.d_k))
-            self.pos_bias_v = pos_bias_v if pos_bias_v is not None else nn.Parameter(torch.zeros(n_heads, self.d_k))
+            if bias_u is None:  # untied: this layer's own pair
+                bias_u, bias_v = (nn.Parameter(torch.zeros(n_heads, self.d_k)) for _ in range(2))
+            self.pos_bias_u, self.pos_bias_v = bias_u, bias_v
 
     def forward(self, x, pos_emb, visible):
         B, T, _ = x.shape
@@ -508,9 +491,10 @@ class MultiHeadAttention(nn.Module):
         )
         scale = 1.0 / math.sqrt(self.d_k)
         if self.relative:
-            p = self.linear_pos(pos_emb).view(1, 2 * T - 1, self.n_heads, self.d_k).transpose(1, 2)  # (1, h, 2T-1, d_k)
-            position_scores = (q + self.pos_bias_v.unsqueeze(1)) @ p.transpose(-2, -1)  # (B, h, T, 2T-1)
-            bias = _relative_shift(position_scores) * scale  # (B, h, T, T)
+            p = self.linear_pos(pos_emb).view(1, 2 * T - 1, self.n_heads, self.d_k)
+            p = p.transpose(1, 2)  # (1, h, 2T-1, d_k)
+            scores = (q + self.pos_bias_v.unsqueeze(1)) @ p.transpose(-2, -1)  # (B, h, T, 2T-1)
+            bias = _relative_shift(scores) * scale  # (B, h, T, T)
             q = q + self.pos_bias_u.unsqueeze(1)
         else:
             bias = torch.zeros(B, 1, T, T, dtype=q.dtype, device=q.device)
@@ -522,19 +506,21 @@ class MultiHeadAttention(nn.Module):
 
 
 class ConformerConvolution(nn.Module):
-    """Pointwise conv + GLU, depthwise conv (symmetric or causal zero padding), norm, Swish, pointwise conv."""
+    """1x1 conv + GLU, depthwise conv (symmetric or causal zero padding), norm, Swish, 1x1 conv."""
 
-    def __init__(self, d_model: int, kernel_size: int, context: tuple[int, int], norm_type: str, use_bias: bool):
+    def __init__(self, d_model: int, kernel_size: int, context: tuple[int, int], norm_type: str,
+                 use_bias: bool):
         super().__init__()
         self.context = context  # zero frames padded (left, right) around the depthwise conv
-        symmetric = context[0] if context[0] == context[1] else 0  # the conv pads that itself, without a copy
+        symmetric = context[0] if context[0] == context[1] else 0  # the conv pads it, no copy
         self.pointwise_conv1 = nn.Conv1d(d_model, 2 * d_model, 1, bias=use_bias)
-        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel_size, padding=symmetric, groups=d_model, bias=use_bias)
-        self.batch_norm = nn.BatchNorm1d(d_model) if norm_type == "batch_norm" else nn.LayerNorm(d_model)
+        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel_size, padding=symmetric,
+                                        groups=d_model, bias=use_bias)
+        self.batch_norm = (nn.BatchNorm1d if norm_type == "batch_norm" else nn.LayerNorm)(d_model)
         self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=use_bias)
 
     def forward(self, x, pad_mask):
-        # the pointwise (kernel 1) convs run as matmuls on (B, T, d): the same weights, faster than a 1x1 conv
+        # the kernel-1 convs run as matmuls on (B, T, d): the same weights, faster than a 1x1 conv
         x = F.glu(_pointwise(self.pointwise_conv1, x), dim=-1)  # (B, T, d)
         x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0).transpose(1, 2)  # (B, d, T)
         if self.depthwise_conv.padding[0] == 0:
@@ -547,23 +533,12 @@ class ConformerConvolution(nn.Module):
         return _pointwise(self.pointwise_conv2, F.silu(x).transpose(1, 2))  # (B, T, d)
 
 
-def nemo_state_from_parakeet(state: dict) -> dict:
-    """A transformers ParakeetEncoder state dict (NeMo's FastConformer under other names) under NeMo's names,
-    which are ours: `ConformerEncoder.load_state_dict(nemo_state_from_parakeet(parakeet.state_dict()))`."""
-    renamed = {}
-    for name, tensor in state.items():
-        for hf_name, nemo_name in PARAKEET_TO_NEMO:
-            name = name.replace(hf_name, nemo_name)
-        renamed[name] = tensor
-    return renamed
-
-
-def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+def _pointwise(conv: nn.Conv1d, x: Tensor) -> Tensor:
     """A kernel-1 Conv1d applied to (B, T, C_in) as a Linear -> (B, T, C_out)."""
     return F.linear(x, conv.weight.squeeze(-1), conv.bias)
 
 
-def _random_bands(batch: int, n: int, width, limit, size: int) -> torch.Tensor:
+def _random_bands(batch: int, n: int, width, limit, size: int) -> Tensor:
     """NeMo's SpecAugment draw of n bands per row: width floor(U * width), then start
     floor(U * (limit - width)); `width` and `limit` are numbers or (B, 1) tensors.
     Returns (B, size) bool, True inside a band."""
@@ -573,36 +548,37 @@ def _random_bands(batch: int, n: int, width, limit, size: int) -> torch.Tensor:
     return _spans(starts, widths, size).any(1)
 
 
-def _spans(starts: torch.Tensor, widths: torch.Tensor, size: int) -> torch.Tensor:
+def _spans(starts: Tensor, widths: Tensor, size: int) -> Tensor:
     """(B, n) spans [start, start + width) -> (B, n, size) bool, True inside each span."""
     idx = torch.arange(size, device=starts.device)
     return (idx >= starts.unsqueeze(-1)) & (idx < (starts + widths).unsqueeze(-1))
 
 
-def _padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+def _padding_mask(lengths: Tensor, max_len: int) -> Tensor:
     """(B, max_len) bool, True past each length."""
     return torch.arange(max_len, device=lengths.device) >= lengths.unsqueeze(1)
 
 
-def _normalize_per_feature(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per clip and mel bin: subtract the mean, divide by the unbiased std (+1e-5), both over valid frames."""
+def _normalize_per_feature(x: Tensor, lengths: Tensor) -> Tensor:
+    """Per clip and mel bin: minus the mean, over the unbiased std (+1e-5), both of valid frames."""
     valid = ~_padding_mask(lengths, x.size(-1)).unsqueeze(1)  # (B, 1, T)
     count = valid.sum(-1, keepdim=True)
     mean = x.masked_fill(~valid, 0.0).sum(-1, keepdim=True) / count.clamp(min=1)
-    variance = (x - mean).masked_fill(~valid, 0.0).pow(2).sum(-1, keepdim=True) / (count - 1).clamp(min=1)
+    squares = (x - mean).masked_fill(~valid, 0.0).pow(2).sum(-1, keepdim=True)
+    variance = squares / (count - 1).clamp(min=1)
     return (x - mean) / (variance.sqrt() + NORMALIZE_EPS)
 
 
-def _relative_shift(scores: torch.Tensor) -> torch.Tensor:
-    """(..., T, 2T-1) scores over relative positions T-1 ... -(T-1) -> (..., T, T), entry (i, j) at i - j."""
+def _relative_shift(scores: Tensor) -> Tensor:
+    """(..., T, 2T-1) scores at relative positions T-1 ... -(T-1) -> (..., T, T), (i, j) at i-j."""
     T = scores.size(-2)
     frames = torch.arange(T, device=scores.device)
     index = (T - 1 - frames).unsqueeze(1) + frames  # column of relative position i - j
     return scores.gather(-1, index.expand(*scores.shape[:-1], T))
 
 
-def _sinusoids(positions: torch.Tensor, d_model: int) -> torch.Tensor:
-    """(1, P, d_model) NeMo's sinusoidal encoding of `positions`: sin on even channels, cos on odd."""
+def _sinusoids(positions: Tensor, d_model: int) -> Tensor:
+    """(1, P, d_model): NeMo's sinusoidal encoding of `positions`, sin on even, cos on odd dims."""
     channels = torch.arange(0, d_model, 2, dtype=torch.float32, device=positions.device)
     div_term = torch.exp(channels * -(math.log(10000.0) / d_model))
     angles = positions.float().unsqueeze(1) * div_term
@@ -611,24 +587,26 @@ def _sinusoids(positions: torch.Tensor, d_model: int) -> torch.Tensor:
     return pe.unsqueeze(0)
 
 
-def _hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
+def _hz_to_mel(hz: Tensor) -> Tensor:
     """Slaney mel scale: linear below 1 kHz (3 mels / 200 Hz), logarithmic above."""
     hz = hz.double()
     log_part = 15.0 + torch.log(hz.clamp(min=1e-10) / 1000.0) / (math.log(6.4) / 27.0)
     return torch.where(hz >= 1000.0, log_part, hz * 3.0 / 200.0)
 
 
-def _mel_to_hz(mels: torch.Tensor) -> torch.Tensor:
-    return torch.where(mels >= 15.0, 1000.0 * torch.exp((math.log(6.4) / 27.0) * (mels - 15.0)), mels * 200.0 / 3.0)
+def _mel_to_hz(mels: Tensor) -> Tensor:
+    log_part = 1000.0 * torch.exp((math.log(6.4) / 27.0) * (mels - 15.0))
+    return torch.where(mels >= 15.0, log_part, mels * 200.0 / 3.0)
 
 
 def _att_context_sizes(att_context_size, att_context_probs, style):
-    """NeMo's att_context_size: [l, r] or a list of them (one drawn per training step, the first at eval)."""
+    """NeMo's att_context_size: [l, r] or a list (one drawn per training step, first at eval)."""
     sizes = att_context_size or [-1, -1]
     sizes = [list(s) for s in sizes] if isinstance(sizes[0], (list, tuple)) else [list(sizes)]
     for left, right in sizes:
         if style == "chunked_limited" and left > 0 and right >= 0 and left % (right + 1):
-            raise ValueError(f"encoder.att_context_size [{left}, {right}]: chunked_limited needs left % (right+1) == 0")
+            raise ValueError(f"encoder.att_context_size [{left}, {right}]: chunked_limited needs "
+                             "left % (right+1) == 0")
         if style == "chunked_limited" and right < 0 and len(sizes) == 1:
             raise ValueError("encoder.att_context_size: chunked_limited needs a right context >= 0")
     probs = list(att_context_probs) if att_context_probs else [1.0 / len(sizes)] * len(sizes)
@@ -638,7 +616,7 @@ def _att_context_sizes(att_context_size, att_context_probs, style):
 
 
 def _conv_context(conv_context_size, kernel_size: int) -> tuple[int, int]:
-    """(left, right) frames the depthwise conv sees: null/'regular' symmetric, 'causal' all left, or [l, r]."""
+    """(left, right) frames the depthwise conv sees: null/'regular' symmetric, 'causal', [l, r]."""
     if conv_context_size in (None, "regular"):
         return ((kernel_size - 1) // 2, (kernel_size - 1) // 2)
     if conv_context_size == "causal":
@@ -650,18 +628,3 @@ def _conv_context(conv_context_size, kernel_size: int) -> tuple[int, int]:
         f"encoder.conv_context_size={conv_context_size!r}: use null, 'causal' or [left, right] "
         "with left + right + 1 == conv_kernel_size"
     )
-
-
-def _require(section: str, key: str, value, allowed: list) -> None:
-    if value not in allowed:
-        raise ValueError(f"{section}.{key}={value!r} is not supported; use one of {allowed}")
-
-
-def _check_nemo_keys(section: str, keys: dict, free: set, off: dict) -> None:
-    for key, value in keys.items():
-        if key in free:
-            continue
-        if key not in off:
-            raise ValueError(f"{section}: unknown key {key!r}")
-        if value != off[key]:
-            raise ValueError(f"{section}.{key}={value!r} is not supported; set it to {off[key]!r}")

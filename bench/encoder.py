@@ -14,7 +14,8 @@ import torch
 from transformers import ParakeetEncoder, ParakeetEncoderConfig
 
 from bench import common
-from perception import ConformerEncoder, nemo_state_from_parakeet
+from checkpoint import nemo_state_from_parakeet
+from perception import ConformerEncoder
 
 MEL_FRAMES_PER_SECOND = 100  # the 10 ms hop of the mel frontend
 # The options ParakeetEncoder has (an offline FastConformer), as our constructor spells them.

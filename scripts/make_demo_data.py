@@ -9,7 +9,7 @@ again gives the same transcripts and, with the same espeak-ng version, the same 
     python scripts/make_demo_data.py --out /tmp/d --limit 5
 
 Output, four lhotse Shar directories with FLAC audio at 16 kHz:
-    asr_train/, asr_val/  one utterance per cut, transcript in the supervision, speaker = voice name;
+    asr_train/, asr_val/  one utterance per cut, transcript in its supervision, speaker = voice;
     qa_train/, qa_val/    question (role "user", many voices) and answer (role "agent", one voice)
                           cuts, paired by cut.custom["pair_id"]; each is also a plain ASR cut.
 No sentence (question, answer or ASR utterance) occurs in both a train and a validation split, and
@@ -56,19 +56,22 @@ USER_RATES = (150, 165, 180, 195, 210)  # words per minute
 USER_PITCHES = (30, 40, 50, 60, 70)
 
 NUM_ASR = {"train": 400, "val": 60}
-TEMPLATE_WEIGHTS = {  # share of the ASR utterances per template (pools range from 19 to 1188 sentences)
+# share of the ASR utterances per template (pools range from 19 to 1188 sentences)
+TEMPLATE_WEIGHTS = {
     "switch": 6, "open": 5, "pick": 6, "put": 7, "move": 5, "give": 7, "timer": 1, "count": 3,
     "digits": 8, "state": 6, "see": 7, "where": 5, "how_many": 6, "is_it": 6,
 }
 NUM_QA = {"train": 160, "val": 30}  # question/answer pairs
-SHARD_SIZE = {"asr_train": 100, "asr_val": 100, "qa_train": 80, "qa_val": 100}  # cuts; pairs never straddle QA shards
+# cuts per shard; pairs never straddle QA shards
+SHARD_SIZE = {"asr_train": 100, "asr_val": 100, "qa_train": 80, "qa_val": 100}
 
 NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
            "fifteen sixteen seventeen eighteen nineteen twenty").split()
 COLORS = "red green blue yellow white black orange purple pink brown gray".split()
 THINGS = {  # singular -> plural
-    "ball": "balls", "box": "boxes", "cup": "cups", "book": "books", "chair": "chairs", "key": "keys",
-    "hat": "hats", "bag": "bags", "car": "cars", "shoe": "shoes", "pen": "pens", "plate": "plates",
+    "ball": "balls", "box": "boxes", "cup": "cups", "book": "books", "chair": "chairs",
+    "key": "keys", "hat": "hats", "bag": "bags", "car": "cars", "shoe": "shoes", "pen": "pens",
+    "plate": "plates",
 }
 DEVICES = "light lamp fan radio heater music".split()
 OPENABLE = "door window box bag book".split()
@@ -83,7 +86,8 @@ COLOR_FACTS = {
 }
 OPPOSITES = {"on": "off", "off": "on", "open": "closed", "closed": "open", "left": "right",
              "right": "left", "up": "down", "down": "up", "big": "small", "small": "big",
-             "hot": "cold", "cold": "hot", "yes": "no", "no": "yes", "black": "white", "white": "black"}
+             "hot": "cold", "cold": "hot", "yes": "no", "no": "yes", "black": "white",
+             "white": "black"}
 
 
 @dataclass(frozen=True)
@@ -99,14 +103,17 @@ class Utterance:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "demo")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parents[1] / "assets" / "demo")
     parser.add_argument("--limit", type=int, default=None,
-                        help="synthesize only the first N utterances (QA: pairs) of each split, as in a full run")
+                        help="synthesize only the first N utterances (QA: pairs) of each split, "
+                             "as in a full run")
     args = parser.parse_args()
     check_espeak()
     splits = build_splits()
     if args.limit is not None:
-        splits = {name: utts[: args.limit * (2 if name.startswith("qa") else 1)] for name, utts in splits.items()}
+        splits = {name: utts[: args.limit * (2 if name.startswith("qa") else 1)]
+                  for name, utts in splits.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     stats = {}
     for name, utts in splits.items():
@@ -115,7 +122,8 @@ def main() -> None:
         shutil.rmtree(shar_dir, ignore_errors=True)
         shar_dir.mkdir()
         cuts.to_shar(shar_dir, fields={"recording": "flac"}, shard_size=SHARD_SIZE[name])
-        for manifest in shar_dir.glob("cuts.*.jsonl.gz"):  # gzip stamps the write time; zero it for identical reruns
+        # gzip stamps the write time; zero it for identical reruns
+        for manifest in shar_dir.glob("cuts.*.jsonl.gz"):
             manifest.write_bytes(gzip.compress(gzip.decompress(manifest.read_bytes()), mtime=0))
         stats[name] = (len(cuts), sum(c.duration for c in cuts), min(c.duration for c in cuts),
                        max(c.duration for c in cuts))
@@ -124,7 +132,7 @@ def main() -> None:
     print(f"wrote {args.out} ({directory_bytes(args.out)} bytes)")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Grammar
 
 def asr_templates() -> dict[str, list[str]]:
@@ -137,18 +145,24 @@ def asr_templates() -> dict[str, list[str]]:
                   + [f"turn {s} the {d}" for s in ("on", "off") for d in DEVICES],
         "open": [f"{v} the {c} {o}" for v in ("open", "close") for c in COLORS for o in OPENABLE],
         "pick": things("pick up the {c} {t}") + things("show me the {c} {t}"),
-        "put": [f"put the {c} {t} on the {p}" for c, t, p in itertools.product(COLORS, THINGS, PLACES)],
-        "move": [f"move the {c} {t} to the {s}" for c, t, s in itertools.product(COLORS, THINGS, SIDES)],
-        "give": [f"give me {n} {c} {THINGS[t]}" for n, c, t in itertools.product(NUMBERS[2:11], COLORS, THINGS)],
+        "put": [f"put the {c} {t} on the {p}"
+                for c, t, p in itertools.product(COLORS, THINGS, PLACES)],
+        "move": [f"move the {c} {t} to the {s}"
+                 for c, t, s in itertools.product(COLORS, THINGS, SIDES)],
+        "give": [f"give me {n} {c} {THINGS[t]}"
+                 for n, c, t in itertools.product(NUMBERS[2:11], COLORS, THINGS)],
         "timer": [f"set a timer for {n} minutes" for n in NUMBERS[2:]],
         "count": [f"count from {a} to {b}" for a, b in itertools.combinations(NUMBERS[:11], 2)],
         "digits": [" ".join(d) for d in itertools.product(NUMBERS[:10], repeat=3)],
-        "state": things("the {t} is {c}") + [f"the {t} is on the {p}" for t, p in itertools.product(THINGS, PLACES)],
-        "see": [f"i see {n} {c} {THINGS[t]}" for n, c, t in itertools.product(NUMBERS[2:11], COLORS, THINGS)],
+        "state": things("the {t} is {c}")
+                 + [f"the {t} is on the {p}" for t, p in itertools.product(THINGS, PLACES)],
+        "see": [f"i see {n} {c} {THINGS[t]}"
+                for n, c, t in itertools.product(NUMBERS[2:11], COLORS, THINGS)],
         "where": things("where is the {c} {t}"),
         "how_many": [f"how many {c} {THINGS[t]} are on the {p}"
                      for c, t, p in itertools.product(COLORS, THINGS, PLACES)],
-        "is_it": [f"is the {c} {t} on the {p}" for c, t, p in itertools.product(COLORS, THINGS, PLACES)],
+        "is_it": [f"is the {c} {t} on the {p}"
+                  for c, t, p in itertools.product(COLORS, THINGS, PLACES)],
     }
     return {name: sorted(set(sentences)) for name, sentences in templates.items()}
 
@@ -159,16 +173,20 @@ def qa_pairs() -> list[tuple[str, str]]:
     pairs = []
     for a, b in itertools.product(NUMBERS[:11], repeat=2):
         if value[a] + value[b] <= 20:
-            pairs.append((f"what is {a} plus {b}", f"{a} plus {b} is {NUMBERS[value[a] + value[b]]}"))
+            pairs.append((f"what is {a} plus {b}",
+                          f"{a} plus {b} is {NUMBERS[value[a] + value[b]]}"))
         if value[a] >= value[b]:
-            pairs.append((f"what is {a} minus {b}", f"{a} minus {b} is {NUMBERS[value[a] - value[b]]}"))
+            pairs.append((f"what is {a} minus {b}",
+                          f"{a} minus {b} is {NUMBERS[value[a] - value[b]]}"))
         if 0 < value[a] * value[b] <= 20:
-            pairs.append((f"what is {a} times {b}", f"{a} times {b} is {NUMBERS[value[a] * value[b]]}"))
+            pairs.append((f"what is {a} times {b}",
+                          f"{a} times {b} is {NUMBERS[value[a] * value[b]]}"))
         if value[a] != value[b]:
             big, small = (a, b) if value[a] > value[b] else (b, a)
             pairs.append((f"which is bigger {a} or {b}", f"{big} is bigger than {small}"))
     for n in range(20):
-        pairs.append((f"what number comes after {NUMBERS[n]}", f"{NUMBERS[n + 1]} comes after {NUMBERS[n]}"))
+        pairs.append((f"what number comes after {NUMBERS[n]}",
+                      f"{NUMBERS[n + 1]} comes after {NUMBERS[n]}"))
         pairs.append((f"what number comes before {NUMBERS[n + 1]}",
                       f"{NUMBERS[n]} comes before {NUMBERS[n + 1]}"))
     for thing, color in COLOR_FACTS.items():
@@ -218,21 +236,23 @@ def build_splits() -> dict[str, list[Utterance]]:
         for i, text in enumerate(sentences):
             voice = rng.choice(USER_VOICES)
             splits[f"asr_{split}"].append(Utterance(
-                f"asr-{split}-{i:04d}", text, voice, rng.choice(USER_RATES), rng.choice(USER_PITCHES), voice))
+                f"asr-{split}-{i:04d}", text, voice, rng.choice(USER_RATES),
+                rng.choice(USER_PITCHES), voice))
     for split, chosen in (("train", qa_train), ("val", qa_val)):
         splits[f"qa_{split}"] = []
         for i, (question, answer) in enumerate(chosen):
             pair_id = f"qa-{split}-{i:04d}"
             splits[f"qa_{split}"] += [
-                Utterance(f"{pair_id}-user", question, rng.choice(USER_VOICES), rng.choice(USER_RATES),
-                          rng.choice(USER_PITCHES), "user", pair_id),
-                Utterance(f"{pair_id}-agent", answer, AGENT_VOICE, AGENT_RATE, AGENT_PITCH, "agent", pair_id),
+                Utterance(f"{pair_id}-user", question, rng.choice(USER_VOICES),
+                          rng.choice(USER_RATES), rng.choice(USER_PITCHES), "user", pair_id),
+                Utterance(f"{pair_id}-agent", answer, AGENT_VOICE, AGENT_RATE, AGENT_PITCH,
+                          "agent", pair_id),
             ]
     return splits
 
 
 def allocate(total: int, weights: dict[str, int]) -> dict[str, int]:
-    """Split total in proportion to weights, largest remainders first, so the counts sum to total."""
+    """Split total in proportion to weights, largest remainders first: the counts sum to total."""
     exact = {name: total * w / sum(weights.values()) for name, w in weights.items()}
     counts = {name: int(x) for name, x in exact.items()}
     by_remainder = sorted(exact, key=lambda name: (counts[name] - exact[name], name))
@@ -241,13 +261,13 @@ def allocate(total: int, weights: dict[str, int]) -> dict[str, int]:
     return counts
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Audio
 
 def synthesize(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-    """espeak-ng speech as 16 kHz int16 samples: trimmed, peak-normalised, quantized to KEPT_BITS."""
-    wav = subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text],
-                         capture_output=True, check=True).stdout
+    """espeak-ng speech, 16 kHz int16 samples: trimmed, peak-normalised, quantized to KEPT_BITS."""
+    command = ["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text]
+    wav = subprocess.run(command, capture_output=True, check=True).stdout
     samples, sample_rate = sf.read(io.BytesIO(wav), dtype="int16")
     assert sample_rate == ESPEAK_SAMPLE_RATE, f"espeak-ng gave {sample_rate} Hz"
     audio = resample_poly(samples.astype(np.float64) / 32768, RESAMPLE_UP, RESAMPLE_DOWN)
@@ -264,8 +284,8 @@ def make_cut(utt: Utterance) -> MonoCut:
              format="FLAC", subtype="PCM_16")
     cut = Recording.from_bytes(buffer.getvalue(), recording_id=utt.cut_id).to_cut()
     cut.supervisions = [SupervisionSegment(id=utt.cut_id, recording_id=utt.cut_id, start=0.0,
-                                           duration=cut.duration, text=utt.text, speaker=utt.speaker,
-                                           language="en")]
+                                           duration=cut.duration, text=utt.text,
+                                           speaker=utt.speaker, language="en")]
     if utt.pair_id is not None:
         cut.custom = {"pair_id": utt.pair_id, "role": utt.speaker, "voice": utt.voice}
     return cut
@@ -273,12 +293,14 @@ def make_cut(utt: Utterance) -> MonoCut:
 
 def check_espeak() -> None:
     try:
-        languages = subprocess.run(["espeak-ng", "--voices=en"], capture_output=True, text=True, check=True).stdout
+        languages = subprocess.run(["espeak-ng", "--voices=en"], capture_output=True, text=True,
+                                   check=True).stdout
         variants = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True,
                                   check=True).stdout
     except FileNotFoundError:
-        raise SystemExit("espeak-ng is not installed: install it (apt-get install espeak-ng) to regenerate "
-                         "the demo data; the shipped assets/demo/ does not need it") from None
+        raise SystemExit("espeak-ng is not installed: install it (apt-get install espeak-ng) to "
+                         "regenerate the demo data; the shipped assets/demo/ does not need it") \
+            from None
     known = {line.split()[1] for line in languages.splitlines()[1:]}
     known_variants = {line.split()[4].removeprefix("!v/") for line in variants.splitlines()[1:]}
     for voice in (*USER_VOICES, AGENT_VOICE):
@@ -288,11 +310,12 @@ def check_espeak() -> None:
 
 
 def espeak_version() -> str:
-    out = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True,
+                         check=True).stdout
     return re.search(r"text-to-speech: (\S+)", out).group(1)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # README
 
 def directory_bytes(path: Path) -> int:
@@ -307,8 +330,10 @@ def render_readme(stats: dict[str, tuple[int, float, float, float]], out: Path) 
     return f"""# Demo speech data
 
 Synthetic English speech for running every config offline and for tests: a small-vocabulary grammar
-(numbers zero to twenty, {len(COLORS)} colors, household objects, simple commands and questions) spoken
-by espeak-ng {espeak_version()}. Made by `scripts/make_demo_data.py`; the shipped files need no espeak-ng.
+(numbers zero to twenty, {len(COLORS)} colors, household objects, simple commands and \
+questions) spoken
+by espeak-ng {espeak_version()}. Made by `scripts/make_demo_data.py`; the shipped files need no \
+espeak-ng.
 
 | split | cuts | seconds | hours | shortest (s) | longest (s) |
 |---|---|---|---|---|---|
@@ -317,29 +342,38 @@ by espeak-ng {espeak_version()}. Made by `scripts/make_demo_data.py`; the shippe
 Total: {total_seconds:.1f} s = {total_seconds / 3600:.4f} h in {shar_bytes} bytes of Shar data.
 
 Each directory is a lhotse Shar set (`CutSet.from_shar(in_dir=...)`): `cuts.*.jsonl.gz` and
-`recording.*.tar` with 16 kHz mono FLAC. Samples keep their top {KEPT_BITS} of 16 bits (the low bits are
-zero, which FLAC stores for free): about 30 dB signal to quantization noise over an utterance (about 12 dB
-in quiet consonant frames, almost none of which fall silent), for three times the speech per megabyte of
+`recording.*.tar` with 16 kHz mono FLAC. Samples keep their top {KEPT_BITS} of 16 bits (the low \
+bits are
+zero, which FLAC stores for free): about 30 dB signal to quantization noise over an utterance \
+(about 12 dB
+in quiet consonant frames, almost none of which fall silent), for three times the speech per \
+megabyte of
 16-bit samples.
 
-- `asr_train`, `asr_val`: commands, statements, digit strings and questions; one supervision per cut with
+- `asr_train`, `asr_val`: commands, statements, digit strings and questions; one supervision per \
+cut with
   the lower-case transcript, `speaker` = the espeak-ng voice, `language` = "en".
 - `qa_train`, `qa_val`: spoken question/answer pairs for the duplex models. The question cut
-  (`speaker` "user") is spoken by one of the user voices, the answer cut (`speaker` "agent") always by
+  (`speaker` "user") is spoken by one of the user voices, the answer cut (`speaker` "agent") \
+always by
   `{AGENT_VOICE}` at {AGENT_RATE} words/min; both carry `custom = {{"pair_id", "role", "voice"}}`.
   Question and answer cuts are ordinary transcribed utterances too, usable as extra ASR data.
-- No sentence occurs in both a train and a validation split; every validation word occurs in training.
+- No sentence occurs in both a train and a validation split; every validation word occurs in \
+training.
 
-User voices (rates {", ".join(map(str, USER_RATES))} words/min, pitches {", ".join(map(str, USER_PITCHES))}):
+User voices (rates {", ".join(map(str, USER_RATES))} words/min, \
+pitches {", ".join(map(str, USER_PITCHES))}):
 {", ".join(f"`{v}`" for v in USER_VOICES)}.
 
-Regenerate (deterministic: the same espeak-ng version gives the same files), then retrain the tiny LLM's
+Regenerate (deterministic: the same espeak-ng version gives the same files), then retrain the \
+tiny LLM's
 tokenizer, which learns these transcripts:
 
     python scripts/make_demo_data.py
     python scripts/make_tiny_llm.py
 
-`--out DIR --limit N` writes only the first N utterances (QA: pairs) of each split elsewhere, as a quick check.
+`--out DIR --limit N` writes only the first N utterances (QA: pairs) of each split elsewhere, \
+as a quick check.
 """
 
 

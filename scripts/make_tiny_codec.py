@@ -1,11 +1,12 @@
-"""Write assets/tiny-mimi/: the offline default audio codec of the duplex models, a small Mimi config.
+"""Write assets/tiny-mimi/: the offline default audio codec of the duplex models, a small Mimi.
 
-Mimi (Kyutai's neural codec, `transformers.MimiModel`) takes 24 kHz audio to 12.5 frames per second, one frame
-per 80 ms: exactly the frame of the duplex models. This one is shrunk to ~0.6 M parameters (1 s encodes or
-decodes in a few ms on a CPU). No weights are shipped: for a directory without weights, the model loader
-(`duplex_s2s.load_audio_codec`) builds the codec from config.json with a fixed seed and seeded codebooks, so
-every run and every machine gets the same codec. It does not sound like speech; it gives the models real,
-varied codec tokens to learn and a real decoder to turn them back into a waveform.
+Mimi (Kyutai's neural codec, `transformers.MimiModel`) takes 24 kHz audio to 12.5 frames per
+second, one frame per 80 ms: exactly the frame of the duplex models. This one is shrunk to ~0.6 M
+parameters (1 s encodes or decodes in a few ms on a CPU). No weights are shipped: for a directory
+without weights, the model loader (`duplex_s2s.load_audio_codec`) builds the codec from config.json
+with a fixed seed and seeded codebooks, so every run and every machine gets the same codec. It does
+not sound like speech; it gives the models real, varied codec tokens to learn and a real decoder to
+turn them back into a waveform.
 
     python scripts/make_tiny_codec.py                  # rewrites assets/tiny-mimi/config.json
 """
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 CODEC_CONFIG = dict(
     sampling_rate=24000,
-    upsampling_ratios=[8, 6, 5, 4],  # 960 samples per encoder step (25 Hz), then a stride-2 downsample: 12.5 Hz
+    upsampling_ratios=[8, 6, 5, 4],  # 960 samples per step (25 Hz), downsampled by 2: 12.5 Hz
     hidden_size=64,
     num_filters=8,
     num_hidden_layers=2,
@@ -45,8 +46,9 @@ def main() -> None:
         raise SystemExit(f"the codec config gives {config.frame_rate} frames/s, not 12.5")
     args.out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(args.out)
-    print(f"wrote {args.out / 'config.json'}: {config.num_quantizers} codebooks x {config.codebook_size} codes, "
-          f"{config.frame_rate} frames/s at {config.sampling_rate} Hz")
+    print(f"wrote {args.out / 'config.json'}: {config.num_quantizers} codebooks x "
+          f"{config.codebook_size} codes, {config.frame_rate} frames/s at "
+          f"{config.sampling_rate} Hz")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}" + SYSTEM + "{{ message['content'] }}" + END
     + "{% elif message['role'] == 'user' %}" + USER + "{{ message['content'] }}" + END
-    + "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}{{ eos_token }}"
+    + "{% elif message['role'] == 'assistant' %}" + ASSISTANT
+    + "{{ message['content'] }}{{ eos_token }}"
     + "{% else %}{{ raise_exception('unknown chat role: ' + message['role']) }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
@@ -79,7 +80,8 @@ def demo_transcripts(demo_dir: Path) -> list[str]:
     """Sorted unique transcripts of every demo split, read from the Shar cut manifests."""
     manifests = sorted(demo_dir.glob("*/cuts.*.jsonl.gz"))
     if not manifests:
-        raise FileNotFoundError(f"no demo manifests under {demo_dir}: run scripts/make_demo_data.py first")
+        raise FileNotFoundError(f"no demo manifests under {demo_dir}: "
+                                "run scripts/make_demo_data.py first")
     texts = set()
     for manifest in manifests:
         with gzip.open(manifest, "rt") as f:

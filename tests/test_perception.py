@@ -12,7 +12,7 @@ import torch.nn as nn
 import yaml
 from lhotse import CutSet
 
-from perception import nemo_state_from_parakeet
+from checkpoint import nemo_state_from_parakeet
 from perception import (
     AudioPerceptionModule,
     ConformerEncoder,
