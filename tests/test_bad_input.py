@@ -19,11 +19,13 @@ import torch
 from lhotse import CutSet, SupervisionSegment
 
 import data
+import manifests
 import salm
 import train
 from conftest import ROOT, SMALL, salm_dataset, tone
 from config import TARGETS, ConfigError, load_config
-from data import TrainBatches, audio_file_cut
+from data import TrainBatches
+from manifests import audio_file_cut
 
 DEMO = ROOT / "assets" / "demo" / "asr_train"
 CONFIG = str(ROOT / "configs" / "salm.yaml")
@@ -203,7 +205,7 @@ def test_a_transcript_longer_than_the_llm_context_is_skipped(tmp_path, small_cfg
         cut = audio_file_cut(path).with_id(f"utt{i}")
         cut.supervisions = [SupervisionSegment(cut.id, cut.recording_id, 0, cut.duration, text=transcript)]
         cuts.append(cut)
-    lengths = [len(model.encode_dialog(data.cut_to_conversation(c).prompt_turns(model.audio_locator_tag))["input_ids"])
+    lengths = [len(model.encode_dialog(manifests.cut_to_conversation(c).prompt_turns(model.audio_locator_tag))["input_ids"])
                for c in cuts]
     assert lengths[0] < context < lengths[1]
     batch = dataset[CutSet.from_cuts(cuts)]
@@ -423,7 +425,7 @@ def test_a_conversation_longer_than_the_duplex_context_is_skipped(monkeypatch):
     model = train.build_model(cfg["model"])
     dataset = model.make_dataset(cfg["data"])
     assert dataset.max_frames == 64  # the speech decoder's limit is below the LLM's 1024 positions
-    cuts = sorted(data.read_duplex_demo("assets/demo/qa_val"), key=lambda c: c.duration)
+    cuts = sorted(manifests.read_duplex_demo("assets/demo/qa_val"), key=lambda c: c.duration)
     short, long = cuts[0], cuts[-1]
     assert short.duration / 0.08 + 1 <= 64 < long.duration / 0.08
     batch = dataset[CutSet.from_cuts([short, long])]
@@ -444,7 +446,7 @@ def test_duplex_conversations_with_bad_audio_are_skipped_and_counted(tmp_path, m
         cut.recording.sources[0].source = str(user)
         cut.supervisions = [SupervisionSegment(f"{name}-q", cut.recording_id, 0.1, 0.8, text="hi", speaker="user"),
                             SupervisionSegment(f"{name}-a", cut.recording_id, 1.0, 0.9, text="yes", speaker="agent")]
-        cut.custom = {"target_audio": data._read_recording(tmp_path / "agent.wav")} if agent else {}
+        cut.custom = {"target_audio": manifests._read_recording(tmp_path / "agent.wav")} if agent else {}
         if agent and agent != "good":
             cut.custom["target_audio"].sources[0].source = str(broken[agent])
         return cut

@@ -13,10 +13,10 @@ from lhotse.testing.dummies import dummy_cut
 
 from config import loader_defaults
 from conftest import TAG, salm_dataset, tone
-from data import (Conversation, TrainBatches, Turn, audio_file_cut, cut_to_conversation,
-                  expand_sharded_paths, left_pad, load_audio, load_audio_files, make_sampler,
-                  make_val_loaders, read_inputs, right_pad)
-from data import load_target_audio, read_duplex_demo
+from data import (TrainBatches, left_pad, load_audio, load_audio_files, load_target_audio,
+                  make_sampler, make_val_loaders, right_pad)
+from manifests import (Conversation, Turn, audio_file_cut, cut_to_conversation, expand_sharded_paths,
+                       read_duplex_demo, read_inputs)
 
 
 def make_cuts(tmp_path, n=12, rate=16000, prefix="utt"):
