@@ -39,9 +39,11 @@ def load_audio(cut: Cut, sample_rate: int) -> np.ndarray:
     return _load_mono(cut, sample_rate, f"audio of {cut.id} ({_audio_source(cut)})")
 
 
-def load_audio_files(paths: list[str | Path], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Audio files -> (audios (B, T) float32 zero-padded, audio_lens (B,)), mono, resampled to sample_rate."""
-    return right_pad([torch.from_numpy(load_audio(audio_file_cut(path), sample_rate)) for path in paths], 0.0)
+def load_audio_files(paths: list[str | Path],
+                     sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Audio files -> (audios (B, T) float32 zero-padded, audio_lens (B,)), mono, at sample_rate."""
+    clips = [load_audio(audio_file_cut(path), sample_rate) for path in paths]
+    return right_pad([torch.from_numpy(clip) for clip in clips], 0.0)
 
 
 class SALMDataset(torch.utils.data.Dataset):
@@ -50,8 +52,8 @@ class SALMDataset(torch.utils.data.Dataset):
     `encode_dialog(turns) -> {"input_ids", "mask"}` is the model's prompt formatter. Conversations
     whose audio cannot be read, whose answer is empty or whose length is outside
     `min_tokens`..`max_tokens` (tokens, each audio tag counted as its clip's frames, as NeMo counts)
-    are skipped and listed in batch["skipped"] as (reason, id, warning or None); a batch with nothing
-    left is {"skipped", "empty": True}.
+    are skipped and listed in batch["skipped"] as (reason, id, warning or None); a batch with
+    nothing left is {"skipped", "empty": True}.
     """
 
     def __init__(self, encode_dialog, pad_id: int, sample_rate: int, audio_locator_tag: str,
@@ -110,12 +112,12 @@ class SALMDataset(torch.utils.data.Dataset):
 class TrainBatches:
     """An endless, resumable stream of training batches for one rank.
 
-    Epochs of a rank-aware lhotse sampler over `read_inputs(ds_cfg)`; `skip` replays that many batches of
-    sampling (no audio is loaded) so a resumed run continues with the batch it would have seen next.
-    `skipped` (a Skipped) records what was dropped (duration filter, unreadable audio, ...),
-    continuing from the record a resumed run saved (`Skipped.state()`); `num_batches` counts what
-    was drawn.
-    A batch left empty is skipped and the next one drawn; MAX_EMPTY_BATCHES of them in a row are an error.
+    Epochs of a rank-aware lhotse sampler over `read_inputs(ds_cfg)`; `skip` replays that many
+    batches of sampling (no audio is loaded) so a resumed run continues with the batch it would have
+    seen next. `skipped` (a Skipped) records what was dropped (duration filter, unreadable audio,
+    ...), continuing from the record a resumed run saved (`Skipped.state()`); `num_batches` counts
+    what was drawn. A batch left empty is skipped and the next one drawn; MAX_EMPTY_BATCHES of them
+    in a row are an error.
     """
 
     def __init__(self, ds_cfg: dict, dataset, rank: int = 0, world_size: int = 1, skip: int = 0,
@@ -127,14 +129,15 @@ class TrainBatches:
         self._skip = skip
 
     def __iter__(self):
-        cuts = _duration_filter(read_inputs(self.ds_cfg, True, self.skipped), self.ds_cfg, self.skipped)
-        sampler = make_sampler(cuts, self.ds_cfg, train=True, rank=self.rank, world_size=self.world_size)
+        cuts = read_inputs(self.ds_cfg, True, self.skipped)
+        cuts = _duration_filter(cuts, self.ds_cfg, self.skipped)
+        sampler = make_sampler(cuts, self.ds_cfg, True, rank=self.rank, world_size=self.world_size)
         loader = torch.utils.data.DataLoader(
             self.dataset, sampler=_Epochs(sampler, self._skip), batch_size=None,
             collate_fn=_as_built,
             num_workers=self.ds_cfg["num_workers"], pin_memory=_pin_memory(self.ds_cfg),
             persistent_workers=self.ds_cfg["num_workers"] > 0,
-            generator=torch.Generator().manual_seed(0),  # worker seeds must not draw on the global RNG (resume)
+            generator=torch.Generator().manual_seed(0),  # worker seeds: not the global RNG (resume)
         )
         empty_in_a_row = 0
         for batch in loader:
@@ -148,14 +151,15 @@ class TrainBatches:
             empty_in_a_row += 1
             if empty_in_a_row == MAX_EMPTY_BATCHES:
                 counts = ", ".join(f"{reason} {n}" for reason, n in self.skipped.counts().items())
-                raise ValueError(f"{empty_in_a_row} training batches in a row had no usable item (skipped so far: "
-                                 f"{counts}); fix or remove the data the warnings above name")
+                raise ValueError(f"{empty_in_a_row} training batches in a row had no usable item "
+                                 f"(skipped so far: {counts}); fix or remove the data the warnings "
+                                 "above name")
 
 
 def make_val_loaders(val_cfg: dict, dataset, rank: int = 0, world_size: int = 1) -> dict:
-    """One finite, ordered loader per named validation set (each rank gets every world_size-th batch);
-    each set inherits the section's shared keys. What a set drops is recorded in its loader's
-    `skipped`."""
+    """One finite, ordered loader per named validation set (each rank gets every world_size-th
+    batch); each set inherits the section's shared keys. What a set drops is recorded in its
+    loader's `skipped`."""
     shared = {k: v for k, v in val_cfg.items() if k != "datasets"}
     loaders = {}
     for name, overrides in (val_cfg.get("datasets") or {"val": {}}).items():
@@ -193,15 +197,18 @@ def check_data_paths(data_cfg: dict) -> None:
 
 
 def make_sampler(cuts, ds_cfg: dict, train: bool, rank: int = 0, world_size: int = 1):
-    """lhotse's dynamic sampler from NeMo's keys: `batch_size` caps items, `batch_duration` caps seconds."""
+    """lhotse's dynamic sampler from NeMo's keys (`batch_size`: most items, `batch_duration`:
+    most seconds)."""
     if ds_cfg["batch_size"] is None and ds_cfg["batch_duration"] is None:
         raise ValueError("set batch_size or batch_duration in the data section")
     if ds_cfg["use_multimodal_sampling"]:
-        raise ValueError("use_multimodal_sampling (token-based batches) is not supported: use batch_duration")
+        raise ValueError("use_multimodal_sampling (token-based batches) is not supported: use "
+                         "batch_duration")
     common = dict(max_cuts=ds_cfg["batch_size"], max_duration=ds_cfg["batch_duration"],
                   shuffle=train and ds_cfg["shuffle"], drop_last=train and ds_cfg["drop_last"],
                   seed=ds_cfg["seed"], rank=rank, world_size=world_size,
-                  quadratic_duration=ds_cfg["quadratic_duration"], shuffle_buffer_size=ds_cfg["shuffle_buffer_size"])
+                  quadratic_duration=ds_cfg["quadratic_duration"],
+                  shuffle_buffer_size=ds_cfg["shuffle_buffer_size"])
     if train and ds_cfg["use_bucketing"]:
         return DynamicBucketingSampler(
             cuts, num_buckets=ds_cfg["num_buckets"], duration_bins=ds_cfg["bucket_duration_bins"],
@@ -219,9 +226,11 @@ class DuplexS2SDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, tokenizer, pad_id: int, frame_length: float, source_sample_rate: int,
-                 target_sample_rate: int, input_roles: list[str], output_roles: list[str], max_frames: int | None = None):
+                 target_sample_rate: int, input_roles: list[str], output_roles: list[str],
+                 max_frames: int | None = None):
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError("duplex data needs a tokenizer with BOS and EOS tokens: they mark the agent's turns")
+            raise ValueError("duplex data needs a tokenizer with BOS and EOS tokens: they mark the "
+                             "agent's turns")
         self.tokenizer, self.pad_id, self.frame_length = tokenizer, pad_id, frame_length
         self.source_sample_rate, self.target_sample_rate = source_sample_rate, target_sample_rate
         self.input_roles, self.output_roles = list(input_roles), list(output_roles)
@@ -230,7 +239,8 @@ class DuplexS2SDataset(torch.utils.data.Dataset):
     def __getitem__(self, cuts: CutSet) -> dict:
         sources, targets, kept, skipped = [], [], [], []
         for cut in cuts:
-            if self.max_frames and math.ceil(cut.duration / self.frame_length) + 1 > self.max_frames:
+            frames = math.ceil(cut.duration / self.frame_length) + 1
+            if self.max_frames and frames > self.max_frames:
                 skipped.append(("longer than the model's context", cut.id, None))
                 continue
             try:
@@ -246,8 +256,9 @@ class DuplexS2SDataset(torch.utils.data.Dataset):
             return {"skipped": skipped, "empty": True}
         source_audio, source_audio_lens = right_pad(sources, 0.0)
         target_audio, target_audio_lens = right_pad(targets, 0.0)
-        target_tokens, target_token_lens = right_pad(self._channels(kept, self.output_roles), self.pad_id)
-        source_tokens, source_token_lens = right_pad(self._channels(kept, self.input_roles), self.pad_id)
+        (target_tokens, target_token_lens), (source_tokens, source_token_lens) = (
+            right_pad(self._channels(kept, self.output_roles), self.pad_id),
+            right_pad(self._channels(kept, self.input_roles), self.pad_id))
         return {
             "source_audio": source_audio,  # (B, T_source)
             "source_audio_lens": source_audio_lens,
@@ -264,17 +275,20 @@ class DuplexS2SDataset(torch.utils.data.Dataset):
         }
 
     def _channels(self, cuts: list[Cut], roles: list[str]) -> list[torch.Tensor]:
-        return [build_token_channel(c, self.tokenizer, self.pad_id, self.frame_length, roles) for c in cuts]
+        return [build_token_channel(c, self.tokenizer, self.pad_id, self.frame_length, roles)
+                for c in cuts]
 
 
-def build_token_channel(cut: Cut, tokenizer, pad_id: int, frame_length: float, roles: list[str]) -> torch.Tensor:
+def build_token_channel(cut: Cut, tokenizer, pad_id: int, frame_length: float,
+                        roles: list[str]) -> torch.Tensor:
     """One token per frame for the turns of `roles`: (num_frames,) int64.
 
-    pad where nobody of `roles` speaks; BOS at a turn's start frame and its text tokens on the frames right
-    after it, as fast as one per frame; EOS at the frame where the turn's speech ends (none when the cut ends
-    first). As in NeMo, a turn whose text outlasts its speech gets that EOS over one of its text tokens: the
-    channel keeps the speech timing exact, and the audio channel's speech EOS lands on the same frame.
-    Frame indices round to the nearest frame (lhotse's compute_num_frames).
+    pad where nobody of `roles` speaks; BOS at a turn's start frame and its text tokens on the
+    frames right after it, as fast as one per frame; EOS at the frame where the turn's speech ends
+    (none when the cut ends first). As in NeMo, a turn whose text outlasts its speech gets that EOS
+    over one of its text tokens: the channel keeps the speech timing exact, and the audio channel's
+    speech EOS lands on the same frame. Frame indices round to the nearest frame (lhotse's
+    compute_num_frames).
     """
     sr = cut.sampling_rate
     num_frames = compute_num_frames(cut.duration, frame_length, sr)
@@ -285,8 +299,8 @@ def build_token_channel(cut: Cut, tokenizer, pad_id: int, frame_length: float, r
         start = compute_num_frames(sup.start, frame_length, sr)
         if start >= num_frames:
             continue
-        ids = [tokenizer.bos_token_id] + tokenizer(_clean_text(sup.text), add_special_tokens=False)["input_ids"]
-        ids = ids[: num_frames - start]
+        text_ids = tokenizer(_clean_text(sup.text), add_special_tokens=False)["input_ids"]
+        ids = ([tokenizer.bos_token_id] + text_ids)[: num_frames - start]
         tokens[start : start + len(ids)] = torch.tensor(ids)
         end = compute_num_frames(sup.end, frame_length, sr)
         if end < num_frames:
@@ -301,27 +315,30 @@ def turn_texts(cut: Cut, roles: list[str]) -> str:
 
 
 def load_target_audio(cut: Cut, sample_rate: int) -> np.ndarray:
-    """The agent channel of a duplex cut (custom field `target_audio`) over the cut's span, mono float32."""
+    """The agent channel of a duplex cut (custom field `target_audio`) over the cut's span, mono
+    float32."""
     if not (cut.custom or {}).get("target_audio"):
-        raise AudioError(f"cut {cut.id} has no 'target_audio' field: duplex data needs the agent channel as a "
-                         "Recording in cut.custom['target_audio'] (Shar field target_audio)")
+        raise AudioError(f"cut {cut.id} has no 'target_audio' field: duplex data needs the agent "
+                         "channel as a Recording in cut.custom['target_audio'] (Shar field "
+                         "target_audio)")
     start = cut.tracks[0].cut.start if isinstance(cut, MixedCut) else cut.start  # noise mixed in: 0
-    return _load_mono(cut.custom["target_audio"], sample_rate, f"target_audio of {cut.id}", offset=start,
-                      duration=cut.duration)
+    return _load_mono(cut.custom["target_audio"], sample_rate, f"target_audio of {cut.id}",
+                      offset=start, duration=cut.duration)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # helpers
 
 
 def left_pad(rows: list[torch.Tensor], value) -> torch.Tensor:
-    """Stack (L_i, ...) tensors into (B, L, ...), padding on the left (decoder-only LLMs continue from the right
-    edge)."""
+    """Stack (L_i, ...) tensors into (B, L, ...), padding on the left (decoder-only LLMs continue
+    from the right edge)."""
     return pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")
 
 
 def right_pad(rows: list[torch.Tensor], value) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D tensors into (B, L), padding on the right; also their lengths (B,). No rows: (0, 0) and (0,)."""
+    """Stack 1-D tensors into (B, L), padding on the right; also their lengths (B,). No rows: (0, 0)
+    and (0,)."""
     lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
     if not rows:
         return torch.zeros(0, 0), lens
@@ -356,7 +373,8 @@ class _Epochs:
                     continue
                 yield batch
             if drawn == 0:
-                raise ValueError("the training data yields no batch (empty data, or everything filtered out)")
+                raise ValueError("the training data yields no batch (empty data, or everything "
+                                 "filtered out)")
 
 
 class _Recorded:
@@ -388,7 +406,8 @@ class _DurationFilter:
 def _duration_filter(cuts, ds_cfg, counter):
     low, high = ds_cfg.get("min_duration"), ds_cfg.get("max_duration")
     low = None if low is None or low < 0 else low
-    return cuts if low is None and high is None else cuts.filter(_DurationFilter(low, high, counter))
+    unbounded = low is None and high is None
+    return cuts if unbounded else cuts.filter(_DurationFilter(low, high, counter))
 
 
 def _check_paths(node: dict | list, key: str) -> None:
@@ -409,17 +428,18 @@ def _check_paths(node: dict | list, key: str) -> None:
 
 
 def _load_mono(audio: Cut | Recording, sample_rate: int, what: str, **span) -> np.ndarray:
-    """Mono float32 samples of a cut or recording at `sample_rate` (`span`: offset= and duration= of a
-    recording); AudioError naming `what` when they cannot be read, are empty or are not finite."""
+    """Mono float32 samples of a cut or recording at `sample_rate` (`span`: offset= and duration= of
+    a recording); AudioError naming `what` when they cannot be read, are empty or are not finite."""
     recording = audio if isinstance(audio, Recording) else getattr(audio, "recording", None)
-    missing = [s.source for s in getattr(recording, "sources", []) if s.type == "file" and not Path(s.source).is_file()]
+    missing = [s.source for s in getattr(recording, "sources", [])
+               if s.type == "file" and not Path(s.source).is_file()]
     if missing:
         raise AudioError(f"cannot read {what}: file not found: {missing[0]}")
     try:
         if audio.sampling_rate != sample_rate:
             audio = audio.resample(sample_rate)
         samples = np.asarray(audio.load_audio(**span), dtype=np.float32)
-    except Exception as e:  # lhotse/soundfile raise many types for missing, truncated or corrupt files
+    except Exception as e:  # lhotse/soundfile raise many types for missing or corrupt files
         raise AudioError.unreadable(what, e) from None
     samples = samples.mean(axis=0) if samples.ndim == 2 else samples
     if samples.size == 0:

@@ -61,14 +61,14 @@ class Conversation:
     def audio_cuts(self) -> list[Cut]:
         return [turn.audio for turn in self.turns if turn.audio is not None]
 
-    def prompt_turns(self, audio_locator_tag: str) -> list[dict]:
-        """Turns as {"role", "content"} dicts with audio replaced by the tag and same-role turns merged."""
-        return merge_turns([{"role": t.role, "content": audio_locator_tag if t.audio is not None else t.text}
+    def prompt_turns(self, audio_tag: str) -> list[dict]:
+        """Turns as {"role", "content"} dicts, audio replaced by the tag, same-role turns merged."""
+        return merge_turns([{"role": t.role, "content": t.text if t.audio is None else audio_tag}
                             for t in self.turns])
 
 
 def cut_to_conversation(cut: Cut) -> Conversation:
-    """An ASR cut as a conversation: [system?] [user context?] [user audio] [assistant transcript]."""
+    """An ASR cut as a conversation: [system?] [user context?] [user audio] [assistant text]."""
     custom = cut.custom or {}
     turns = []
     if custom.get("system_prompt"):
@@ -76,7 +76,8 @@ def cut_to_conversation(cut: Cut) -> Conversation:
     if custom.get("context"):
         turns.append(Turn("user", text=custom["context"]))
     turns.append(Turn("user", audio=cut))
-    turns.append(Turn("assistant", text=" ".join(s.text for s in cut.supervisions if s.text).strip()))
+    text = " ".join(s.text for s in cut.supervisions if s.text).strip()
+    turns.append(Turn("assistant", text=text))
     return Conversation(cut.id, turns, custom)
 
 
@@ -133,8 +134,7 @@ class Skipped:
 def read_inputs(ds_cfg: dict, train: bool, skipped: Skipped | None = None,
                 what="the data section") -> CutSet:
     """The items of a loader section: its `input_cfg` entries, or its own shar/cuts/manifest keys.
-    Manifest lines whose audio file is missing or unreadable are skipped and recorded in
-    `skipped`."""
+    Lines whose audio file is missing or unreadable are skipped and recorded in `skipped`."""
     skipped = Skipped() if skipped is None else skipped
     entries = ds_cfg.get("input_cfg")
     if not entries:
@@ -174,7 +174,7 @@ def augment(cuts: CutSet, ds_cfg: dict) -> CutSet:
 
 
 def audio_file_cut(path: str | Path) -> Cut:
-    """A cut over a whole audio file (all its channels); FileNotFoundError or AudioError if it cannot be read."""
+    """A cut over a whole audio file (all its channels); FileNotFoundError or AudioError."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
     return _read_recording(path).to_cut()
@@ -184,15 +184,15 @@ def read_duplex_demo(shar_path: str | Path, seed: int = 0) -> CutSet:
     """Demo conversations from question/answer utterances (a Shar directory whose cuts carry
     custom["pair_id"] and custom["role"] in {"user", "agent"}).
 
-    Pairs are shuffled with `seed` and grouped 1-3 to a conversation: the user asks, a pause, the agent
-    answers, a pause, the next question. The user channel holds the questions on silence and the agent channel
-    the answers, both at the utterances' rate (the dataset resamples). The same seed gives the same
-    conversations; audio is rendered in memory when the conversation is read.
+    Pairs are shuffled with `seed` and grouped 1-3 to a conversation: the user asks, a pause, the
+    agent answers, a pause, the next question. The user channel holds the questions on silence and
+    the agent channel the answers, both at the utterances' rate (the dataset resamples). The same
+    seed gives the same conversations; audio is rendered in memory when a conversation is read.
     """
     return CutSet(DemoConversations(shar_path, seed))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # helpers
 
 def _read_group(entries, defaults, train, skipped):
@@ -205,7 +205,8 @@ def _read_group(entries, defaults, train, skipped):
             entry = _manifest_list_group(entry)
         kind = entry.get("type") or _guess_type(entry)
         if kind not in SUPPORTED_TYPES:
-            raise ValueError(f"input_cfg type '{kind}' is not supported; use one of {', '.join(SUPPORTED_TYPES)}")
+            raise ValueError(f"input_cfg type '{kind}' is not supported; use one of "
+                             f"{', '.join(SUPPORTED_TYPES)}")
         for key, use in NO_EFFECT_KEYS.items():
             if entry.get(key) is not None:
                 raise ValueError(f"input_cfg entry key {key} is not supported: {use}")
@@ -242,9 +243,8 @@ def _read_group(entries, defaults, train, skipped):
 
 
 def _manifest_list_group(entry):
-    """NeMo's list of manifests (`[path, ...]`, `[[path], ...]` or `[[path, weight], ...]`) as a
-    group of one entry per manifest, each weighted by its number of lines unless it has a weight
-    (NeMo's mixing)."""
+    """NeMo's list of manifests (`[path, ...]`, `[[path], ...]`, `[[path, weight], ...]`) as a
+    group, each manifest weighted by its number of lines unless it has a weight (NeMo's mixing)."""
     members = []
     for item in entry["manifest_filepath"]:
         path, *weight = item if isinstance(item, list) else [item]
@@ -256,15 +256,13 @@ def _manifest_list_group(entry):
 
 
 def _guess_type(entry):
-    if entry.get("shar_path"):
-        return "lhotse_shar"
-    if entry.get("cuts_path"):
-        return "lhotse"
-    if entry.get("manifest_filepath"):
-        return "nemo"
-    if entry.get("input_cfg"):
-        return "group"
-    raise ValueError(f"input_cfg entry {entry} has no type and no shar_path/cuts_path/manifest_filepath")
+    implied = {"shar_path": "lhotse_shar", "cuts_path": "lhotse", "manifest_filepath": "nemo",
+               "input_cfg": "group"}  # the first key an entry sets gives its type
+    for key, kind in implied.items():
+        if entry.get(key):
+            return kind
+    raise ValueError(f"input_cfg entry {entry} has no type and no "
+                     "shar_path/cuts_path/manifest_filepath")
 
 
 def _read_cuts(entry, options, kind, skipped):
@@ -289,7 +287,8 @@ def _read_cuts(entry, options, kind, skipped):
         return cuts.map(_ResolvePaths(entry["cuts_path"]), apply_fn=None)
     if entry.get("manifest_filepath"):
         return CutSet(_NeMoAsrManifest(entry["manifest_filepath"], skipped))
-    raise ValueError(f"input_cfg entry of type '{kind}' needs shar_path, cuts_path or manifest_filepath")
+    raise ValueError(f"input_cfg entry of type '{kind}' needs shar_path, cuts_path or "
+                     "manifest_filepath")
 
 
 class _ResolvePaths:
@@ -353,11 +352,12 @@ class _NeMoAsrManifest:
         for i, row in _json_lines(self.path):
             if row.get("_skipme"):
                 continue
+            cut_id = f"{self.path.stem}-{i}"
             try:
-                cut = _audio_cut(f"{self.path.stem}-{i}", _resolve_path(row["audio_filepath"], self.path),
+                cut = _audio_cut(cut_id, _resolve_path(row["audio_filepath"], self.path),
                                  row.get("duration"), row.get("offset", 0.0))
             except AudioError as e:
-                self.skipped.add(UNREADABLE, f"{self.path.stem}-{i}", str(e))
+                self.skipped.add(UNREADABLE, cut_id, str(e))
                 continue
             yield _with_manifest_fields(cut, row)
 
@@ -481,7 +481,8 @@ class _MultimodalJsonl:
                 continue
             example_id = str(row.get("id", f"{self.path.stem}-{i}"))
             try:
-                turns = [self._turn(turn, f"{example_id}-{j}") for j, turn in enumerate(row["conversations"])]
+                turns = [self._turn(turn, f"{example_id}-{j}")
+                         for j, turn in enumerate(row["conversations"])]
             except AudioError as e:
                 self.skipped.add(UNREADABLE, example_id, str(e))
                 continue
@@ -497,7 +498,8 @@ class _MultimodalJsonl:
         if turn.get("type", "text") != "audio":
             return Turn(role, text=turn["value"])
         path = _resolve_path(turn["value"], self.path)
-        return Turn(role, audio=_audio_cut(cut_id, path, turn.get("duration"), turn.get("offset", 0.0)))
+        audio = _audio_cut(cut_id, path, turn.get("duration"), turn.get("offset", 0.0))
+        return Turn(role, audio=audio)
 
 
 def _json_lines(path):
@@ -524,7 +526,8 @@ def _audio_cut(cut_id, path, duration, offset):
     """A cut over (part of) an audio file and all its channels (mixed to mono when loaded, as NeMo's
     SALM data does); the file header gives its true sampling rate and length."""
     recording = _read_recording(path, cut_id)
-    duration = recording.duration - offset if duration is None else min(duration, recording.duration - offset)
+    longest = recording.duration - offset
+    duration = longest if duration is None else min(duration, longest)
     return fastcopy(recording.to_cut(), id=cut_id, start=offset, duration=duration)
 
 
@@ -545,7 +548,7 @@ def _resolve_path(value, manifest_path):
 
 
 class DemoConversations:
-    """Lazily rendered demo conversations (see `read_duplex_demo`); the layout is fixed at construction."""
+    """Lazily rendered demo conversations (see `read_duplex_demo`), laid out at construction."""
 
     def __init__(self, shar_path: str | Path, seed: int):
         by_pair = {}
@@ -555,8 +558,9 @@ class DemoConversations:
                 by_pair.setdefault(custom["pair_id"], {})[custom["role"]] = cut
         pair_ids = sorted(p for p, roles in by_pair.items() if len(roles) == 2)
         if not pair_ids:
-            raise ValueError(f"{shar_path} holds no question/answer pairs (cuts with custom pair_id and role "
-                             "user/agent); duplex_demo expects the demo qa_train/qa_val data")
+            raise ValueError(f"{shar_path} holds no question/answer pairs (cuts with custom "
+                             "pair_id and role user/agent); duplex_demo expects the demo "
+                             "qa_train/qa_val data")
         rng = random.Random(seed)
         rng.shuffle(pair_ids)
         self.conversations = []  # (id, [(utterance cut, start seconds)], duration seconds)
@@ -582,7 +586,7 @@ def _render_conversation(conversation_id: str, placed: list, duration: float) ->
     """Place each utterance on its channel (user or agent) and return the conversation cut."""
     sample_rate = placed[0][0].sampling_rate
     num_samples = round(duration * sample_rate)
-    channels = {"user": np.zeros(num_samples, np.float32), "agent": np.zeros(num_samples, np.float32)}
+    channels = {role: np.zeros(num_samples, np.float32) for role in ("user", "agent")}
     supervisions = []
     for i, (utterance, start) in enumerate(placed):
         role = utterance.custom["role"]
@@ -595,8 +599,9 @@ def _render_conversation(conversation_id: str, placed: list, duration: float) ->
         ))
     recording = _flac_recording(channels["user"], sample_rate, conversation_id)
     target_audio = _flac_recording(channels["agent"], sample_rate, f"{conversation_id}-agent")
-    return MonoCut(conversation_id, start=0.0, duration=recording.duration, channel=0, recording=recording,
-                   supervisions=supervisions, custom={"target_audio": target_audio})
+    return MonoCut(conversation_id, start=0.0, duration=recording.duration, channel=0,
+                   recording=recording, supervisions=supervisions,
+                   custom={"target_audio": target_audio})
 
 
 def _flac_recording(samples: np.ndarray, sample_rate: int, recording_id: str) -> Recording:
