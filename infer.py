@@ -38,9 +38,10 @@ from tqdm import tqdm
 
 from checkpoint import DTYPES, load_model
 from config import cli
-from data import (UNREADABLE, AudioError, Conversation, Skipped, Turn, audio_file_cut,
-                  cut_to_conversation, load_audio, load_audio_files, read_inputs)
+from data import load_audio, load_audio_files
 from duplex_s2s import DuplexS2SModel
+from manifests import (UNREADABLE, AudioError, Conversation, Skipped, Turn, audio_file_cut,
+                       cut_to_conversation, read_inputs)
 from metrics import NORMALIZER, bleu, metrics_by_dataset, wer_details
 from salm import DEFAULT_ASR_PROMPT, SALM, answer
 from train import model_class

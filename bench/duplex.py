@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from bench import common
-from data import load_audio, read_duplex_demo
+from data import load_audio
+from manifests import read_duplex_demo
 
 CONVERSATIONS = "assets/demo/qa_val"
 CONFIGS = ["configs/s2s_duplex.yaml", "configs/s2s_duplex_speech_decoder.yaml"]

@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-import data
+import manifests
 from data import SALMDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def one_thread():
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     """The first few unreadable items of a process are named in warnings; start with none named."""
-    monkeypatch.setattr(data, "_warned", set())
+    monkeypatch.setattr(manifests, "_warned", set())
 
 
 @pytest.fixture(scope="session")

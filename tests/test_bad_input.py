@@ -1,7 +1,9 @@
-"""Bad input: broken audio, text and configs give a counted skip that training survives, or a one-line error.
+"""Bad input: broken audio, text and configs give a counted skip that training survives, or a
+one-line error.
 
-Data tests put G good and B bad items through the real readers, dataset and TrainBatches and check that exactly
-the G good ones arrive (none lost), resampled where needed, and that each bad one is counted under its reason.
+Data tests put G good and B bad items through the real readers, dataset and TrainBatches and check
+that exactly the G good ones arrive (none lost), resampled where needed, and that each bad one is
+counted under its reason.
 """
 import gzip
 import io
@@ -23,7 +25,8 @@ import salm
 import train
 from conftest import ROOT, SMALL, salm_dataset, tone
 from config import TARGETS, ConfigError, load_config
-from data import TrainBatches, audio_file_cut
+from data import TrainBatches
+from manifests import audio_file_cut, cut_to_conversation, read_duplex_demo
 
 DEMO = ROOT / "assets" / "demo" / "asr_train"
 CONFIG = str(ROOT / "configs" / "salm.yaml")
@@ -48,9 +51,10 @@ def broken_files(directory: Path) -> dict[str, Path]:
     """One audio file of each broken kind, made from a real demo FLAC."""
     raw = demo_flacs(directory, 1)[0][0].read_bytes()
     paths = {kind: directory / name for kind, name in [
-        ("truncated", "truncated.flac"), ("header_cut", "header_cut.flac"), ("zero_samples", "zero_samples.wav"),
-        ("zero_bytes", "zero_bytes.flac"), ("missing", "missing.flac")]}
-    paths["truncated"].write_bytes(raw[: len(raw) // 2])  # header intact, frames cut off: fails when decoded
+        ("truncated", "truncated.flac"), ("header_cut", "header_cut.flac"),
+        ("zero_samples", "zero_samples.wav"), ("zero_bytes", "zero_bytes.flac"),
+        ("missing", "missing.flac")]}
+    paths["truncated"].write_bytes(raw[: len(raw) // 2])  # header intact: fails when decoded
     paths["header_cut"].write_bytes(raw[:60])  # fails when opened
     sf.write(paths["zero_samples"], np.zeros(0, np.float32), 16000)  # a valid WAV holding no sample
     paths["zero_bytes"].write_bytes(b"")
@@ -67,7 +71,8 @@ def ids_of(manifest: Path, rows: list, wanted: list) -> list[str]:
     return [f"{manifest.stem}-{rows.index(row)}" for row in wanted]
 
 
-def test_one_pass_delivers_every_good_item_and_counts_each_bad_kind(tmp_path, capsys, fresh_warnings):
+def test_one_pass_delivers_every_good_item_and_counts_each_bad_kind(tmp_path, capsys,
+                                                                    fresh_warnings):
     good = demo_flacs(tmp_path, 3)
     low = (tone(tmp_path / "low.wav", 1.0, rate=8000, freq=500.0), "a low rate tone")
     high = (tone(tmp_path / "high.flac", 1.0, rate=44100, freq=1000.0), "a high rate tone")
@@ -75,44 +80,47 @@ def test_one_pass_delivers_every_good_item_and_counts_each_bad_kind(tmp_path, ca
     too_long = (tone(tmp_path / "long.wav", 3.0), "a long tone")
     empty_text = (good[0][0], " ")
     long_text = (good[1][0], " ".join(["word"] * 50))
-    rows = [good[0], (bad["missing"], "x"), (bad["truncated"], "x"), low, (bad["zero_bytes"], "x"), too_long,
-            good[1], (bad["header_cut"], "x"), empty_text, high, (bad["zero_samples"], "x"), long_text, good[2]]
+    rows = [good[0], (bad["missing"], "x"), (bad["truncated"], "x"), low, (bad["zero_bytes"], "x"),
+            too_long, good[1], (bad["header_cut"], "x"), empty_text, high,
+            (bad["zero_samples"], "x"), long_text, good[2]]
     manifest = write_manifest(tmp_path / "mixed.json", rows)
     cfg = {"manifest_filepath": str(manifest), "batch_size": 100, "max_duration": 2.5}
-    batches = TrainBatches(cfg, salm_dataset(max_tokens=40))  # long_text needs ~70 tokens, good items < 40
+    batches = TrainBatches(cfg, salm_dataset(max_tokens=40))  # long_text ~70 tokens, good < 40
     batch = next(iter(batches))
 
-    assert batch["ids"] == ids_of(manifest, rows, [good[0], low, good[1], high, good[2]])  # 5 good, 0 lost
+    assert batch["ids"] == ids_of(manifest, rows, [good[0], low, good[1], high, good[2]])  # all
     assert batches.skipped.counts() == {"unreadable audio": 5, "longer than max_duration": 1,
                                         "empty transcript": 1, "longer than max_tokens": 1}
     lens = dict(zip(batch["ids"], batch["audio_lens"].tolist()))
     for row in good:
         assert lens[ids_of(manifest, rows, [row])[0]] == sf.info(row[0]).frames
     low_id, high_id = ids_of(manifest, rows, [low, high])
-    assert lens[low_id] == lens[high_id] == 16000  # 1 s at 8 kHz and at 44.1 kHz, resampled to 16 kHz
-    for clip_id, freq in ((low_id, 500), (high_id, 1000)):  # the tones keep their pitch (1 Hz per FFT bin)
+    assert lens[low_id] == lens[high_id] == 16000  # 1 s at 8 kHz and at 44.1 kHz, now at 16 kHz
+    for clip_id, freq in ((low_id, 500), (high_id, 1000)):  # tones keep their pitch (1 Hz per bin)
         clip = batch["audios"][batch["ids"].index(clip_id), :16000].numpy()
         assert np.argmax(np.abs(np.fft.rfft(clip))) == pytest.approx(freq, abs=2)
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert f"warning: skipped audio file not found: {bad['missing']}" in err
-    assert "truncated.flac" in err and "decoder lost sync" in err  # the backend's reason, not its report
+    assert "truncated.flac" in err and "decoder lost sync" in err  # the backend's reason only
 
 
 def test_cut_manifest_with_bad_audio_is_filtered_when_loading(tmp_path, capsys, fresh_warnings):
     good = demo_flacs(tmp_path, 2)
     bad = broken_files(tmp_path)
-    bad["missing"].write_bytes(good[0][0].read_bytes())  # readable while the manifest is written, then gone
-    paths = [good[0][0], bad["truncated"], tone(tmp_path / "low.wav", 1.0, rate=8000), bad["missing"],
-             bad["zero_samples"], good[1][0]]
+    bad["missing"].write_bytes(good[0][0].read_bytes())  # there while the manifest is written
+    paths = [good[0][0], bad["truncated"], tone(tmp_path / "low.wav", 1.0, rate=8000),
+             bad["missing"], bad["zero_samples"], good[1][0]]
     cuts = []
     for path in paths:
         cut = audio_file_cut(path)
-        cut.supervisions = [SupervisionSegment(cut.id, cut.recording_id, 0, cut.duration, text="some words")]
+        cut.supervisions = [SupervisionSegment(cut.id, cut.recording_id, 0, cut.duration,
+                                               text="some words")]
         cuts.append(cut)
     CutSet.from_cuts(cuts).to_file(tmp_path / "cuts.jsonl.gz")
     bad["missing"].unlink()
-    batches = TrainBatches({"cuts_path": str(tmp_path / "cuts.jsonl.gz"), "batch_size": 100}, salm_dataset())
+    cfg = {"cuts_path": str(tmp_path / "cuts.jsonl.gz"), "batch_size": 100}
+    batches = TrainBatches(cfg, salm_dataset())
     batch = next(iter(batches))
     assert batch["ids"] == [good[0][0].stem, "low", good[1][0].stem]
     assert batch["audio_lens"][1] == 16000
@@ -132,25 +140,29 @@ def test_a_batch_where_every_clip_fails_is_skipped_and_the_next_drawn(tmp_path, 
     stream = iter(batches)
     delivered = [next(stream)["ids"], next(stream)["ids"]]
     assert delivered == [ids_of(manifest, rows, good[:2]), ids_of(manifest, rows, good[2:])]
-    assert batches.num_batches == 3  # the empty one counts as drawn, so a resumed run replays it too
+    assert batches.num_batches == 3  # the empty one counts as drawn: a resumed run replays it too
     assert batches.skipped.counts() == {"unreadable audio": 2, "batches with nothing readable": 1}
 
 
 def test_a_stream_where_everything_fails_ends_with_one_line(tmp_path, fresh_warnings):
     bad = broken_files(tmp_path)
-    manifest = write_manifest(tmp_path / "m.json", [(bad["truncated"], "x"), (bad["zero_samples"], "y")])
+    rows = [(bad["truncated"], "x"), (bad["zero_samples"], "y")]
+    manifest = write_manifest(tmp_path / "m.json", rows)
     batches = TrainBatches({"manifest_filepath": str(manifest), "batch_size": 1}, salm_dataset())
     with pytest.raises(ValueError) as err:
         next(iter(batches))
-    assert str(err.value).startswith(f"{data.MAX_EMPTY_BATCHES} training batches in a row had no usable item")
+    assert str(err.value).startswith(f"{data.MAX_EMPTY_BATCHES} training batches in a row had no "
+                                     "usable item")
     assert "\n" not in str(err.value)
     assert batches.num_batches == data.MAX_EMPTY_BATCHES
     assert batches.skipped.counts() == {"unreadable audio": 2,  # the same two items in every epoch
                                         "batches with nothing readable": data.MAX_EMPTY_BATCHES}
-    # files that cannot even be opened never reach a batch: the data yields nothing, which is an error too
-    unopenable = write_manifest(tmp_path / "u.json", [(bad["missing"], "x"), (bad["header_cut"], "y")])
+    # files that cannot even be opened never reach a batch: the data yields nothing, an error too
+    rows = [(bad["missing"], "x"), (bad["header_cut"], "y")]
+    unopenable = write_manifest(tmp_path / "u.json", rows)
+    cfg = {"manifest_filepath": str(unopenable), "batch_size": 1}
     with pytest.raises(ValueError, match="the training data yields no batch"):
-        next(iter(TrainBatches({"manifest_filepath": str(unopenable), "batch_size": 1}, salm_dataset())))
+        next(iter(TrainBatches(cfg, salm_dataset())))
 
 
 def test_bad_items_are_counted_and_named_once_however_many_epochs(tmp_path, capsys, fresh_warnings):
@@ -191,7 +203,8 @@ def small_cfg():
 def test_a_transcript_longer_than_the_llm_context_is_skipped(tmp_path, small_cfg, monkeypatch):
     monkeypatch.chdir(ROOT)
     model = train.build_model(small_cfg["model"])
-    context = json.loads((ROOT / "assets" / "tiny-llm" / "config.json").read_text())["max_position_embeddings"]
+    llm_config = json.loads((ROOT / "assets" / "tiny-llm" / "config.json").read_text())
+    context = llm_config["max_position_embeddings"]
     dataset = model.make_dataset(small_cfg["data"])
     assert small_cfg["data"]["train_ds"].get("max_tokens") is None and dataset.max_tokens == context
     capped = model.make_dataset({"train_ds": {**small_cfg["data"]["train_ds"], "max_tokens": 64}})
@@ -201,10 +214,11 @@ def test_a_transcript_longer_than_the_llm_context_is_skipped(tmp_path, small_cfg
     cuts = []
     for i, transcript in enumerate([text, " ".join(["seven"] * context)]):
         cut = audio_file_cut(path).with_id(f"utt{i}")
-        cut.supervisions = [SupervisionSegment(cut.id, cut.recording_id, 0, cut.duration, text=transcript)]
+        cut.supervisions = [SupervisionSegment(cut.id, cut.recording_id, 0, cut.duration,
+                                               text=transcript)]
         cuts.append(cut)
-    lengths = [len(model.encode_dialog(data.cut_to_conversation(c).prompt_turns(model.audio_locator_tag))["input_ids"])
-               for c in cuts]
+    turns = [cut_to_conversation(c).prompt_turns(model.audio_locator_tag) for c in cuts]
+    lengths = [len(model.encode_dialog(t)["input_ids"]) for t in turns]
     assert lengths[0] < context < lengths[1]
     batch = dataset[CutSet.from_cuts(cuts)]
     assert batch["ids"] == ["utt0"]
@@ -212,12 +226,13 @@ def test_a_transcript_longer_than_the_llm_context_is_skipped(tmp_path, small_cfg
 
 
 def run_main(args, tmp_path):
-    return train.main([CONFIG, *SMALL, *NO_VALIDATION, "trainer.max_steps=5", "data.train_ds.batch_size=2",
+    return train.main([CONFIG, *SMALL, *NO_VALIDATION, "trainer.max_steps=5",
+                       "data.train_ds.batch_size=2",
                        f"exp_manager.explicit_log_dir={tmp_path / 'run'}", *args])
 
 
 def corrupt_losses(monkeypatch, factors: dict):
-    """Multiply the loss of the n-th training step by factors[n] (nan or inf), as a broken batch would."""
+    """Multiply the n-th training step's loss by factors[n] (nan or inf), like a broken batch."""
     training_step, calls = salm.SALM.training_step, []
 
     def step(self, batch):
@@ -237,11 +252,13 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, capsys, monkeypatch
     out = capsys.readouterr().out
     log = [line for line in out.splitlines() if line.startswith("step ")]
     assert log[0].endswith("| skipped 0")
-    assert log[1].endswith("| skipped 1 (non-finite loss 1)") and log[1].startswith("step 2/5 | loss nan")
-    assert log[2].endswith("| skipped 2 (non-finite loss 2)") and log[2].startswith("step 3/5 | loss inf")
+    assert log[1].startswith("step 2/5 | loss nan")
+    assert log[1].endswith("| skipped 1 (non-finite loss 1)")
+    assert log[2].startswith("step 3/5 | loss inf")
+    assert log[2].endswith("| skipped 2 (non-finite loss 2)")
     assert log[4].startswith("step 5/5") and log[4].endswith("| skipped 2 (non-finite loss 2)")
     assert "stopped at step 5: max_steps" in out
-    assert all(torch.isfinite(p).all() for p in model.parameters())  # no bad step reached the weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # no bad step reached them
 
 
 def test_non_finite_losses_in_a_row_stop_the_run_with_a_message(tmp_path, capsys, monkeypatch):
@@ -250,10 +267,10 @@ def test_non_finite_losses_in_a_row_stop_the_run_with_a_message(tmp_path, capsys
     corrupt_losses(monkeypatch, {n: float("nan") for n in range(1, 10)})
     with pytest.raises(SystemExit) as stop:
         run_main([], tmp_path)
-    assert str(stop.value.code) == ("error: 3 non-finite losses in a row (check the learning rate, precision and "
-                                    "data)")
+    assert str(stop.value.code) == ("error: 3 non-finite losses in a row (check the learning rate, "
+                                    "precision and data)")
     assert "stopped at step 3:" in capsys.readouterr().out  # at the log line after the third
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)  # the run is kept
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)  # kept
     assert state["step"] == 3
 
 
@@ -307,11 +324,13 @@ def test_a_missing_pretrained_llm_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(FileNotFoundError) as err:
         run_main([f"model.pretrained_llm={tmp_path / 'no-llm'}"], tmp_path)
-    assert str(err.value).startswith(f"cannot load pretrained_llm '{tmp_path / 'no-llm'}': no such directory.")
+    assert str(err.value).startswith(f"cannot load pretrained_llm '{tmp_path / 'no-llm'}': no such "
+                                     "directory.")
     with pytest.raises(FileNotFoundError) as err:  # a directory without tokenizer files
-        run_main(["model.pretrained_llm=assets/tiny-mimi", f"exp_manager.explicit_log_dir={tmp_path / 'b'}"],
-                 tmp_path)
-    assert str(err.value).startswith("cannot load pretrained_llm 'assets/tiny-mimi': ") and "\n" not in str(err.value)
+        run_main(["model.pretrained_llm=assets/tiny-mimi",
+                  f"exp_manager.explicit_log_dir={tmp_path / 'b'}"], tmp_path)
+    assert str(err.value).startswith("cannot load pretrained_llm 'assets/tiny-mimi': ")
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("override, key", [
@@ -319,8 +338,9 @@ def test_a_missing_pretrained_llm_is_a_one_line_error(tmp_path, monkeypatch):
     ("trainer.max_step=3", "did you mean 'trainer.max_steps'"),
     ("model.pretrained_llm=/nowhere/llm", "pretrained_llm")])
 def test_the_command_line_prints_one_line_and_exits_2(tmp_path, override, key):
-    out = subprocess.run([sys.executable, "train.py", CONFIG, override, f"exp_manager.explicit_log_dir={tmp_path}"],
-                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "train.py", CONFIG, override,
+                          f"exp_manager.explicit_log_dir={tmp_path}"], cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and key in out.stderr
@@ -331,7 +351,8 @@ def test_the_command_line_prints_one_line_and_exits_2(tmp_path, override, key):
 
 def test_every_target_in_the_shipped_configs_is_in_the_allowlist():
     """(test_config.py loads each of these files, which runs the check itself.)"""
-    paths = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "tests" / "fixtures").glob("*.yaml"))
+    paths = [*sorted((ROOT / "configs").glob("*.yaml")),
+             *sorted((ROOT / "tests" / "fixtures").glob("*.yaml"))]
     seen = set()
     for path in paths:
         for line in path.read_text().splitlines():
@@ -346,11 +367,13 @@ def test_every_target_in_the_shipped_configs_is_in_the_allowlist():
     ("model.optimizer._target_=builtins.eval", "model.optimizer._target_", "torch.optim.AdamW"),
     ("model.lr_scheduler._target_=torch.optim.lr_scheduler.LambdaLR", "model.lr_scheduler._target_",
      "nemo.core.optim.lr_scheduler.CosineAnnealing"),
-    ("model.perception.target=subprocess.Popen", "model.perception.target", "perception.AudioPerceptionModule"),
-    ("model.perception.modality_adapter._target_=torch.optim.AdamW", "model.perception.modality_adapter._target_",
+    ("model.perception.target=subprocess.Popen", "model.perception.target",
+     "perception.AudioPerceptionModule"),
+    ("model.perception.modality_adapter._target_=torch.optim.AdamW",
+     "model.perception.modality_adapter._target_",
      "perception.IdentityConnector"),  # a known name in the wrong place
-    ("++model.perception.encoder._target_=perception.IdentityConnector", "model.perception.encoder._target_",
-     "perception.ConformerEncoder"),
+    ("++model.perception.encoder._target_=perception.IdentityConnector",
+     "model.perception.encoder._target_", "perception.ConformerEncoder"),
     ("trainer.strategy={_target_: os.system}", "trainer.strategy._target_",
      "lightning.pytorch.strategies.DDPStrategy"),  # a section only Lightning reads is checked too
 ])
@@ -364,18 +387,21 @@ def test_a_target_outside_the_allowlist_is_refused(override, key, allowed):
 
 
 def test_a_target_where_no_class_is_chosen_is_refused():
-    for override in ("data.train_ds._target_=torch.optim.AdamW", "data.train_ds.input_cfg.0.target=os.system"):
-        with pytest.raises(ConfigError, match=r"not allowed there; remove it: no class is chosen there"):
+    for override in ("data.train_ds._target_=torch.optim.AdamW",
+                     "data.train_ds.input_cfg.0.target=os.system"):
+        with pytest.raises(ConfigError, match=r"not allowed there; remove it: no class is chosen"):
             load_config(CONFIG, [override], report=None)
     with pytest.raises(ConfigError, match=r"model\.optimizer\._target_ .* is \{'a': 1\}"):
         load_config(CONFIG, ["model.optimizer._target_={a: 1}"], report=None)
 
 
 def test_the_project_names_are_accepted_and_nothing_is_imported(tmp_path, monkeypatch):
-    cfg = load_config(CONFIG, ["model.perception.modality_adapter._target_=perception.IdentityConnector",
-                               "model.optimizer._target_=torch.optim.SGD"], report=None)
-    assert cfg["model"]["perception"]["modality_adapter"]["_target_"] == "perception.IdentityConnector"
-    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\nAdamW = None\n")
+    adapter = "model.perception.modality_adapter._target_=perception.IdentityConnector"
+    cfg = load_config(CONFIG, [adapter, "model.optimizer._target_=torch.optim.SGD"], report=None)
+    adapter_cfg = cfg["model"]["perception"]["modality_adapter"]
+    assert adapter_cfg["_target_"] == "perception.IdentityConnector"
+    ran = str(tmp_path / "ran")
+    (tmp_path / "planted.py").write_text(f"open({ran!r}, 'w').close()\nAdamW = None\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError):
         load_config(CONFIG, ["model.optimizer._target_=planted.AdamW"], report=None)
@@ -389,31 +415,36 @@ def test_the_project_names_are_accepted_and_nothing_is_imported(tmp_path, monkey
 
 @pytest.mark.slow
 def test_training_on_a_manifest_with_every_bad_kind_finishes(tmp_path):
-    """train.py on 14 good utterances mixed with every kind of bad item: it finishes and the log counts each,
-    also across a stop and resume after step 2."""
+    """train.py on 14 good utterances mixed with every kind of bad item: it finishes and the log
+    counts each, also across a stop and resume after step 2."""
     good = demo_flacs(tmp_path, 14)
     bad = broken_files(tmp_path)
     low = (tone(tmp_path / "low.wav", 1.0, rate=8000), "a low tone")
     high = (tone(tmp_path / "high.flac", 1.0, rate=44100), "a high tone")
-    # batches of 4, in order: [g g g low] [g g g high] [all bad: skipped] [g g g g] [g g g g]; the items that
-    # cannot be opened or are too long never reach a batch
+    # batches of 4, in order: [g g g low] [g g g high] [all bad: skipped] [g g g g] [g g g g]; the
+    # items that cannot be opened or are too long never reach a batch
     rows = [(bad["missing"], "x"), *good[0:3], low, (bad["zero_bytes"], "x"), *good[3:6], high,
-            (tone(tmp_path / "long.wav", 6.0), "a long tone"), (bad["truncated"], "x"), (bad["zero_samples"], "x"),
-            (good[0][0], ""), (good[1][0], " ".join(["seven"] * 1100)), (bad["header_cut"], "x"), *good[6:14]]
+            (tone(tmp_path / "long.wav", 6.0), "a long tone"), (bad["truncated"], "x"),
+            (bad["zero_samples"], "x"), (good[0][0], ""), (good[1][0], " ".join(["seven"] * 1100)),
+            (bad["header_cut"], "x"), *good[6:14]]
     manifest = write_manifest(tmp_path / "mixed.json", rows)
     for max_steps in (2, 4):  # the second run resumes from the first one's last.ckpt
         out = subprocess.run(
-            [sys.executable, "train.py", CONFIG, *SMALL, *NO_VALIDATION, f"trainer.max_steps={max_steps}",
-             f"data.train_ds.input_cfg=[{{type: lhotse_as_conversation, manifest_filepath: {manifest}}}]",
+            [sys.executable, "train.py", CONFIG, *SMALL, *NO_VALIDATION,
+             f"trainer.max_steps={max_steps}",
+             "data.train_ds.input_cfg=[{type: lhotse_as_conversation, "
+             f"manifest_filepath: {manifest}}}]",
              "data.train_ds.shuffle=false", "data.train_ds.max_duration=5.0",
-             f"exp_manager.explicit_log_dir={tmp_path / 'run'}"],
-            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+             f"exp_manager.explicit_log_dir={tmp_path / 'run'}"], cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming from last.ckpt" in out.stdout and "stopped at step 4: max_steps" in out.stdout
     last = [line for line in out.stdout.splitlines() if line.startswith("step 4/4")][0]
     assert last.endswith("| skipped 9 (batches with nothing readable 1, empty transcript 1, "
-                         "longer than max_duration 1, longer than max_tokens 1, unreadable audio 5)")
-    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 4
+                         "longer than max_duration 1, longer than max_tokens 1, "
+                         "unreadable audio 5)")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["step"] == 4
 
 
 def test_a_conversation_longer_than_the_duplex_context_is_skipped(monkeypatch):
@@ -423,7 +454,7 @@ def test_a_conversation_longer_than_the_duplex_context_is_skipped(monkeypatch):
     model = train.build_model(cfg["model"])
     dataset = model.make_dataset(cfg["data"])
     assert dataset.max_frames == 64  # the speech decoder's limit is below the LLM's 1024 positions
-    cuts = sorted(data.read_duplex_demo("assets/demo/qa_val"), key=lambda c: c.duration)
+    cuts = sorted(read_duplex_demo("assets/demo/qa_val"), key=lambda c: c.duration)
     short, long = cuts[0], cuts[-1]
     assert short.duration / 0.08 + 1 <= 64 < long.duration / 0.08
     batch = dataset[CutSet.from_cuts([short, long])]
@@ -431,20 +462,25 @@ def test_a_conversation_longer_than_the_duplex_context_is_skipped(monkeypatch):
     assert batch["skipped"] == [("longer than the model's context", long.id, None)]
 
 
-def test_duplex_conversations_with_bad_audio_are_skipped_and_counted(tmp_path, monkeypatch, fresh_warnings):
+def test_duplex_conversations_with_bad_audio_are_skipped_and_counted(tmp_path, monkeypatch,
+                                                                     fresh_warnings):
     monkeypatch.chdir(ROOT)
     cfg = load_config("configs/s2s_duplex.yaml", [], report=None)
     dataset = train.build_model(cfg["model"]).make_dataset(cfg["data"])
     broken = broken_files(tmp_path)
-    sf.write(tmp_path / "user.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 2).astype(np.float32), 16000)
-    sf.write(tmp_path / "agent.wav", np.random.default_rng(1).normal(0, 0.1, 44100 * 2).astype(np.float32), 44100)
+    for seed, name, rate in ((0, "user.wav", 16000), (1, "agent.wav", 44100)):
+        noise = np.random.default_rng(seed).normal(0, 0.1, rate * 2).astype(np.float32)
+        sf.write(tmp_path / name, noise, rate)
 
     def conversation(name, user, agent):
         cut = audio_file_cut(tmp_path / "user.wav").with_id(name)
         cut.recording.sources[0].source = str(user)
-        cut.supervisions = [SupervisionSegment(f"{name}-q", cut.recording_id, 0.1, 0.8, text="hi", speaker="user"),
-                            SupervisionSegment(f"{name}-a", cut.recording_id, 1.0, 0.9, text="yes", speaker="agent")]
-        cut.custom = {"target_audio": data._read_recording(tmp_path / "agent.wav")} if agent else {}
+        rec_id = cut.recording_id
+        cut.supervisions = [
+            SupervisionSegment(f"{name}-q", rec_id, 0.1, 0.8, text="hi", speaker="user"),
+            SupervisionSegment(f"{name}-a", rec_id, 1.0, 0.9, text="yes", speaker="agent")]
+        target = audio_file_cut(tmp_path / "agent.wav").recording
+        cut.custom = {"target_audio": target} if agent else {}
         if agent and agent != "good":
             cut.custom["target_audio"].sources[0].source = str(broken[agent])
         return cut
@@ -460,4 +496,4 @@ def test_duplex_conversations_with_bad_audio_are_skipped_and_counted(tmp_path, m
     assert [(reason, item) for reason, item, _ in batch["skipped"]] == [
         ("unreadable audio", cut.id) for cut in cuts[1:]]
     assert batch["source_audio"].shape == (1, 32000)  # 16 kHz as recorded
-    assert batch["target_audio"].shape == (1, 48000)  # the 44.1 kHz agent channel resampled to the codec's 24 kHz
+    assert batch["target_audio"].shape == (1, 48000)  # 44.1 kHz agent audio at the codec's 24 kHz

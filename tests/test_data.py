@@ -13,10 +13,10 @@ from lhotse.testing.dummies import dummy_cut
 
 from config import loader_defaults
 from conftest import TAG, salm_dataset, tone
-from data import (Conversation, TrainBatches, Turn, audio_file_cut, cut_to_conversation,
-                  expand_sharded_paths, left_pad, load_audio, load_audio_files, make_sampler,
-                  make_val_loaders, read_inputs, right_pad)
-from data import load_target_audio, read_duplex_demo
+from data import (TrainBatches, left_pad, load_audio, load_audio_files, load_target_audio,
+                  make_sampler, make_val_loaders, right_pad)
+from manifests import (Conversation, Turn, audio_file_cut, cut_to_conversation,
+                       expand_sharded_paths, read_duplex_demo, read_inputs)
 
 
 def make_cuts(tmp_path, n=12, rate=16000, prefix="utt"):
@@ -25,7 +25,7 @@ def make_cuts(tmp_path, n=12, rate=16000, prefix="utt"):
         path = tone(tmp_path / f"{prefix}{i}.flac", 0.5 + 0.1 * i, rate, freq=200 + 50 * i)
         rec = Recording.from_file(path, recording_id=f"{prefix}{i}")
         cut = MonoCut(f"{prefix}{i}", start=0, duration=rec.duration, channel=0, recording=rec)
-        cut.supervisions = [SupervisionSegment(f"{prefix}{i}", f"{prefix}{i}", 0, rec.duration, text=f"word {i}")]
+        cut.supervisions = [SupervisionSegment(cut.id, cut.id, 0, rec.duration, text=f"word {i}")]
         cuts.append(cut)
     return CutSet.from_cuts(cuts)
 
@@ -41,12 +41,13 @@ def test_conversation_turns_merge_same_role():
 
 def test_lhotse_as_conversation_with_tags(tmp_path):
     make_cuts(tmp_path, 3).to_file(tmp_path / "cuts.jsonl.gz")
-    items = list(read_inputs({"input_cfg": [{"type": "lhotse_as_conversation", "cuts_path": str(tmp_path / "cuts.jsonl.gz"),
-                                             "tags": {"context": "Repeat after me.", "system_prompt": "Be brief."}}]},
-                             train=False))
+    entry = {"type": "lhotse_as_conversation", "cuts_path": str(tmp_path / "cuts.jsonl.gz"),
+             "tags": {"context": "Repeat after me.", "system_prompt": "Be brief."}}
+    items = list(read_inputs({"input_cfg": [entry]}, train=False))
     assert [type(i) for i in items] == [Conversation] * 3
     turns = items[1].prompt_turns(TAG)
-    assert turns == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Repeat after me. {TAG}"},
+    assert turns == [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": f"Repeat after me. {TAG}"},
                      {"role": "assistant", "content": "word 1"}]
 
 
@@ -69,10 +70,11 @@ def test_shar_reader_and_batches(tmp_path):
 
 
 def test_nemo_manifest_and_resampling(tmp_path):
-    lines = [json.dumps({"audio_filepath": str(tone(tmp_path / f"a{i}.wav", 1.0, rate=8000)), "duration": 1.0,
-                         "text": f"hello {i}"}) for i in range(3)]
+    lines = [json.dumps({"audio_filepath": str(tone(tmp_path / f"a{i}.wav", 1.0, rate=8000)),
+                         "duration": 1.0, "text": f"hello {i}"}) for i in range(3)]
     (tmp_path / "m.json").write_text("\n".join(lines))
-    loaders = make_val_loaders({"manifest_filepath": str(tmp_path / "m.json"), "batch_size": 2}, salm_dataset())
+    cfg = {"manifest_filepath": str(tmp_path / "m.json"), "batch_size": 2}
+    loaders = make_val_loaders(cfg, salm_dataset())
     batches = list(loaders["val"])
     assert [len(b["ids"]) for b in batches] == [2, 1]
     assert batches[0]["audios"].shape == (2, 16000)  # 8 kHz files resampled to 16 kHz
@@ -86,11 +88,12 @@ def test_multimodal_conversation_jsonl(tmp_path):
             {"from": "User", "type": "audio", "value": "a.wav", "duration": 1.0},
             {"from": "User", "type": "audio", "value": str(b)},
             {"from": "Assistant", "type": "text", "value": "the first is longer"}]},
-        {"id": "ex-1", "conversations": [{"from": "User", "type": "text", "value": "x"}], "custom": {"_skipme": True}},
+        {"id": "ex-1", "conversations": [{"from": "User", "type": "text", "value": "x"}],
+         "custom": {"_skipme": True}},
     ]
     (tmp_path / "conv.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    items = list(read_inputs({"input_cfg": [{"type": "multimodal_conversation",
-                                             "manifest_filepath": str(tmp_path / "conv.jsonl")}]}, train=False))
+    entry = {"type": "multimodal_conversation", "manifest_filepath": str(tmp_path / "conv.jsonl")}
+    items = list(read_inputs({"input_cfg": [entry]}, train=False))
     assert len(items) == 1 and items[0].id == "ex-0"  # _skipme honoured
     assert items[0].prompt_turns(TAG)[0]["content"] == f"Compare: {TAG} {TAG}"
     assert items[0].duration == pytest.approx(1.5)
@@ -101,12 +104,13 @@ def test_multimodal_conversation_jsonl(tmp_path):
 def test_validation_sets_inherit_shared_keys(tmp_path):
     make_cuts(tmp_path, 5, prefix="a").to_file(tmp_path / "a.jsonl.gz")
     make_cuts(tmp_path, 3, prefix="b").to_file(tmp_path / "b.jsonl.gz")
-    val_cfg = {"batch_size": 2, "datasets": {"set_a": {"cuts_path": str(tmp_path / "a.jsonl.gz")},
-                                             "set_b": {"cuts_path": str(tmp_path / "b.jsonl.gz"), "batch_size": 3}}}
+    val_cfg = {"batch_size": 2,
+               "datasets": {"set_a": {"cuts_path": str(tmp_path / "a.jsonl.gz")},
+                            "set_b": {"cuts_path": str(tmp_path / "b.jsonl.gz"), "batch_size": 3}}}
     loaders = make_val_loaders(val_cfg, salm_dataset())
     assert [len(b["ids"]) for b in loaders["set_a"]] == [2, 2, 1]
     assert [len(b["ids"]) for b in loaders["set_b"]] == [3]
-    assert [i for b in loaders["set_a"] for i in b["ids"]] == [f"a{i}" for i in range(5)]  # ordered, finite
+    assert [i for b in loaders["set_a"] for i in b["ids"]] == [f"a{i}" for i in range(5)]  # ordered
 
 
 def test_ranks_partition_batches(tmp_path):
@@ -204,7 +208,7 @@ def test_empty_transcript_and_max_tokens(tmp_path):
 def test_left_and_right_pad():
     out = left_pad([torch.tensor([1, 2, 3]), torch.tensor([4])], 0)
     assert out.tolist() == [[1, 2, 3], [0, 0, 4]]
-    embeds = left_pad([torch.ones(1, 2), torch.full((2, 2), 2.0)], 0.0)  # (L_i, H) rows -> (B, L, H)
+    embeds = left_pad([torch.ones(1, 2), torch.full((2, 2), 2.0)], 0.0)  # (L_i, H) -> (B, L, H)
     assert embeds.tolist() == [[[0, 0], [1, 1]], [[2, 2], [2, 2]]]
     out, lens = right_pad([torch.tensor([1, 2, 3]), torch.tensor([4])], 9)
     assert out.tolist() == [[1, 2, 3], [4, 9, 9]] and lens.tolist() == [3, 1]
@@ -221,7 +225,8 @@ def test_audio_files_are_mixed_to_mono_and_resampled(tmp_path):
     assert audios.shape == (2, 16000) and audio_lens.tolist() == [16000, 16000]
     expected = 0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
     assert np.abs(audios[0, 200:-200].numpy() - expected[200:-200]).max() < 0.02
-    assert np.abs(audios[1, 200:-200].numpy() - 0.75 * expected[200:-200]).max() < 0.02  # the channels' mean
+    mean_of_channels = 0.75 * expected[200:-200]
+    assert np.abs(audios[1, 200:-200].numpy() - mean_of_channels).max() < 0.02
     with pytest.raises(FileNotFoundError, match="missing.wav"):
         load_audio_files([tmp_path / "missing.wav"], 16000)
 
@@ -234,11 +239,12 @@ def test_cut_to_conversation_without_tags(tmp_path):
 
 def test_resampled_audio_keeps_its_content(tmp_path):
     path = tone(tmp_path / "t.wav", 1.0, rate=8000, freq=1000.0)
-    (tmp_path / "m.json").write_text(json.dumps({"audio_filepath": str(path), "duration": 1.0, "text": "x"}))
-    batch = next(iter(make_val_loaders({"manifest_filepath": str(tmp_path / "m.json"), "batch_size": 1},
-                                       salm_dataset())["val"]))
+    line = {"audio_filepath": str(path), "duration": 1.0, "text": "x"}
+    (tmp_path / "m.json").write_text(json.dumps(line))
+    cfg = {"manifest_filepath": str(tmp_path / "m.json"), "batch_size": 1}
+    batch = next(iter(make_val_loaders(cfg, salm_dataset())["val"]))
     spectrum = np.abs(np.fft.rfft(batch["audios"][0].numpy()))
-    assert np.argmax(spectrum) == pytest.approx(1000, abs=2)  # 1 kHz stays 1 kHz at 16 kHz (1 Hz per bin)
+    assert np.argmax(spectrum) == pytest.approx(1000, abs=2)  # 1 kHz stays 1 kHz (1 Hz per bin)
 
 
 def test_manifest_lines_with_missing_audio_are_skipped(tmp_path):
@@ -246,7 +252,8 @@ def test_manifest_lines_with_missing_audio_are_skipped(tmp_path):
     lines = [{"audio_filepath": str(good), "duration": 1.0, "text": "a"},
              {"audio_filepath": str(tmp_path / "gone.wav"), "duration": 1.0, "text": "b"}]
     (tmp_path / "m.json").write_text("\n".join(json.dumps(x) for x in lines))
-    batches = TrainBatches({"manifest_filepath": str(tmp_path / "m.json"), "batch_size": 4}, salm_dataset())
+    cfg = {"manifest_filepath": str(tmp_path / "m.json"), "batch_size": 4}
+    batches = TrainBatches(cfg, salm_dataset())
     assert len(next(iter(batches))["ids"]) == 1
     assert batches.skipped.counts() == {"unreadable audio": 1}
 

@@ -25,8 +25,9 @@ import train
 from checkpoint import load_nemo_duplex_weights
 from config import ConfigError, load_config
 from conftest import WORDS
-from data import DuplexS2SDataset, read_duplex_demo, read_inputs
+from data import DuplexS2SDataset
 from duplex_s2s import DuplexS2SModel, DuplexS2SSpeechDecoderModel, check_data_config, load_audio_codec
+from manifests import read_duplex_demo, read_inputs
 from salm import DEFAULT_ASR_PROMPT, SALM, load_tokenizer
 from speech_decoder import TransformerARSpeechDecoder
 

@@ -24,7 +24,8 @@ import salm
 from checkpoint import nemo_named_parameters, to_nemo_name
 from conftest import (CHAT_TEMPLATE, CORPUS, TAG, byte_level_tokenizer, tiny_llama_config,
                       write_llm_dir)
-from data import Conversation, Turn, audio_file_cut, right_pad
+from data import right_pad
+from manifests import Conversation, Turn, audio_file_cut
 from prompts import make_prompt_formatter
 from salm import SALM, load_tokenizer, splice, splice_index
 

@@ -11,7 +11,8 @@ from transformers import EncodecConfig, EncodecModel
 import infer
 from duplex_s2s import load_audio_codec
 from config import load_config
-from data import load_audio, read_duplex_demo
+from data import load_audio
+from manifests import read_duplex_demo
 from streaming import (MimiDecodeStream, PerceptionStream, WindowDecodeStream, codec_stream,
                        lookahead_frames)
 from train import build_model
