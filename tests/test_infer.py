@@ -63,7 +63,7 @@ def greedy(model: SALM, cuts, max_new_tokens: int = 6) -> torch.Tensor:
                           audio_lens=torch.tensor([len(a) for a in audios]), max_new_tokens=max_new_tokens)
 
 
-# ---- save_pretrained / from_pretrained / export -------------------------------------------------------------
+# ---- save_pretrained / from_pretrained / export --------------------------------------------------
 
 def test_save_load_round_trip_gives_identical_logits(tmp_path, cuts):
     model, _ = make_checkpoint(tmp_path)
@@ -181,7 +181,7 @@ def test_duplex_round_trip_gives_identical_outputs(tmp_path, config):
         assert torch.equal(got[key], expected[key]), key
 
 
-# ---- generate / evaluate ------------------------------------------------------------------------------------
+# ---- generate / evaluate -------------------------------------------------------------------------
 
 def test_generate_on_the_demo_validation_set(tmp_path, capsys):
     _, checkpoint = make_checkpoint(tmp_path)
@@ -326,7 +326,7 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "neither an export directory" in out.stderr
 
 
-# ---- metrics ------------------------------------------------------------------------------------------------
+# ---- metrics -------------------------------------------------------------------------------------
 
 def test_normalizer_known_answers():
     # Whisper's EnglishTextNormalizer, as its documentation describes it
