@@ -229,7 +229,7 @@ def test_alignment_of_inputs_and_labels(llm_dir, conversations):
     model = build(llm_dir)
     batch = make_batch(model, conversations[:2])
     inputs = model.prepare_inputs(batch)
-    # (B, Tc, K)
+    # codes: (B, Tc, K)
     codes, _ = model.audio_codec.encode(batch["target_audio"], batch["target_audio_lens"])
     T = inputs["text_inputs"].size(1) + 1  # the shorter of the perception and codec streams
     assert T == codes.size(1) and T >= batch["target_tokens"].size(1)
