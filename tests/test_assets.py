@@ -1,4 +1,5 @@
-"""The shipped offline assets: demo speech (assets/demo) and the tiny LLM directory (assets/tiny-llm)."""
+"""The shipped offline assets: demo speech (assets/demo) and the tiny LLM directory
+(assets/tiny-llm)."""
 
 import importlib.util
 import json
@@ -18,9 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "assets" / "demo"
 TINY_LLM = REPO / "assets" / "tiny-llm"
 SPLITS = ("asr_train", "asr_val", "qa_train", "qa_val")
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-                "nineteen", "twenty"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+                "seventeen", "eighteen", "nineteen", "twenty"]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|audioplaceholder|>",
                   "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -67,7 +68,8 @@ def int16_samples(cut) -> np.ndarray:
 def test_demo_counts_and_durations_match_script_and_readme(demo, script, readme):
     expected = {"asr_train": script.NUM_ASR["train"], "asr_val": script.NUM_ASR["val"],
                 "qa_train": 2 * script.NUM_QA["train"], "qa_val": 2 * script.NUM_QA["val"]}
-    rows = {m[1]: (int(m[2]), float(m[3])) for m in re.finditer(r"^\| (\w+) \| (\d+) \| ([\d.]+) \|", readme, re.M)}
+    rows = {m[1]: (int(m[2]), float(m[3]))
+            for m in re.finditer(r"^\| (\w+) \| (\d+) \| ([\d.]+) \|", readme, re.M)}
     for name, cuts in demo.items():
         durations = [cut.duration for cut in cuts]
         assert len(cuts) == expected[name] == rows[name][0]
@@ -76,7 +78,8 @@ def test_demo_counts_and_durations_match_script_and_readme(demo, script, readme)
         assert {cut.sampling_rate for cut in cuts} == {16000}
         assert len({cut.id for cut in cuts}) == len(cuts)
     total_hours = float(re.search(r"= ([\d.]+) h", readme)[1])
-    assert sum(c.duration for cuts in demo.values() for c in cuts) / 3600 == pytest.approx(total_hours, abs=1e-4)
+    assert sum(c.duration for cuts in demo.values() for c in cuts) / 3600 == \
+        pytest.approx(total_hours, abs=1e-4)
 
 
 def test_demo_size_budget():
@@ -85,14 +88,16 @@ def test_demo_size_budget():
 
 
 def test_transcripts_use_only_the_grammar(demo, script):
-    grammar = {w for sentences in script.asr_templates().values() for s in sentences for w in s.split()}
+    grammar = {w for sentences in script.asr_templates().values()
+               for s in sentences for w in s.split()}
     grammar |= {w for pair in script.qa_pairs() for s in pair for w in s.split()}
     for name, cuts in demo.items():
         for cut in cuts:
             (sup,) = cut.supervisions
             assert re.fullmatch(r"[a-z]+( [a-z]+)*", sup.text), sup.text
             assert set(sup.text.split()) <= grammar, sup.text
-            assert sup.language == "en" and sup.start == 0 and sup.duration == pytest.approx(cut.duration)
+            assert sup.language == "en" and sup.start == 0
+            assert sup.duration == pytest.approx(cut.duration)
             if name.startswith("asr"):
                 assert sup.speaker in script.USER_VOICES
 
@@ -103,7 +108,8 @@ def test_train_and_validation_share_no_sentence(demo):
     train = set(texts(demo["asr_train"])) | set(texts(demo["qa_train"]))
     val = set(texts(demo["asr_val"])) | set(texts(demo["qa_val"]))
     assert not train & val
-    assert len(set(texts(demo["asr_train"]))) == len(demo["asr_train"])  # every ASR sentence is spoken once
+    # every ASR sentence is spoken once
+    assert len(set(texts(demo["asr_train"]))) == len(demo["asr_train"])
     train_words = {w for t in train for w in t.split()}
     assert {w for t in val for w in t.split()} <= train_words
 
@@ -121,7 +127,8 @@ def test_qa_pairs_are_complete_and_answers_are_right(demo, script):
         assert {p["agent"].custom["voice"] for p in pairs.values()} == {script.AGENT_VOICE}
         assert {p["user"].custom["voice"] for p in pairs.values()} <= set(script.USER_VOICES)
         for roles in pairs.values():
-            question, answer = roles["user"].supervisions[0].text, roles["agent"].supervisions[0].text
+            question = roles["user"].supervisions[0].text
+            answer = roles["agent"].supervisions[0].text
             if m := re.fullmatch(r"what is (\w+) (plus|minus|times) (\w+)", question):
                 a, op, b = value[m[1]], m[2], value[m[3]]
                 result = {"plus": a + b, "minus": a - b, "times": a * b}[op]
@@ -148,7 +155,8 @@ def test_script_plans_every_shipped_transcript(demo, script):
     # Sentence and voice choices need no espeak-ng, so every split is compared in full.
     for name, utterances in script.build_splits().items():
         planned = [(u.cut_id, u.text, u.speaker) for u in utterances]
-        assert planned == [(c.id, c.supervisions[0].text, c.supervisions[0].speaker) for c in demo[name]]
+        assert planned == [(c.id, c.supervisions[0].text, c.supervisions[0].speaker)
+                           for c in demo[name]]
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
@@ -158,8 +166,8 @@ def test_script_regenerates_the_shipped_data(demo, readme, tmp_path):
     if f"text-to-speech: {shipped_version} " not in version:
         pytest.skip(f"espeak-ng differs from {shipped_version}, which made the shipped audio")
     limit = 3
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_data.py"), "--out", str(tmp_path),
-                    "--limit", str(limit)], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_data.py"),
+                    "--out", str(tmp_path), "--limit", str(limit)], check=True, capture_output=True)
     for name in SPLITS:
         regenerated = CutSet.from_shar(in_dir=tmp_path / name).to_eager()
         shipped = list(demo[name])[: len(regenerated)]
@@ -194,7 +202,8 @@ def test_special_tokens_are_single_ids(tokenizer):
     assert len(set(ids)) == len(ids) and max(ids) < len(tokenizer)
     for token, token_id in zip(SPECIAL_TOKENS, ids):
         assert tokenizer.encode(token, add_special_tokens=False) == [token_id]
-    assert [tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id] == ids[:4]
+    assert [tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+            tokenizer.pad_token_id] == ids[:4]
     tag_id = ids[4]
     assert tokenizer("Listen: <|audioplaceholder|> now").input_ids.count(tag_id) == 1
     plain = tokenizer("two plus three is five").input_ids  # no BOS/EOS unless a template adds them
@@ -203,7 +212,8 @@ def test_special_tokens_are_single_ids(tokenizer):
 
 def test_tokenizer_round_trips_text(tokenizer, demo):
     samples = sorted({t for cuts in demo.values() for t in texts(cuts)})
-    samples += ["Hello, World! It's 7:30 p.m.", "Grüße aus Köln: 42 € (ca.)", "  two  spaces\tand a tab\n"]
+    samples += ["Hello, World! It's 7:30 p.m.", "Grüße aus Köln: 42 € (ca.)",
+                "  two  spaces\tand a tab\n"]
     for text in samples:
         ids = tokenizer(text).input_ids
         assert tokenizer.unk_token_id not in ids
@@ -230,22 +240,25 @@ def test_chat_template_ends_assistant_turns_with_eos(tokenizer):
     ends = [i for i, t in enumerate(ids) if t == tokenizer.eos_token_id]
     for start, end, turn in zip(starts, ends, turns[2::2]):
         assert ids[start:end] == tokenizer.encode(turn["content"], add_special_tokens=False)
-    prompt = tokenizer.apply_chat_template(turns[:2], add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt = tokenizer.apply_chat_template(turns[:2], add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
     assert prompt[-1] == ids_of("<|assistant|>") and tokenizer.eos_token_id not in prompt
     assert ids[: len(prompt)] == prompt
     text = tokenizer.apply_chat_template(turns[1:3], tokenize=False)
-    assert text.startswith("<|user|>what is two plus three") and text.endswith("two plus three is five</s>")
+    assert text.startswith("<|user|>what is two plus three")
+    assert text.endswith("two plus three is five</s>")
 
 
 def test_tiny_llm_script_is_deterministic(tmp_path):
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_llm.py"), "--out", str(tmp_path)],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_llm.py"),
+                    "--out", str(tmp_path)], check=True, capture_output=True)
 
     def contents(directory: Path) -> dict:
         tokenizer_json = json.loads((directory / "tokenizer.json").read_text())
         config = json.loads((directory / "config.json").read_text())
         config.pop("transformers_version")
-        return {"model": tokenizer_json["model"], "added_tokens": tokenizer_json["added_tokens"], "config": config,
+        return {"model": tokenizer_json["model"], "added_tokens": tokenizer_json["added_tokens"],
+                "config": config,
                 "chat_template": (directory / "chat_template.jinja").read_text()}
 
     assert contents(tmp_path) == contents(TINY_LLM)

@@ -101,8 +101,8 @@ def test_encoder_refuses_a_streaming_config():
 
 @pytest.mark.slow
 def test_the_gpu_command_runs_every_part_at_tiny_sizes():
-    out = subprocess.run([sys.executable, "-m", "bench.gpu", "--quick", "--device", "cpu"], cwd=ROOT,
-                         text=True, capture_output=True, timeout=900,
+    out = subprocess.run([sys.executable, "-m", "bench.gpu", "--quick", "--device", "cpu"],
+                         cwd=ROOT, text=True, capture_output=True, timeout=900,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     figures = figures_of(out)
     assert all(figures[f"{run}_finite"] == 1 for run in TRAINING_RUNS), figures

@@ -44,7 +44,8 @@ data:
 
 def test_interpolation_typed_in_strings_nested_and_into_lists(tmp_path):
     cfg = load_config(write(tmp_path, BASE), report=None)
-    assert cfg["trainer"]["val_check_interval"] == 20 and isinstance(cfg["trainer"]["val_check_interval"], int)
+    interval = cfg["trainer"]["val_check_interval"]
+    assert interval == 20 and isinstance(interval, int)
     assert cfg["exp_manager"]["name"] == "demo"
     assert cfg["exp_manager"]["explicit_log_dir"] == "runs/demo/steps_100"
     assert cfg["data"]["train_ds"]["input_cfg"][1]["shar_path"] == "/data/a/b"
@@ -76,7 +77,8 @@ def test_overrides_each_form(tmp_path):
     assert cfg["data"]["train_ds"]["batch_size"] == 8
     assert cfg["model"]["freeze_params"] == ["a", "b"]
     assert cfg["data"]["train_ds"]["input_cfg"][0]["shar_path"] == "/x"
-    assert cfg["data"]["train_ds"]["input_cfg"][1]["shar_path"] == "/x/b"  # interpolation sees the override
+    # interpolation sees the override
+    assert cfg["data"]["train_ds"]["input_cfg"][1]["shar_path"] == "/x/b"
     assert cfg["exp_manager"]["explicit_log_dir"] == "runs/demo/steps_1000"
     assert cfg["trainer"]["gradient_clip_val"] == 0.5
     assert cfg["model"]["lora"] == {"r": 8}
@@ -86,7 +88,8 @@ def test_overrides_each_form(tmp_path):
 
 def test_override_errors(tmp_path):
     path = write(tmp_path, BASE)
-    with pytest.raises(ConfigError, match=r"'trainer\.max_step'.*did you mean 'trainer\.max_steps'"):
+    with pytest.raises(ConfigError,
+                       match=r"'trainer\.max_step'.*did you mean 'trainer\.max_steps'"):
         load_config(path, ["trainer.max_step=5"], report=None)
     with pytest.raises(ConfigError, match=r"use \+model\.lora\.r"):
         load_config(path, ["model.lora.r=8"], report=None)
@@ -100,7 +103,8 @@ def test_missing_value_names_full_key(tmp_path):
     text = BASE.replace("shar_path: /data/a", "shar_path: ???")
     with pytest.raises(ConfigError, match=r"data\.train_ds\.input_cfg\.0\.shar_path is '\?\?\?'"):
         load_config(write(tmp_path, text), report=None)
-    cfg = load_config(write(tmp_path, text), ["data.train_ds.input_cfg.0.shar_path=/d"], report=None)
+    cfg = load_config(write(tmp_path, text), ["data.train_ds.input_cfg.0.shar_path=/d"],
+                      report=None)
     assert cfg["data"]["validation_ds"]["datasets"]["clean"]["shar_path"] == "/d"
 
 
@@ -112,9 +116,11 @@ def test_typo_names_key_file_and_closest(tmp_path):
     assert "trainer.max_step" in message and str(path) in message and "trainer.max_steps" in message
     assert "\n" not in message
     path = write(tmp_path, BASE.replace("  batch_size: 4", "  batch_sise: 4"))
-    with pytest.raises(ConfigError, match=r"data\.train_ds\.batch_sise.*data\.train_ds\.batch_size"):
+    with pytest.raises(ConfigError,
+                       match=r"data\.train_ds\.batch_sise.*data\.train_ds\.batch_size"):
         load_config(path, report=None)
-    path = write(tmp_path, BASE.replace("        shar_path: /data/a\n      - ", "        shar_pth: /data/a\n      - "))
+    path = write(tmp_path, BASE.replace("        shar_path: /data/a\n      - ",
+                                        "        shar_pth: /data/a\n      - "))
     with pytest.raises(ConfigError, match=r"input_cfg\.0\.shar_pth.*shar_path"):
         load_config(path, report=None)
 
@@ -128,22 +134,27 @@ def test_wrong_type_is_an_error(tmp_path):
 
 def test_cycle_and_dangling_reference(tmp_path):
     text = BASE.replace("max_steps: 100", "max_steps: ${trainer.log_every_n_steps}")
-    text = text.replace("limit_train_batches: 20", "limit_train_batches: 20\n  log_every_n_steps: ${trainer.max_steps}")
-    with pytest.raises(ConfigError, match=r"interpolation cycle: trainer\.\w+ -> trainer\.\w+ -> trainer\.\w+"):
+    text = text.replace("limit_train_batches: 20",
+                        "limit_train_batches: 20\n  log_every_n_steps: ${trainer.max_steps}")
+    with pytest.raises(ConfigError,
+                       match=r"interpolation cycle: trainer\.\w+ -> trainer\.\w+ -> trainer\.\w+"):
         load_config(write(tmp_path, text), report=None)
     with pytest.raises(ConfigError, match=r"interpolation cycle"):
         load_config(write(tmp_path, BASE + "  test_ds:\n    sample_rate: ${data}\n"), report=None)
-    with pytest.raises(ConfigError, match=r"exp_manager\.name refers to \$\{nam\}, which does not exist"):
+    with pytest.raises(ConfigError,
+                       match=r"exp_manager\.name refers to \$\{nam\}, which does not exist"):
         load_config(write(tmp_path, BASE.replace("name: ${name}", "name: ${nam}")), report=None)
 
 
 def test_nemo_only_keys_are_reported_once(tmp_path):
     notes = []
     cfg = load_config(FIXTURES / "nemo_salm.yaml", ["data.train_ds.input_cfg.0.cuts_path=/c",
-                      "data.validation_ds.datasets.val_set_0.input_cfg.0.cuts_path=/v"], report=notes.append)
+                      "data.validation_ds.datasets.val_set_0.input_cfg.0.cuts_path=/v"],
+                      report=notes.append)
     assert len(notes) == 1
     for key in ("trainer.strategy", "trainer.logger", "trainer.enable_checkpointing",
-                "trainer.use_distributed_sampler", "exp_manager.checkpoint_callback_params.always_save_nemo"):
+                "trainer.use_distributed_sampler",
+                "exp_manager.checkpoint_callback_params.always_save_nemo"):
         assert key in notes[0]
     assert cfg["trainer"]["val_check_interval"] == 100
     assert cfg["model"]["lr_scheduler"]["max_steps"] == 100000
@@ -152,7 +163,8 @@ def test_nemo_only_keys_are_reported_once(tmp_path):
     assert cfg["model"]["optimizer"]["_target_"] == "torch.optim.AdamW"
 
 
-@pytest.mark.parametrize("name", ["doc_salm.yaml", "doc_s2s_duplex.yaml", "doc_s2s_duplex_speech_decoder.yaml"])
+@pytest.mark.parametrize("name", ["doc_salm.yaml", "doc_s2s_duplex.yaml",
+                                  "doc_s2s_duplex_speech_decoder.yaml"])
 def test_configuration_document_blocks_load(name):
     cfg = load_config(FIXTURES / name, report=None)
     assert cfg["trainer"]["max_steps"] == 100000
@@ -205,8 +217,10 @@ def test_shipped_configs_load_as_written(path):
 
 
 def test_exponent_floats_parse_as_numbers(tmp_path):
-    text = BASE.replace("  batch_size: 4", "  batch_size: 4\n    max_duration: 2e1") + "  test_ds:\n    seed: 7\n"
-    cfg = load_config(write(tmp_path, text), ["+model.optimizer.lr=3e-4", "+model.optimizer.eps=1e-8"], report=None)
+    text = BASE.replace("  batch_size: 4", "  batch_size: 4\n    max_duration: 2e1")
+    text += "  test_ds:\n    seed: 7\n"
+    cfg = load_config(write(tmp_path, text), ["+model.optimizer.lr=3e-4",
+                                              "+model.optimizer.eps=1e-8"], report=None)
     assert cfg["model"]["optimizer"] == {"lr": 3e-4, "eps": 1e-8}
     assert cfg["data"]["train_ds"]["max_duration"] == 20.0
 

@@ -26,39 +26,45 @@ from checkpoint import load_nemo_duplex_weights
 from config import ConfigError, load_config
 from conftest import WORDS
 from data import DuplexS2SDataset
-from duplex_s2s import DuplexS2SModel, DuplexS2SSpeechDecoderModel, check_data_config, load_audio_codec
+from duplex_s2s import (DuplexS2SModel, DuplexS2SSpeechDecoderModel, check_data_config,
+                        load_audio_codec)
 from manifests import read_duplex_demo, read_inputs
 from salm import DEFAULT_ASR_PROMPT, SALM, load_tokenizer
 from speech_decoder import TransformerARSpeechDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MIMI = ROOT / "assets" / "tiny-mimi"
-DATA_CFG = dict(frame_length=0.08, source_sample_rate=16000, target_sample_rate=24000, input_roles=["user"],
-                output_roles=["agent", "assistant"])
-SPEECH_DECODER = dict(d_model=32, n_layers=1, n_heads=4, d_kv=8, d_ff=64, max_seq_len=512, dropout=0.0,
-                      layernorm_epsilon=1e-5, activation_function="gelu_new", init_method_std=0.02, use_cache=True)
+DATA_CFG = dict(frame_length=0.08, source_sample_rate=16000, target_sample_rate=24000,
+                input_roles=["user"], output_roles=["agent", "assistant"])
+SPEECH_DECODER = dict(d_model=32, n_layers=1, n_heads=4, d_kv=8, d_ff=64, max_seq_len=512,
+                      dropout=0.0, layernorm_epsilon=1e-5, activation_function="gelu_new",
+                      init_method_std=0.02, use_cache=True)
 NEMO_SPEECH_DECODER = dict(n_layers=1, d_model=32, d_ffn=64, sa_n_heads=4, kernel_size=3,
                            apply_norm_out=True,
                            max_length_causal_mask=512, use_learnable_pos_emb=True)  # NeMo's keys
 DECODERS = dict(argvalues=[False, True, "nemo"],
                 ids=["duplex", "speech_decoder", "nemo_speech_decoder"])
 NO_DROPOUT = dict(dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0, dropout_att=0.0)
-CAUSAL = dict(causal_downsampling=True, att_context_size=[70, 1], att_context_style="chunked_limited",
-              conv_context_size="causal", conv_norm_type="layer_norm")
+CAUSAL = dict(causal_downsampling=True, att_context_size=[70, 1],
+              att_context_style="chunked_limited", conv_context_size="causal",
+              conv_norm_type="layer_norm")
 
 
 def model_cfg(llm_dir, speech_decoder=False, causal=True, **overrides) -> dict:
-    encoder = dict(feat_in=80, n_layers=1, d_model=32, n_heads=4, subsampling="dw_striding", subsampling_factor=8,
-                   subsampling_conv_channels=16, ff_expansion_factor=2, conv_kernel_size=9, **NO_DROPOUT)
-    adapter = dict(_target_="nemo.collections.asr.modules.ConformerEncoder", feat_in=32, n_layers=1, d_model=32,
-                   n_heads=4, subsampling_factor=1, ff_expansion_factor=2, conv_kernel_size=9, **NO_DROPOUT)
+    encoder = dict(feat_in=80, n_layers=1, d_model=32, n_heads=4, subsampling="dw_striding",
+                   subsampling_factor=8, subsampling_conv_channels=16, ff_expansion_factor=2,
+                   conv_kernel_size=9, **NO_DROPOUT)
+    adapter = dict(_target_="nemo.collections.asr.modules.ConformerEncoder", feat_in=32,
+                   n_layers=1, d_model=32, n_heads=4, subsampling_factor=1, ff_expansion_factor=2,
+                   conv_kernel_size=9, **NO_DROPOUT)
     if causal:
         encoder, adapter = dict(encoder, **CAUSAL), dict(adapter, **CAUSAL)
     cfg = {
-        "pretrained_llm": str(llm_dir), "pretrained_audio_codec": str(TINY_MIMI), "pretrained_weights": False,
-        "freeze_params": ["^audio_codec\\..+$"], "audio_loss_weight": 1, "text_loss_weight": 3,
-        "perception": {"preprocessor": dict(features=80, normalize="NA", dither=0.0), "encoder": encoder,
-                       "modality_adapter": adapter},
+        "pretrained_llm": str(llm_dir), "pretrained_audio_codec": str(TINY_MIMI),
+        "pretrained_weights": False, "freeze_params": ["^audio_codec\\..+$"],
+        "audio_loss_weight": 1, "text_loss_weight": 3,
+        "perception": {"preprocessor": dict(features=80, normalize="NA", dither=0.0),
+                       "encoder": encoder, "modality_adapter": adapter},
     }
     if speech_decoder:
         decoder = NEMO_SPEECH_DECODER if speech_decoder == "nemo" else SPEECH_DECODER
@@ -75,7 +81,8 @@ def build(llm_dir, speech_decoder=False, seed=0, **overrides):
 def tones(text: str, sample_rate: int = 16000, seconds_per_word: float = 0.2) -> np.ndarray:
     """Stand-in speech: one tone per word, its pitch set by the word."""
     t = np.arange(int(seconds_per_word * sample_rate)) / sample_rate
-    return np.concatenate([0.3 * np.sin(2 * np.pi * (200 + 40 * WORDS.index(w)) * t) for w in text.split()])
+    return np.concatenate([0.3 * np.sin(2 * np.pi * (200 + 40 * WORDS.index(w)) * t)
+                           for w in text.split()])
 
 
 def memory_cut(cut_id: str, samples: np.ndarray, sample_rate: int = 16000) -> MonoCut:
@@ -84,19 +91,23 @@ def memory_cut(cut_id: str, samples: np.ndarray, sample_rate: int = 16000) -> Mo
     return Recording.from_bytes(data.getvalue(), recording_id=cut_id).to_cut()
 
 
-QA = [("what is two plus three", "two plus three is five"), ("what comes after four", "five comes after four"),
+QA = [("what is two plus three", "two plus three is five"),
+      ("what comes after four", "five comes after four"),
       ("what color is the sky", "the sky is blue"), ("what is one plus one", "one plus one is two"),
-      ("what is six plus two", "six plus two is eight"), ("what comes after nine", "ten comes after nine")]
+      ("what is six plus two", "six plus two is eight"),
+      ("what comes after nine", "ten comes after nine")]
 
 
 @pytest.fixture(scope="session")
 def qa_shar(tmp_path_factory):
-    """Question/answer utterances laid out as the demo data: custom pair_id and role, speaker = role."""
+    """Question/answer utterances laid out as the demo data: custom pair_id and role,
+    speaker = role."""
     cuts = []
     for i, (question, answer) in enumerate(QA):
         for role, text in (("user", question), ("agent", answer)):
             cut = memory_cut(f"qa-{i}-{role}", tones(text))
-            cut.supervisions = [SupervisionSegment(cut.id, cut.id, 0.0, cut.duration, text=text, speaker=role)]
+            cut.supervisions = [SupervisionSegment(cut.id, cut.id, 0.0, cut.duration, text=text,
+                                                   speaker=role)]
             cut.custom = {"pair_id": f"qa-{i}", "role": role}
             cuts.append(cut)
     path = tmp_path_factory.mktemp("qa")
@@ -113,21 +124,23 @@ def make_batch(model, cuts):
     return model.make_dataset(DATA_CFG)[CutSet.from_cuts(cuts)]
 
 
-# ---- data ---------------------------------------------------------------------------------------------------
+# ---- data ----------------------------------------------------------------------------------------
 
 def nemo_example_cut() -> MonoCut:
-    """NeMo's test_s2s_dataset cut: 1 s, user "hi" 0-0.1, assistant "hello" 0.3-0.4, user "ok" 0.5-0.6,
-    assistant "okay" 0.6-1.0."""
+    """NeMo's test_s2s_dataset cut: 1 s, user "hi" 0-0.1, assistant "hello" 0.3-0.4,
+    user "ok" 0.5-0.6, assistant "okay" 0.6-1.0."""
     recording = dummy_recording(0, duration=1.0, with_data=True)
     turns = [("user", "hi", 0.0, 0.1), ("assistant", "hello", 0.3, 0.1), ("user", "ok", 0.5, 0.1),
              ("assistant", "okay", 0.6, 0.4)]
-    supervisions = [SupervisionSegment(f"s{i}", recording.id, start, duration, text=text, speaker=role)
+    supervisions = [SupervisionSegment(f"s{i}", recording.id, start, duration, text=text,
+                                       speaker=role)
                     for i, (role, text, start, duration) in enumerate(turns)]
     return MonoCut("example", 0.0, 1.0, 0, recording=recording, supervisions=supervisions,
                    custom={"target_audio": dummy_recording(1, duration=1.0, with_data=True)})
 
 
-# NeMo's vectors for that cut with TinyLlama's tokenizer (pad 0, BOS 1, EOS 2; "hello" and "ok" one token each).
+# NeMo's vectors for that cut with TinyLlama's tokenizer (pad 0, BOS 1, EOS 2; "hello" and "ok"
+# one token each).
 NEMO_TARGET_TOKENS = [0, 0, 0, 0, 1, 2, 0, 0, 1, 20759, 0, 0, 0]
 NEMO_SOURCE_TOKENS = [1, 2, 0, 0, 0, 0, 1, 3431, 2, 0, 0, 0, 0]
 
@@ -135,14 +148,16 @@ NEMO_SOURCE_TOKENS = [1, 2, 0, 0, 0, 0, 1, 3431, 2, 0, 0, 0, 0]
 def test_text_channel_of_nemo_example(llm_dir):
     model = build(llm_dir)
     tok, pad, bos, eos = model.tokenizer, model.text_pad_id, model.text_bos_id, model.text_eos_id
-    batch = model.make_dataset(dict(DATA_CFG, output_roles=["assistant"]))[CutSet.from_cuts([nemo_example_cut()])]
+    dataset = model.make_dataset(dict(DATA_CFG, output_roles=["assistant"]))
+    batch = dataset[CutSet.from_cuts([nemo_example_cut()])]
     target, source = batch["target_tokens"][0].tolist(), batch["source_tokens"][0].tolist()
     marks = lambda row, b, e: [("B" if t == b else "E" if t == e else ".") for t in row]
     # BOS and EOS on the same frames as NeMo's
     assert marks(target, bos, eos) == marks(NEMO_TARGET_TOKENS, 1, 2)
     assert marks(source, bos, eos) == marks(NEMO_SOURCE_TOKENS, 1, 2)
-    # by hand: text right after each BOS, one token per frame; EOS at the end-of-speech frame over "hello"'s
-    # first token; this tokenizer splits some words, so their later pieces take NeMo's pad frames
+    # by hand: text right after each BOS, one token per frame; EOS at the end-of-speech frame over
+    # "hello"'s first token; this tokenizer splits some words, so their later pieces take NeMo's
+    # pad frames
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
     expected = [pad] * 13
     expected[4 : 5 + len(ids("hello"))] = [bos] + ids("hello")
@@ -177,14 +192,18 @@ def test_both_text_channels_equal_nemos_with_the_same_tokenizer():
 def test_duplex_demo_conversations(qa_shar, conversations):
     again = list(read_duplex_demo(qa_shar, seed=0))
     assert [c.id for c in again] == [c.id for c in conversations]
-    assert [s.start for c in again for s in c.supervisions] == [s.start for c in conversations for s in c.supervisions]
-    assert sorted(s.text for c in conversations for s in c.supervisions) == sorted(t for qa in QA for t in qa)
+    starts = lambda cuts: [s.start for c in cuts for s in c.supervisions]
+    assert starts(again) == starts(conversations)
+    assert sorted(s.text for c in conversations for s in c.supervisions) == \
+        sorted(t for qa in QA for t in qa)
     for cut in conversations:
         user = cut.load_audio()[0]
         agent = cut.custom["target_audio"].load_audio()[0]
         sups = sorted(cut.supervisions, key=lambda s: s.start)
-        assert 1 <= len(sups) // 2 <= 3 and [s.speaker for s in sups] == ["user", "agent"] * (len(sups) // 2)
-        assert all(a.end < b.start for a, b in zip(sups, sups[1:]))  # turns alternate with pauses between
+        assert 1 <= len(sups) // 2 <= 3
+        assert [s.speaker for s in sups] == ["user", "agent"] * (len(sups) // 2)
+        # turns alternate with pauses between
+        assert all(a.end < b.start for a, b in zip(sups, sups[1:]))
         for sup in sups:
             span = slice(round(sup.start * 16000), round(sup.end * 16000))
             speaking, silent = (user, agent) if sup.speaker == "user" else (agent, user)
@@ -194,30 +213,35 @@ def test_duplex_demo_conversations(qa_shar, conversations):
 
 def test_duplex_data_round_trips_through_shar(llm_dir, conversations, tmp_path):
     model = build(llm_dir)
-    CutSet.from_cuts(conversations[:3]).to_shar(tmp_path, fields={"recording": "flac", "target_audio": "flac"},
-                                                shard_size=10)
-    from_shar = list(read_inputs({"input_cfg": [{"type": "lhotse_shar", "shar_path": str(tmp_path)}]}, train=False))
+    fields = {"recording": "flac", "target_audio": "flac"}
+    CutSet.from_cuts(conversations[:3]).to_shar(tmp_path, fields=fields, shard_size=10)
+    shar = {"input_cfg": [{"type": "lhotse_shar", "shar_path": str(tmp_path)}]}
+    from_shar = list(read_inputs(shar, train=False))
     direct, stored = make_batch(model, conversations[:3]), make_batch(model, from_shar)
-    for key in ("source_audio", "target_audio", "target_tokens", "source_tokens", "target_audio_lens"):
+    for key in ("source_audio", "target_audio", "target_tokens", "source_tokens",
+                "target_audio_lens"):
         assert torch.allclose(direct[key].float(), stored[key].float(), atol=1e-4), key
     assert direct["target_texts"] == stored["target_texts"]
 
 
-# ---- model --------------------------------------------------------------------------------------------------
+# ---- model ---------------------------------------------------------------------------------------
 
 def test_alignment_of_inputs_and_labels(llm_dir, conversations):
     model = build(llm_dir)
     batch = make_batch(model, conversations[:2])
     inputs = model.prepare_inputs(batch)
-    codes, _ = model.audio_codec.encode(batch["target_audio"], batch["target_audio_lens"])  # (B, Tc, K)
+    # codes: (B, Tc, K)
+    codes, _ = model.audio_codec.encode(batch["target_audio"], batch["target_audio_lens"])
     T = inputs["text_inputs"].size(1) + 1  # the shorter of the perception and codec streams
     assert T == codes.size(1) and T >= batch["target_tokens"].size(1)
     text = torch.nn.functional.pad(batch["target_tokens"], (0, T - batch["target_tokens"].size(1)),
                                    value=model.text_pad_id)
     bos, eos = model.text_bos_id, model.text_eos_id
     # text: fed text[t], predicts text[t+1]
-    assert torch.equal(inputs["text_inputs"], text[:, :-1]) and torch.equal(inputs["text_labels"], text[:, 1:])
-    # audio: fed codes[t-1] (the delay code first), predicts codes[t]; speech BOS/EOS where the text has BOS/EOS
+    assert torch.equal(inputs["text_inputs"], text[:, :-1])
+    assert torch.equal(inputs["text_labels"], text[:, 1:])
+    # audio: fed codes[t-1] (the delay code first), predicts codes[t]; speech BOS/EOS where the
+    # text has BOS/EOS
     assert (inputs["audio_inputs"][:, 0] == model.speech_delay_id).all()
     expected = torch.where(text[..., None] == bos, model.speech_bos_id, codes)
     expected = torch.where(text[..., None] == eos, model.speech_eos_id, expected)
@@ -240,22 +264,27 @@ def test_loss_matches_hand_computation(llm_dir, monkeypatch):
     audio_logits = torch.randn(2, 3, K, V_s, generator=g)
     text_labels = torch.randint(V_t, (2, 3), generator=g)
     audio_labels = torch.randint(V_s, (2, 3, K), generator=g)
-    inputs = {"user_embeds": None, "text_inputs": None, "audio_inputs": None, "text_labels": text_labels,
-              "audio_labels": audio_labels, "frame_lens": torch.tensor([3, 1])}
+    inputs = {"user_embeds": None, "text_inputs": None, "audio_inputs": None,
+              "text_labels": text_labels, "audio_labels": audio_labels,
+              "frame_lens": torch.tensor([3, 1])}
     monkeypatch.setattr(model, "prepare_inputs", lambda batch: inputs)
-    monkeypatch.setattr(model, "forward", lambda *args: {"text_logits": text_logits, "audio_logits": audio_logits})
+    logits = {"text_logits": text_logits, "audio_logits": audio_logits}
+    monkeypatch.setattr(model, "forward", lambda *args: logits)
     out = model.training_step({})
 
     def nll(logits, label):  # -log softmax, by hand
         return math.log(sum(math.exp(v) for v in logits.tolist())) - logits[label].item()
 
-    frames = [(0, 0), (0, 1), (0, 2), (1, 0)]  # the second session has one frame; its padding is not scored
+    # the second session has one frame; its padding is not scored
+    frames = [(0, 0), (0, 1), (0, 2), (1, 0)]
     text_loss = sum(nll(text_logits[b, t], text_labels[b, t]) for b, t in frames) / 4
-    audio_loss = sum(nll(audio_logits[b, t, k], audio_labels[b, t, k]) for b, t in frames for k in range(K)) / (4 * K)
+    audio_loss = sum(nll(audio_logits[b, t, k], audio_labels[b, t, k])
+                     for b, t in frames for k in range(K)) / (4 * K)
     assert out["count"] == 4
     assert out["log"]["text_loss"] == pytest.approx(text_loss, rel=1e-5)
     assert out["log"]["audio_loss"] == pytest.approx(audio_loss, rel=1e-5)
-    assert (out["loss_sum"] / out["count"]).item() == pytest.approx(3 * text_loss + 1 * audio_loss, rel=1e-5)
+    assert (out["loss_sum"] / out["count"]).item() == \
+        pytest.approx(3 * text_loss + 1 * audio_loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("speech_decoder", **DECODERS)
@@ -282,7 +311,8 @@ def test_offline_inference_on_one_second(llm_dir, speech_decoder):
     out = model.offline_inference(torch.randn(1, 16000), torch.tensor([16000]))
     K = model.num_codebooks
     assert set(out) == {"text", "tokens_text", "tokens_audio", "tokens_len", "audio", "audio_len"}
-    assert out["tokens_text"].shape == (1, 14) and out["tokens_audio"].shape == (1, 14, K)  # causal encoder
+    # causal encoder
+    assert out["tokens_text"].shape == (1, 14) and out["tokens_audio"].shape == (1, 14, K)
     assert 0 <= out["tokens_text"].min() and out["tokens_text"].max() < model.lm_head.out_features
     assert 0 <= out["tokens_audio"].min() and out["tokens_audio"].max() < model.speech_vocab_size
     assert out["audio"].dtype == torch.float32 and out["audio"].shape == (1, 14 * 1920)
@@ -294,7 +324,8 @@ def test_offline_inference_on_one_second(llm_dir, speech_decoder):
 @pytest.mark.parametrize("speech_decoder", **DECODERS)
 def test_cached_loop_equals_full_forward_over_its_outputs(llm_dir, conversations, speech_decoder):
     model = build(llm_dir, speech_decoder, seed=1)
-    with torch.no_grad():  # make the outputs vary: a random model answers with the same token every frame
+    # make the outputs vary: a random model answers with the same token every frame
+    with torch.no_grad():
         model.lm_head.weight.mul_(30)
         decoder = getattr(model, "speech_decoder", None)
         head = model.audio_head if not speech_decoder else getattr(decoder, "head", None)
@@ -309,7 +340,8 @@ def test_cached_loop_equals_full_forward_over_its_outputs(llm_dir, conversations
     with torch.no_grad():
         user, _ = model.perception(audio, torch.tensor([audio.size(1)]))
         logits = model(user, text_in, codes_in)
-    assert torch.equal(logits["text_logits"].argmax(-1), text) and torch.equal(logits["audio_logits"].argmax(-1), codes)
+    assert torch.equal(logits["text_logits"].argmax(-1), text)
+    assert torch.equal(logits["audio_logits"].argmax(-1), codes)
 
 
 def test_batched_inference_equals_one_by_one(llm_dir):
@@ -336,32 +368,38 @@ def test_validation_scores_and_bleu(llm_dir, conversations):
 
     class Echo:  # a perfect scoring ASR: transcribes each clip as its reference
         def transcribe(self, clips, sample_rate):
-            assert sample_rate == 24000 and [len(c) for c in clips] == (out2["tokens_len"] * 1920).tolist()
+            assert sample_rate == 24000
+            assert [len(c) for c in clips] == (out2["tokens_len"] * 1920).tolist()
             return list(batch["target_texts"])
 
     model._scorer = Echo()
-    out2 = model.offline_inference(batch["source_audio"], batch["source_audio_lens"], decode_audio=False)
+    out2 = model.offline_inference(batch["source_audio"], batch["source_audio_lens"],
+                                   decode_audio=False)
     out = model.validation_step(batch, generate=True)
     assert model.validation_summary(out)["asr_bleu"] == pytest.approx(100.0)
 
 
 def test_scoring_asr_from_a_salm_checkpoint(llm_dir, tmp_path):
-    cfg = dict(model_cfg(llm_dir, causal=False), audio_locator_tag="<|audio|>", prompt_format="llama2",
-               freeze_params=[])
+    cfg = dict(model_cfg(llm_dir, causal=False), audio_locator_tag="<|audio|>",
+               prompt_format="llama2", freeze_params=[])
     del cfg["pretrained_audio_codec"]
     torch.manual_seed(0)
     salm = SALM(cfg).eval()
-    data = {"train_ds": {"input_cfg": [{"type": "lhotse_as_conversation", "tags": {"context": "Repeat after me"}}]}}
-    torch.save({"model": salm.state_dict(), "config": {"model": cfg, "data": data}}, tmp_path / "last.ckpt")
+    tags = {"context": "Repeat after me"}
+    data = {"train_ds": {"input_cfg": [{"type": "lhotse_as_conversation", "tags": tags}]}}
+    torch.save({"model": salm.state_dict(), "config": {"model": cfg, "data": data}},
+               tmp_path / "last.ckpt")
     scorer = build(llm_dir, scoring_asr=str(tmp_path))._scoring_asr()
     clip = 0.1 * torch.randn(24000)
     # by hand: the clip at 16 kHz, prompted as SALM was trained (its context tag, then the audio)
     clip_16k = torch.from_numpy(duplex_s2s.resample(clip.numpy(), 24000, 16000))
-    ids = salm.generate([[{"role": "user", "content": "Repeat after me <|audio|>"}]], audios=clip_16k[None],
-                        audio_lens=torch.tensor([16000]), max_new_tokens=128)
+    ids = salm.generate([[{"role": "user", "content": "Repeat after me <|audio|>"}]],
+                        audios=clip_16k[None], audio_lens=torch.tensor([16000]),
+                        max_new_tokens=128)
     expected = salm.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
     assert scorer.transcribe([clip], 24000) == [expected]
-    # trained without a context: asked with the audio alone; not a checkpoint: infer's default ASR prompt
+    # trained without a context: asked with the audio alone; not a checkpoint: infer's default
+    # ASR prompt
     torch.save({"model": {}, "config": {"model": cfg}}, tmp_path / "bare.ckpt")
     assert duplex_s2s.scoring_asr_prompt(tmp_path / "bare.ckpt") == ""
     assert duplex_s2s.scoring_asr_prompt("openai/whisper-small") == DEFAULT_ASR_PROMPT
@@ -374,24 +412,29 @@ def test_decode_text_joins_turns():
 
     model = DuplexS2SModel.__new__(DuplexS2SModel)
     torch.nn.Module.__init__(model)
-    model.tokenizer = type("T", (), {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "decode": Tok.decode})()
+    model.tokenizer = type("T", (), {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+                                     "decode": Tok.decode})()
     assert model.decode_text(torch.tensor([3, 1, 8, 9, 3, 2, 3, 1, 15, 11, 3])) == "hi ok"
 
 
-# ---- codec and start-up checks ------------------------------------------------------------------------------
+# ---- codec and start-up checks -------------------------------------------------------------------
 
 def test_tiny_codec_is_seeded_and_not_degenerate(conversations):
     codec, again = load_audio_codec(str(TINY_MIMI)), load_audio_codec(str(TINY_MIMI))
-    assert all(torch.equal(a, b) for a, b in zip(codec.state_dict().values(), again.state_dict().values()))
-    assert (codec.sample_rate, codec.frame_rate, codec.num_codebooks, codec.codebook_size) == (24000, 12.5, 8, 256)
+    assert all(torch.equal(a, b)
+               for a, b in zip(codec.state_dict().values(), again.state_dict().values()))
+    assert (codec.sample_rate, codec.frame_rate, codec.num_codebooks, codec.codebook_size) == \
+        (24000, 12.5, 8, 256)
     audio = torch.from_numpy(conversations[0].custom["target_audio"].resample(24000).load_audio())
     codes, lens = codec.encode(audio, torch.tensor([audio.size(1)]))
-    assert codes.shape == (1, math.ceil(audio.size(1) / 1920), 8) and lens.tolist() == [codes.size(1)]
-    assert all(len(codes[0, :, k].unique()) >= 8 for k in range(8))  # a fresh Mimi gives code 0 everywhere
+    assert codes.shape == (1, math.ceil(audio.size(1) / 1920), 8)
+    assert lens.tolist() == [codes.size(1)]
+    # a fresh Mimi gives code 0 everywhere
+    assert all(len(codes[0, :, k].unique()) >= 8 for k in range(8))
     # a causal codec: right padding in a batch leaves a clip's complete frames as they are alone
     short = audio[:, :30000]  # 15.6 frames
-    batch_codes, batch_lens = codec.encode(torch.cat([audio[:, :60000], torch.nn.functional.pad(short, (0, 30000))]),
-                                           torch.tensor([60000, 30000]))
+    padded = torch.cat([audio[:, :60000], torch.nn.functional.pad(short, (0, 30000))])
+    batch_codes, batch_lens = codec.encode(padded, torch.tensor([60000, 30000]))
     alone = codec.encode(short, torch.tensor([30000]))[0][0]
     assert batch_lens.tolist() == [32, 16] and torch.equal(batch_codes[1, :15], alone[:15])
     decoded, decoded_lens = codec.decode(codes, lens)
@@ -411,43 +454,49 @@ def test_frame_rate_and_sample_rate_mismatch_fail_with_the_key(llm_dir, tmp_path
         model.make_dataset(dict(DATA_CFG, source_sample_rate=8000))
     # a real transformers codec at another rate: Encodec's 75 frames/s
     torch.manual_seed(0)
-    config = EncodecConfig(sampling_rate=24000, num_filters=4, hidden_size=16, codebook_dim=16, codebook_size=32,
-                           upsampling_ratios=[8, 5, 4, 2], target_bandwidths=[1.5])
+    config = EncodecConfig(sampling_rate=24000, num_filters=4, hidden_size=16, codebook_dim=16,
+                           codebook_size=32, upsampling_ratios=[8, 5, 4, 2],
+                           target_bandwidths=[1.5])
     EncodecModel(config).save_pretrained(tmp_path)
     encodec = load_audio_codec(str(tmp_path))
     assert encodec.frame_rate == 75.0
     codes, lens = encodec.encode(torch.randn(1, 24000), torch.tensor([24000]))
-    assert codes.shape == (1, 75, encodec.num_codebooks) and encodec.decode(codes, lens)[0].shape == (1, 24000)
+    assert codes.shape == (1, 75, encodec.num_codebooks)
+    assert encodec.decode(codes, lens)[0].shape == (1, 24000)
     with pytest.raises(ValueError, match=r"runs at 75 frames/s but data\.frame_length is 0\.08"):
         check_data_config(DATA_CFG, encodec, model.perception, str(tmp_path))
-    with pytest.raises(ValueError, match="every 0.0133 s but the perception encoder every 0.0800 s"):
+    with pytest.raises(ValueError,
+                       match="every 0.0133 s but the perception encoder every 0.0800 s"):
         build(llm_dir, pretrained_audio_codec=str(tmp_path))
 
 
 def test_nemo_codec_path_names_supported_kinds():
-    with pytest.raises(ValueError, match=r"\.nemo.*not supported.*MimiModel.*EncodecModel / DacModel"):
+    with pytest.raises(ValueError,
+                       match=r"\.nemo.*not supported.*MimiModel.*EncodecModel / DacModel"):
         load_audio_codec("/models/low-frame-rate-speech-codec-22khz.nemo")
     with pytest.raises(FileNotFoundError, match="pretrained_audio_codec"):
         load_audio_codec("/no/such/codec")
 
 
-# ---- command line -------------------------------------------------------------------------------------------
+# ---- command line --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("speech_decoder", **DECODERS)
 def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, capsys, speech_decoder):
     model = build(llm_dir, speech_decoder)
     config = {"model": model_cfg(llm_dir, speech_decoder), "data": DATA_CFG}
     (tmp_path / "run").mkdir()
-    torch.save({"model": model.state_dict(), "config": config, "step": 0}, tmp_path / "run" / "last.ckpt")
+    torch.save({"model": model.state_dict(), "config": config, "step": 0},
+               tmp_path / "run" / "last.ckpt")
     infer.export(tmp_path / "run" / "last.ckpt", tmp_path / "export")
-    sf.write(tmp_path / "in.wav", 0.1 * np.random.default_rng(0).standard_normal(8000), 8000)  # resampled to 16 kHz
-    expected = model.offline_inference(torch.from_numpy(
-        duplex_s2s.resample(0.1 * np.random.default_rng(0).standard_normal(8000), 8000, 16000))[None],
-        torch.tensor([16000]))
+    noise = 0.1 * np.random.default_rng(0).standard_normal(8000)
+    sf.write(tmp_path / "in.wav", noise, 8000)  # resampled to 16 kHz
+    expected = model.offline_inference(
+        torch.from_numpy(duplex_s2s.resample(noise, 8000, 16000))[None], torch.tensor([16000]))
     assert int(expected["audio_len"][0]) == 14 * 1920
     raw = expected["audio"][0].numpy()
     assert np.abs(raw).max() > 1.5  # the untrained codec's output is far beyond full scale
-    for i, path in enumerate([tmp_path / "run" / "last.ckpt", tmp_path / "run", tmp_path / "export"]):
+    paths = [tmp_path / "run" / "last.ckpt", tmp_path / "run", tmp_path / "export"]
+    for i, path in enumerate(paths):
         infer.main(["duplex", "--model", str(path), "--audio", str(tmp_path / "in.wav"),
                     "--out", str(tmp_path / f"out{i}")])
         agent, sample_rate = sf.read(tmp_path / f"out{i}" / "agent.wav", dtype="float32")
@@ -459,13 +508,14 @@ def test_command_line_writes_agent_audio_and_text(llm_dir, tmp_path, capsys, spe
     assert "scaled to a peak of 0.9 instead of clipped" in capsys.readouterr().out
 
 
-# ---- end to end ---------------------------------------------------------------------------------------------
+# ---- end to end ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["s2s_duplex.yaml", "s2s_duplex_speech_decoder.yaml"])
 def test_train_script_lowers_both_losses(config, tmp_path):
-    cmd = [sys.executable, "train.py", f"configs/{config}", "trainer.max_steps=60", "trainer.log_every_n_steps=10",
-           "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
+    cmd = [sys.executable, "train.py", f"configs/{config}", "trainer.max_steps=60",
+           "trainer.log_every_n_steps=10", "trainer.limit_val_batches=2",
+           "trainer.enable_progress_bar=false",
            f"exp_manager.explicit_log_dir={tmp_path}"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

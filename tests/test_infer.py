@@ -1,7 +1,8 @@
 """Export and loading, the generate/evaluate commands, and the metrics (WER, BLEU, ASR-BLEU).
 
-Models are tiny and random, built from configs/salm.yaml with small sizes and a copy of assets/tiny-llm that a
-test can delete, to show that an export needs nothing outside its own directory.
+Models are tiny and random, built from configs/salm.yaml with small sizes and a copy of
+assets/tiny-llm that a test can delete, to show that an export needs nothing outside its own
+directory.
 """
 import json
 import math
@@ -38,7 +39,8 @@ def cuts():
 
 
 def make_checkpoint(tmp_path: Path, *overrides: str) -> tuple[SALM, Path]:
-    """A random SALM whose LLM files live in a copy of assets/tiny-llm under tmp_path, saved as train.py does."""
+    """A random SALM whose LLM files live in a copy of assets/tiny-llm under tmp_path, saved as
+    train.py does."""
     llm_dir = tmp_path / "tiny-llm"
     shutil.copytree(ROOT / "assets" / "tiny-llm", llm_dir)
     overrides = [*SMALL_PERCEPTION, f"model.pretrained_llm={llm_dir}", *overrides]
@@ -59,11 +61,13 @@ def logits(model: SALM, cuts) -> torch.Tensor:
 def greedy(model: SALM, cuts, max_new_tokens: int = 6) -> torch.Tensor:
     audios = [torch.from_numpy(c.load_audio()[0]) for c in cuts]
     prompt = [{"role": "user", "content": f"{PROMPT} {model.audio_locator_tag}"}]
-    return model.generate([prompt] * len(cuts), audios=torch.nn.utils.rnn.pad_sequence(audios, batch_first=True),
-                          audio_lens=torch.tensor([len(a) for a in audios]), max_new_tokens=max_new_tokens)
+    return model.generate([prompt] * len(cuts),
+                          audios=torch.nn.utils.rnn.pad_sequence(audios, batch_first=True),
+                          audio_lens=torch.tensor([len(a) for a in audios]),
+                          max_new_tokens=max_new_tokens)
 
 
-# ---- save_pretrained / from_pretrained / export -------------------------------------------------------------
+# ---- save_pretrained / from_pretrained / export --------------------------------------------------
 
 def test_save_load_round_trip_gives_identical_logits(tmp_path, cuts):
     model, _ = make_checkpoint(tmp_path)
@@ -74,7 +78,8 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, cuts):
     reference = model.state_dict()
     assert loaded.state_dict().keys() == reference.keys()
     assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
-    with safe_open(tmp_path / "export" / "model.safetensors", "pt") as f:  # the tied LM head is stored once
+    # the tied LM head is stored once
+    with safe_open(tmp_path / "export" / "model.safetensors", "pt") as f:
         assert "llm.model.embed_tokens.weight" in f.keys() and "llm.lm_head.weight" not in f.keys()
 
 
@@ -84,7 +89,8 @@ def test_load_is_strict(tmp_path):
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     config["perception"]["encoder"]["n_layers"] = 2  # the weights no longer cover the architecture
     (tmp_path / "export" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="does not fit the model.*missing.*perception.encoder.layers.1"):
+    with pytest.raises(ValueError,
+                       match="does not fit the model.*missing.*perception.encoder.layers.1"):
         SALM.from_pretrained(tmp_path / "export")
     with pytest.raises(FileNotFoundError, match="neither an export directory"):
         SALM.from_pretrained(tmp_path)
@@ -96,7 +102,8 @@ def test_checkpoint_export_is_self_contained_and_generates_offline(tmp_path, cut
     expected = greedy(model, cuts)
     infer.main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "export")])
     assert "exported SALM" in capsys.readouterr().out
-    # nothing of the training setup is left: the LLM directory it named is gone, and the export has moved
+    # nothing of the training setup is left: the LLM directory it named is gone, and the export
+    # has moved
     shutil.rmtree(tmp_path / "tiny-llm")
     moved = shutil.copytree(tmp_path / "export", tmp_path / "elsewhere" / "salm")
     shutil.rmtree(tmp_path / "export")
@@ -109,15 +116,20 @@ def test_checkpoint_export_is_self_contained_and_generates_offline(tmp_path, cut
 
 def test_bfloat16_export_keeps_the_mel_frontend_in_fp32(tmp_path, cuts):
     model, checkpoint = make_checkpoint(tmp_path)
-    infer.main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    infer.main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "bf16"),
+                "--dtype", "bfloat16"])
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
         dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
     assert {d for n, d in dtypes.items() if n.startswith("perception.preprocessor.")} == {"F32"}
-    assert {d for n, d in dtypes.items() if not n.startswith("perception.preprocessor.")} == {"BF16", "I64"}
-    assert all(n.endswith("num_batches_tracked") for n, d in dtypes.items() if d == "I64")  # counters stay integers
+    assert {d for n, d in dtypes.items()
+            if not n.startswith("perception.preprocessor.")} == {"BF16", "I64"}
+    # counters stay integers
+    assert all(n.endswith("num_batches_tracked") for n, d in dtypes.items() if d == "I64")
     loaded = SALM.from_pretrained(tmp_path / "bf16")
-    assert loaded.llm.dtype == torch.bfloat16 and loaded.perception.preprocessor.featurizer.fb.dtype == torch.float32
-    torch.testing.assert_close(logits(loaded, cuts).float(), logits(model, cuts), atol=0.05, rtol=0.05)
+    assert loaded.llm.dtype == torch.bfloat16
+    assert loaded.perception.preprocessor.featurizer.fb.dtype == torch.float32
+    torch.testing.assert_close(logits(loaded, cuts).float(), logits(model, cuts), atol=0.05,
+                               rtol=0.05)
     assert SALM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).llm.dtype == torch.float32
 
 
@@ -128,12 +140,14 @@ def test_merged_lora_export_generates_the_same_tokens(tmp_path, cuts):
         if "lora_B" in name:  # peft starts B at zero; a trained adapter is not
             param.data.normal_(0, 0.3)
     checkpoint = tmp_path / "lora.ckpt"
-    torch.save({"model": model.state_dict(), "config": torch.load(tmp_path / "step=2.ckpt")["config"]}, checkpoint)
+    config = torch.load(tmp_path / "step=2.ckpt")["config"]
+    torch.save({"model": model.state_dict(), "config": config}, checkpoint)
     expected = greedy(model, cuts, max_new_tokens=10)
-    with model.llm.disable_adapter():
-        assert not torch.equal(greedy(model, cuts, max_new_tokens=10), expected)  # the adapter matters
+    with model.llm.disable_adapter():  # the adapter matters
+        assert not torch.equal(greedy(model, cuts, max_new_tokens=10), expected)
 
-    infer.main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "merged"), "--merge-lora"])
+    infer.main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "merged"),
+                "--merge-lora"])
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "lora" not in config
     with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
@@ -143,8 +157,10 @@ def test_merged_lora_export_generates_the_same_tokens(tmp_path, cuts):
     assert torch.equal(greedy(merged, cuts, max_new_tokens=10), expected)
     torch.testing.assert_close(logits(merged, cuts), logits(model, cuts), atol=1e-4, rtol=1e-4)
 
-    infer.main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "adapters")])  # unmerged round trip
-    assert torch.equal(greedy(SALM.from_pretrained(tmp_path / "adapters"), cuts, max_new_tokens=10), expected)
+    # unmerged round trip
+    infer.main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "adapters")])
+    adapters = SALM.from_pretrained(tmp_path / "adapters")
+    assert torch.equal(greedy(adapters, cuts, max_new_tokens=10), expected)
     with pytest.raises(ValueError, match="no LoRA adapters"):
         infer.export(tmp_path / "merged", tmp_path / "again", merge_lora=True)
 
@@ -153,14 +169,16 @@ def test_merged_lora_export_generates_the_same_tokens(tmp_path, cuts):
 def test_duplex_round_trip_gives_identical_outputs(tmp_path, config):
     for name in ("tiny-llm", "tiny-mimi"):
         shutil.copytree(ROOT / "assets" / name, tmp_path / name)
-    cfg = load_config(str(ROOT / "configs" / config), [f"model.pretrained_llm={tmp_path / 'tiny-llm'}",
-                                                       f"model.pretrained_audio_codec={tmp_path / 'tiny-mimi'}"], None)
+    cfg = load_config(str(ROOT / "configs" / config),
+                      [f"model.pretrained_llm={tmp_path / 'tiny-llm'}",
+                       f"model.pretrained_audio_codec={tmp_path / 'tiny-mimi'}"], None)
     torch.manual_seed(0)
     model = build_model(cfg["model"]).eval()
     model.save_pretrained(tmp_path / "export")
     shutil.rmtree(tmp_path / "tiny-llm")
     shutil.rmtree(tmp_path / "tiny-mimi")
-    assert json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_audio_codec"] == "codec"
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert exported["pretrained_audio_codec"] == "codec"
     loaded = type(model).from_pretrained(tmp_path / "export")
 
     reference = model.state_dict()
@@ -173,7 +191,8 @@ def test_duplex_round_trip_gives_identical_outputs(tmp_path, config):
     T = user_embeds.shape[1]
     text_ids = torch.randint(model.text_pad_id + 1, 200, (1, T))
     audio_ids = torch.randint(0, model.speech_vocab_size, (1, T, model.num_codebooks))
-    expected, got = model(user_embeds, text_ids, audio_ids), loaded(user_embeds, text_ids, audio_ids)
+    expected = model(user_embeds, text_ids, audio_ids)
+    got = loaded(user_embeds, text_ids, audio_ids)
     for key in ("text_logits", "audio_logits"):
         assert torch.equal(got[key], expected[key])
     expected, got = model.offline_inference(audio, lens), loaded.offline_inference(audio, lens)
@@ -181,13 +200,14 @@ def test_duplex_round_trip_gives_identical_outputs(tmp_path, config):
         assert torch.equal(got[key], expected[key]), key
 
 
-# ---- generate / evaluate ------------------------------------------------------------------------------------
+# ---- generate / evaluate -------------------------------------------------------------------------
 
 def test_generate_on_the_demo_validation_set(tmp_path, capsys):
     _, checkpoint = make_checkpoint(tmp_path)
-    infer.main(["generate", "--model", str(checkpoint), "--inputs", str(ASR_VAL), "--output-dir", str(tmp_path / "out"),
-                "--max-new-tokens", "4", "--batch-size", "32"])
-    rows = [json.loads(line) for line in (tmp_path / "out" / "asr_val.jsonl").read_text().splitlines()]
+    infer.main(["generate", "--model", str(checkpoint), "--inputs", str(ASR_VAL), "--output-dir",
+                str(tmp_path / "out"), "--max-new-tokens", "4", "--batch-size", "32"])
+    lines = (tmp_path / "out" / "asr_val.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     demo = {c.id: c for c in CutSet.from_shar(in_dir=str(ASR_VAL))}
     assert len(rows) == len(demo) == 60 and {r["id"] for r in rows} == set(demo)
     assert all(set(r) == {"id", "duration", "text", "pred_text", "prompt"} for r in rows)
@@ -210,17 +230,22 @@ def test_conversations_audio_files_and_prompts(tmp_path, cuts, capsys):
         {"from": "User", "type": "audio", "value": p.name, "duration": cut.duration},
         {"from": "Assistant", "type": "text", "value": cut.supervisions[0].text}]}) + "\n"
         for i, (p, cut) in enumerate(zip(paths, cuts))))
-    infer.main(["generate", "--model", str(checkpoint), "--inputs", str(manifest), *map(str, paths[:2]),
-                "--output-dir", str(tmp_path / "out"), "--max-new-tokens", "3", "--system-prompt", "Be brief."])
-    chats = [json.loads(line) for line in (tmp_path / "out" / "chat.jsonl").read_text().splitlines()]
+    infer.main(["generate", "--model", str(checkpoint), "--inputs", str(manifest),
+                *map(str, paths[:2]), "--output-dir", str(tmp_path / "out"),
+                "--max-new-tokens", "3", "--system-prompt", "Be brief."])
+    read_rows = lambda name: [json.loads(line)
+                              for line in (tmp_path / "out" / name).read_text().splitlines()]
+    chats = read_rows("chat.jsonl")
     assert sorted(c["id"] for c in chats) == ["c0", "c1", "c2"]
     for chat in chats:
         roles = [(t["from"], t["type"]) for t in chat["conversations"]]
-        assert roles == [("System", "text"), ("User", "text"), ("User", "audio"), ("Assistant", "text")]
+        assert roles == [("System", "text"), ("User", "text"), ("User", "audio"),
+                         ("Assistant", "text")]
         assert chat["conversations"][0]["value"] == "Be brief."
         assert chat["conversations"][2]["value"] in {str(p) for p in paths}
-    audio = [json.loads(line) for line in (tmp_path / "out" / "audio.jsonl").read_text().splitlines()]
-    assert sorted(r["id"] for r in audio) == sorted(p.stem for p in paths[:2]) and all(r["text"] == "" for r in audio)
+    audio = read_rows("audio.jsonl")
+    assert sorted(r["id"] for r in audio) == sorted(p.stem for p in paths[:2])
+    assert all(r["text"] == "" for r in audio)
 
 
 def test_generated_rows_show_the_prompt_each_line_became(tmp_path, cuts):
@@ -261,13 +286,15 @@ def test_prompts_around_the_audio(cuts):
     conversation, _ = infer.prompt_and_reference(cut, "Be brief.", "")
     assert conversation.prompt_turns("<a>") == [{"role": "system", "content": "Be brief."},
                                                 {"role": "user", "content": "<a>"}]
-    cut = cut.with_custom("context", "Transcribe:")  # a cut's own context is its prompt, as in training
+    # a cut's own context is its prompt, as in training
+    cut = cut.with_custom("context", "Transcribe:")
     conversation, _ = infer.prompt_and_reference(cut, None, None)
     assert conversation.prompt_turns("<a>") == [{"role": "user", "content": "Transcribe: <a>"}]
 
 
 def test_evaluate_scores_each_dataset_and_their_mean(tmp_path, capsys, monkeypatch):
-    # a random model's answers are noise: known answers stand in for them to check the scoring end to end
+    # a random model's answers are noise: known answers stand in for them to check the scoring
+    # end to end
     def answers(text):
         return lambda model, prompts, audios, max_new_tokens: ([text] * len(prompts), 0)
 
@@ -276,7 +303,8 @@ def test_evaluate_scores_each_dataset_and_their_mean(tmp_path, capsys, monkeypat
     cut = next(iter(CutSet.from_shar(in_dir=str(ASR_VAL))))
     soundfile.write(tmp_path / "a.wav", cut.load_audio()[0], 16000)
     nemo_manifest = tmp_path / "other.json"
-    nemo_manifest.write_text(json.dumps({"audio_filepath": "a.wav", "duration": cut.duration, "text": "One!"}) + "\n")
+    line = {"audio_filepath": "a.wav", "duration": cut.duration, "text": "One!"}
+    nemo_manifest.write_text(json.dumps(line) + "\n")
     monkeypatch.setattr(infer, "answer", answers("how many red boxes"))
     results = infer.generate(model, infer.read_datasets([str(ASR_VAL)]), tmp_path / "out")
     monkeypatch.setattr(infer, "answer", answers("one"))
@@ -288,7 +316,8 @@ def test_evaluate_scores_each_dataset_and_their_mean(tmp_path, capsys, monkeypat
     assert metrics["wer_other"] == 0.0  # "One!" and "one" are the same words after the normalizer
     assert metrics["wer"] == pytest.approx(metrics["wer_asr_val"] / 2)
     out = capsys.readouterr().out
-    assert "Whisper EnglishTextNormalizer (whisper-normalizer" in out and "ins " in out and "del " in out
+    assert "Whisper EnglishTextNormalizer (whisper-normalizer" in out
+    assert "ins " in out and "del " in out
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["wer"] == metrics["wer"]
 
 
@@ -321,16 +350,18 @@ def test_command_line_errors_are_one_line(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "infer.py", "generate", "--model", str(tmp_path), "--inputs", "x"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "neither an export directory" in out.stderr
+    out = subprocess.run([sys.executable, "infer.py", "generate", "--model", str(tmp_path),
+                          "--inputs", "x"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "neither an export directory" in out.stderr
 
 
-# ---- metrics ------------------------------------------------------------------------------------------------
+# ---- metrics -------------------------------------------------------------------------------------
 
 def test_normalizer_known_answers():
     # Whisper's EnglishTextNormalizer, as its documentation describes it
-    assert normalize_text("Mr. Smith paid $20 million, didn't he?") == "mister smith paid $20000000 did not he"
+    assert normalize_text("Mr. Smith paid $20 million, didn't he?") == \
+        "mister smith paid $20000000 did not he"
     assert normalize_text("Twenty five colours!") == "25 colors"
     assert normalize_text("Um, hello   World.") == "hello world"
 
@@ -341,11 +372,15 @@ def test_wer_and_bleu_known_answers():
     assert wer(["a b c"], ["a b d"]) == pytest.approx(1 / 3)
     assert bleu(["a b c"], ["a b d"]) == 0.0  # NeMo's test pair: no 4-gram can match
     # corpus BLEU over all items (one reference stream), case and punctuation ignored
-    assert bleu(["The cat sat on the mat.", "a b c d"], ["the cat sat on the mat", "a b c d"]) == pytest.approx(100)
+    assert bleu(["The cat sat on the mat.", "a b c d"],
+                ["the cat sat on the mat", "a b c d"]) == pytest.approx(100)
     assert bleu(["a b c d"], ["e f g h"]) == 0.0
-    # hand-counted: 1 insertion ("down"), 2 deletions ("a b"), 1 substitution (red -> blue), 8 reference words
-    details = wer_details(["The cat sat.", "a b", "the red box"], ["the cat, sat down", "", "the blue box"])
-    assert details == {"wer": pytest.approx(4 / 8), "ins": 1 / 8, "del": 2 / 8, "sub": 1 / 8, "ref_words": 8}
+    # hand-counted: 1 insertion ("down"), 2 deletions ("a b"), 1 substitution (red -> blue),
+    # 8 reference words
+    details = wer_details(["The cat sat.", "a b", "the red box"],
+                          ["the cat, sat down", "", "the blue box"])
+    assert details == {"wer": pytest.approx(4 / 8), "ins": 1 / 8, "del": 2 / 8, "sub": 1 / 8,
+                       "ref_words": 8}
     assert word_errors(["The cat sat.", "a b"], ["the cat, sat down", ""]) == {
         "substitutions": 0, "deletions": 2, "insertions": 1, "ref_words": 5}
 
@@ -355,7 +390,8 @@ def test_metrics_per_dataset_and_mean():
     pairs = {"same": same, "diff": [("a b c", "a b d")]}
     assert metrics_by_dataset("wer", pairs) == {"wer_same": 0.0, "wer_diff": pytest.approx(1 / 3),
                                                 "wer": pytest.approx(1 / 6)}
-    assert metrics_by_dataset("txt_bleu", pairs) == {"txt_bleu_same": pytest.approx(100.0), "txt_bleu_diff": 0.0,
+    assert metrics_by_dataset("txt_bleu", pairs) == {"txt_bleu_same": pytest.approx(100.0),
+                                                     "txt_bleu_diff": 0.0,
                                                      "txt_bleu": pytest.approx(50.0)}
     with pytest.raises(ValueError, match="unknown metric"):
         metrics_by_dataset("cer", pairs)
@@ -385,14 +421,16 @@ def test_asr_bleu_with_a_salm_export(tmp_path, cuts):
     model, _ = make_checkpoint(tmp_path)
     model.save_pretrained(tmp_path / "scorer")
     references = [c.supervisions[0].text for c in cuts]
-    clips_24k = [resample(c.load_audio()[0], 16000, 24000) for c in cuts]  # e.g. a codec's output rate
+    # e.g. a codec's output rate
+    clips_24k = [resample(c.load_audio()[0], 16000, 24000) for c in cuts]
     score, transcripts = asr_bleu(references, clips_24k, 24000, str(tmp_path / "scorer"))
     assert len(transcripts) == len(cuts) and all(isinstance(t, str) for t in transcripts)
     assert score == sacrebleu.corpus_bleu([normalize_text(t) for t in transcripts],
                                           [[normalize_text(r) for r in references]]).score
     transcriber = Transcriber(tmp_path / "scorer")
     clips_16k = [resample(c, 24000, 16000) for c in clips_24k]
-    assert transcriber.transcribe(clips_16k, 16000) == transcripts  # the same audio at the scorer's rate
+    # the same audio at the scorer's rate
+    assert transcriber.transcribe(clips_16k, 16000) == transcripts
     with pytest.raises(ValueError, match="3 references but 2 audios"):
         asr_bleu(references, clips_24k[:2], 24000, transcriber)
     with pytest.raises(ValueError, match="neither a SALM of this project"):
@@ -400,18 +438,22 @@ def test_asr_bleu_with_a_salm_export(tmp_path, cuts):
 
 
 def test_asr_bleu_with_a_transformers_asr_model(tmp_path):
-    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
-                              Wav2Vec2Processor)
+    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor,
+                              Wav2Vec2ForCTC, Wav2Vec2Processor)
 
-    vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
+    vocab = {"<pad>": 0, "<unk>": 1, "|": 2,
+             **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    tokenizer = Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"), unk_token="<unk>", pad_token="<pad>")
-    processor = Wav2Vec2Processor(feature_extractor=Wav2Vec2FeatureExtractor(sampling_rate=16000), tokenizer=tokenizer)
+    tokenizer = Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"), unk_token="<unk>",
+                                     pad_token="<pad>")
+    processor = Wav2Vec2Processor(feature_extractor=Wav2Vec2FeatureExtractor(sampling_rate=16000),
+                                  tokenizer=tokenizer)
     processor.save_pretrained(tmp_path)
     torch.manual_seed(0)
     asr = Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
-                                        num_attention_heads=2, intermediate_size=32, conv_dim=(16, 16),
-                                        conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                                        num_attention_heads=2, intermediate_size=32,
+                                        conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8),
+                                        num_conv_pos_embeddings=16,
                                         num_conv_pos_embedding_groups=2)).eval()
     asr.save_pretrained(tmp_path)
     clips = [0.1 * torch.randn(24000), 0.1 * torch.randn(12000)]  # 1 s and 0.5 s at 24 kHz
@@ -422,4 +464,5 @@ def test_asr_bleu_with_a_transformers_asr_model(tmp_path):
     clip_16k = resample(clips[0].numpy(), 24000, 16000)  # the longest clip: no padding in the batch
     with torch.no_grad():  # by hand: CTC greedy decoding of the 16 kHz clip
         logits = asr(**processor(clip_16k, sampling_rate=16000, return_tensors="pt")).logits
-    assert len(clip_16k) == 16000 and transcripts[0] == processor.batch_decode(logits.argmax(-1))[0].strip()
+    assert len(clip_16k) == 16000
+    assert transcripts[0] == processor.batch_decode(logits.argmax(-1))[0].strip()

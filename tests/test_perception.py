@@ -34,32 +34,34 @@ ENCODER_CFG = dict(
 )
 # A tiny cache-aware streaming FastConformer (the S2S default's shape).
 STREAMING_CFG = dict(
-    ENCODER_CFG, causal_downsampling=True, att_context_size=[4, 1], att_context_style="chunked_limited",
-    conv_norm_type="layer_norm", conv_context_size="causal",
+    ENCODER_CFG, causal_downsampling=True, att_context_size=[4, 1],
+    att_context_style="chunked_limited", conv_norm_type="layer_norm", conv_context_size="causal",
 )
 ADAPTER_CFG = dict(
-    _target_="nemo.collections.asr.modules.ConformerEncoder", feat_in=64, feat_out=-1, n_layers=1, d_model=48,
-    subsampling="dw_striding", subsampling_factor=1, subsampling_conv_channels=32, n_heads=4, conv_kernel_size=9,
-    **NO_DROPOUT,
+    _target_="nemo.collections.asr.modules.ConformerEncoder", feat_in=64, feat_out=-1, n_layers=1,
+    d_model=48, subsampling="dw_striding", subsampling_factor=1, subsampling_conv_channels=32,
+    n_heads=4, conv_kernel_size=9, **NO_DROPOUT,
 )
 STREAMING_ADAPTER_CFG = dict(
-    ADAPTER_CFG, causal_downsampling=True, att_context_size=[4, 1], att_context_style="chunked_limited",
-    conv_norm_type="layer_norm", conv_context_size="causal",
+    ADAPTER_CFG, causal_downsampling=True, att_context_size=[4, 1],
+    att_context_style="chunked_limited", conv_norm_type="layer_norm", conv_context_size="causal",
 )
 PREPROCESSOR_CFG = dict(
-    _target_="nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor", sample_rate=16000, features=80,
-    n_fft=512, window_size=0.025, window_stride=0.01, window="hann", normalize="per_feature", dither=1e-5,
-    pad_to=0, pad_value=0.0, frame_splicing=1, log=True,
+    _target_="nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor", sample_rate=16000,
+    features=80, n_fft=512, window_size=0.025, window_stride=0.01, window="hann",
+    normalize="per_feature", dither=1e-5, pad_to=0, pad_value=0.0, frame_splicing=1, log=True,
 )
 
 
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial weights everywhere, including norm statistics and the (zero-initialised) position biases."""
+    """Non-trivial weights everywhere, including norm statistics and the (zero-initialised)
+    position biases."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
             fan_in = p[0].numel() if p.dim() > 1 else 1
-            p.copy_(torch.randn(p.shape, generator=g) * (0.8 / math.sqrt(fan_in) if p.dim() > 1 else 0.3))
+            scale = 0.8 / math.sqrt(fan_in) if p.dim() > 1 else 0.3
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
         for m in module.modules():
             if isinstance(m, nn.BatchNorm1d):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
@@ -86,17 +88,21 @@ def speech_clips() -> list[np.ndarray]:
 
 def test_one_second_gives_101_stft_frames_and_13_or_14_encoder_frames():
     feats, feat_lens = MelSpectrogram().eval()(torch.randn(1, 16000), torch.tensor([16000]))
-    assert feats.shape == (1, 80, 101)  # centred STFT frames; current NeMo counts 16000 // 160 = 100 as valid
+    # centred STFT frames; current NeMo counts 16000 // 160 = 100 as valid
+    assert feats.shape == (1, 80, 101)
     assert feat_lens.tolist() == [100]
     for cfg, frames in ((ENCODER_CFG, 13), (STREAMING_CFG, 14)):  # NeMo's test shapes
         encoded, lens = ConformerEncoder(**cfg).eval()(feats, feat_lens)
         assert encoded.shape == (1, 64, frames) and lens.tolist() == [frames]
-    cfg = {"preprocessor": PREPROCESSOR_CFG, "encoder": ENCODER_CFG, "modality_adapter": ADAPTER_CFG}
+    cfg = {"preprocessor": PREPROCESSOR_CFG, "encoder": ENCODER_CFG,
+           "modality_adapter": ADAPTER_CFG}
     perception = AudioPerceptionModule(cfg, output_dim=24).eval()
     embeds, lens = perception(torch.randn(2, 16000), torch.tensor([16000, 8000]))
     assert embeds.shape == (2, 13, 24) and lens.tolist() == [13, 7]
-    assert perception.token_equivalent_duration == pytest.approx(0.08) and perception.sample_rate == 16000
-    identity = {"_target_": "nemo.collections.speechlm2.modules.perception.IdentityConnector", "d_model": 64}
+    assert perception.token_equivalent_duration == pytest.approx(0.08)
+    assert perception.sample_rate == 16000
+    identity = {"_target_": "nemo.collections.speechlm2.modules.perception.IdentityConnector",
+                "d_model": 64}
     perception = AudioPerceptionModule(dict(cfg, modality_adapter=identity), output_dim=24).eval()
     assert perception(torch.randn(1, 16000), torch.tensor([16000]))[0].shape == (1, 13, 24)
 
@@ -119,11 +125,12 @@ def test_mel_filterbank_matches_transformers_slaney(n_mels):
 def test_features_match_parakeet_feature_extractor_on_speech():
     """transformers' ParakeetFeatureExtractor is an independent implementation of NeMo's frontend.
 
-    Both run the same fp32 torch.stft with filterbanks that agree to the bit (test above), so what is left
-    is float32 rounding in the mel product, the log and the mean/std: ~1e-7 relative on log-mels of size
-    up to ~17, divided by per-bin stds of order 1. 1e-4 absolute leaves two orders of margin for that and
-    still catches any real mismatch: reflect instead of zero STFT padding, `len // hop + 1` valid frames
-    instead of `len // hop`, a biased std or a periodic window each move features by 1e-2 or more.
+    Both run the same fp32 torch.stft with filterbanks that agree to the bit (test above), so what
+    is left is float32 rounding in the mel product, the log and the mean/std: ~1e-7 relative on
+    log-mels of size up to ~17, divided by per-bin stds of order 1. 1e-4 absolute leaves two orders
+    of margin for that and still catches any real mismatch: reflect instead of zero STFT padding,
+    `len // hop + 1` valid frames instead of `len // hop`, a biased std or a periodic window each
+    move features by 1e-2 or more.
     """
     from transformers import ParakeetFeatureExtractor
 
@@ -152,16 +159,17 @@ def test_stft_in_fp32_under_autocast_and_dither_only_in_training():
 def test_encoder_matches_transformers_parakeet_encoder_on_padded_batch():
     """Same weights in ours and in transformers.ParakeetEncoder, same outputs.
 
-    Both mask padding the same way inside (zeroed frames in the subsampling convs and the conv module,
-    masked keys in attention); they differ only in what they leave in padded output frames (we zero them),
-    so only valid frames are compared.
+    Both mask padding the same way inside (zeroed frames in the subsampling convs and the conv
+    module, masked keys in attention); they differ only in what they leave in padded output frames
+    (we zero them), so only valid frames are compared.
     """
     from transformers import ParakeetEncoder, ParakeetEncoderConfig
 
     config = ParakeetEncoderConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, conv_kernel_size=9,
-        subsampling_factor=8, subsampling_conv_channels=32, num_mel_bins=80, scale_input=True, dropout=0.0,
-        dropout_positions=0.0, layerdrop=0.0, activation_dropout=0.0, attention_dropout=0.0,
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+        conv_kernel_size=9, subsampling_factor=8, subsampling_conv_channels=32, num_mel_bins=80,
+        scale_input=True, dropout=0.0, dropout_positions=0.0, layerdrop=0.0,
+        activation_dropout=0.0, attention_dropout=0.0,
     )
     reference = randomize(ParakeetEncoder(config)).eval()
     ours = ConformerEncoder(**ENCODER_CFG).eval()
@@ -189,8 +197,10 @@ def test_encoder_matches_transformers_parakeet_encoder_on_padded_batch():
     ids=["offline", "streaming", "abs_pos_adapter"],
 )
 def test_each_clip_of_a_padded_batch_equals_the_clip_alone(encoder_cfg, adapter_cfg):
-    cfg = {"preprocessor": PREPROCESSOR_CFG, "encoder": encoder_cfg, "modality_adapter": adapter_cfg}
-    perception = randomize(AudioPerceptionModule(cfg, output_dim=24)).eval()  # BatchNorm uses running stats
+    cfg = {"preprocessor": PREPROCESSOR_CFG, "encoder": encoder_cfg,
+           "modality_adapter": adapter_cfg}
+    # BatchNorm uses running stats
+    perception = randomize(AudioPerceptionModule(cfg, output_dim=24)).eval()
     torch.manual_seed(0)
     clips = [torch.randn(n) * 0.1 for n in (16000, 11111, 5003)]
     with torch.no_grad():
@@ -230,7 +240,8 @@ def test_attention_masks_match_hand_computed_cases():
     assert mask([6], 6, [4, 0], "chunked_limited")[0][5] == [0, 1, 1, 1, 1, 1]
 
 
-def changed_frames(encoder: ConformerEncoder, feat_in: int, num_frames: int, first_changed: int) -> list[bool]:
+def changed_frames(encoder: ConformerEncoder, feat_in: int, num_frames: int,
+                   first_changed: int) -> list[bool]:
     """Which output frames move when the input frames from `first_changed` on are replaced."""
     torch.manual_seed(1)
     feats, lengths = torch.randn(1, feat_in, num_frames), torch.tensor([num_frames])
@@ -243,25 +254,29 @@ def changed_frames(encoder: ConformerEncoder, feat_in: int, num_frames: int, fir
 
 
 def test_causal_subsampling_and_causal_conv_do_not_look_ahead():
-    # Causal x8 subsampling: output frame j reads mel frames <= 8j, so mel frames >= 97 reach frames >= 13.
-    causal = randomize(ConformerEncoder(**dict(ENCODER_CFG, causal_downsampling=True, conv_context_size="causal",
+    # Causal x8 subsampling: output frame j reads mel frames <= 8j, so mel frames >= 97 reach
+    # frames >= 13.
+    causal = randomize(ConformerEncoder(**dict(ENCODER_CFG, causal_downsampling=True,
+                                               conv_context_size="causal",
                                                att_context_size=[-1, 0]))).eval()
     changed = changed_frames(causal, 80, 200, first_changed=97)
     assert not any(changed[:13]) and all(changed[13:])
     offline = randomize(ConformerEncoder(**ENCODER_CFG)).eval()
-    assert any(changed_frames(offline, 80, 200, first_changed=97)[:13])  # the check does catch look-ahead
+    # the check does catch look-ahead
+    assert any(changed_frames(offline, 80, 200, first_changed=97)[:13])
 
     # Adapter (no subsampling), chunks of 2 frames: frames 10, 11 are the first changed chunk.
-    streaming = randomize(ConformerEncoder(**dict(STREAMING_ADAPTER_CFG, feat_in=16, d_model=16, n_layers=2))).eval()
+    small = dict(STREAMING_ADAPTER_CFG, feat_in=16, d_model=16, n_layers=2)
+    streaming = randomize(ConformerEncoder(**small)).eval()
     changed = changed_frames(streaming, 16, 30, first_changed=10)
     assert not any(changed[:10]) and all(changed[10:])
-    symmetric_conv = randomize(ConformerEncoder(**dict(STREAMING_ADAPTER_CFG, feat_in=16, d_model=16, n_layers=2,
-                                                       conv_context_size=None))).eval()
+    symmetric_conv = randomize(ConformerEncoder(**dict(small, conv_context_size=None))).eval()
     assert any(changed_frames(symmetric_conv, 16, 30, first_changed=10)[:10])
 
 
 def write_nemo(path: Path, config: dict, state_dict: dict, mode: str) -> None:
-    """A .nemo as NeMo writes it: a tar of ./model_config.yaml and ./model_weights.ckpt (a plain state dict)."""
+    """A .nemo as NeMo writes it: a tar of ./model_config.yaml and ./model_weights.ckpt (a plain
+    state dict)."""
     staging = path.parent / (path.name + ".files")
     staging.mkdir()
     (staging / "model_config.yaml").write_text(yaml.safe_dump(config))
@@ -272,17 +287,21 @@ def write_nemo(path: Path, config: dict, state_dict: dict, mode: str) -> None:
 
 
 def fake_asr_model(path: Path, mode: str = "w") -> nn.Module:
-    """Writes a small FastConformer 'ASR model' with a decoder to `path`; returns its preprocessor + encoder."""
+    """Writes a small FastConformer 'ASR model' with a decoder to `path`; returns its
+    preprocessor + encoder."""
     asr = nn.Module()
     asr.preprocessor = MelSpectrogram(**PREPROCESSOR_CFG)
     asr.encoder = randomize(ConformerEncoder(**dict(ENCODER_CFG, dropout=0.1)))
-    asr.preprocessor.featurizer.fb.mul_(1.5)  # so the test can tell loaded buffers from recomputed ones
-    state = {**asr.state_dict(), "decoder.weight": torch.randn(10, 64), "joint.bias": torch.randn(10)}
+    # so the test can tell loaded buffers from recomputed ones
+    asr.preprocessor.featurizer.fb.mul_(1.5)
+    state = {**asr.state_dict(), "decoder.weight": torch.randn(10, 64),
+             "joint.bias": torch.randn(10)}
     config = {
         "sample_rate": 16000,
         "preprocessor": PREPROCESSOR_CFG,
-        "encoder": dict(ENCODER_CFG, _target_="nemo.collections.asr.modules.ConformerEncoder", dropout=0.1,
-                        pos_emb_max_len=5000, stochastic_depth_drop_prob=0.0, subsampling_conv_chunking_factor=1),
+        "encoder": dict(ENCODER_CFG, _target_="nemo.collections.asr.modules.ConformerEncoder",
+                        dropout=0.1, pos_emb_max_len=5000, stochastic_depth_drop_prob=0.0,
+                        subsampling_conv_chunking_factor=1),
         "decoder": {"_target_": "nemo.collections.asr.modules.ConvASRDecoder", "num_classes": 10},
     }
     write_nemo(path, config, state, mode)
@@ -308,11 +327,14 @@ def test_nemo_file_loads_with_overrides_and_rebuilds_offline(tmp_path, capsys, m
     perception, written = setup_perception(model_cfg, output_dim=24)
     perception.eval()
     printed = capsys.readouterr().out
-    assert str(path) in printed and "missing keys: none" in printed and "unexpected keys: none" in printed
+    assert str(path) in printed and "missing keys: none" in printed
+    assert "unexpected keys: none" in printed
 
-    # written: the checkpoint's config, with the user's keys on top; the caller's dict is left as it was
+    # written: the checkpoint's config, with the user's keys on top; the caller's dict is left as
+    # it was
     assert "preprocessor" not in model_cfg["perception"] or model_cfg["perception"] != written
-    assert written["preprocessor"]["normalize"] == "NA" and written["preprocessor"]["features"] == 80
+    assert written["preprocessor"]["normalize"] == "NA"
+    assert written["preprocessor"]["features"] == 80
     assert written["encoder"]["dropout"] == 0.0 and written["encoder"]["n_layers"] == 2
     assert perception.preprocessor.normalize == "NA"
     assert torch.equal(perception.preprocessor.featurizer.fb, asr.preprocessor.featurizer.fb)
@@ -323,15 +345,18 @@ def test_nemo_file_loads_with_overrides_and_rebuilds_offline(tmp_path, capsys, m
         reference = MelSpectrogram(**dict(PREPROCESSOR_CFG, normalize="NA")).eval()
         reference.featurizer.fb.mul_(1.5)
         assert torch.equal(feats, reference(audio, lengths)[0])
-        assert torch.equal(perception.encoder(feats, feat_lens)[0], asr.encoder(feats, feat_lens)[0])
+        assert torch.equal(perception.encoder(feats, feat_lens)[0],
+                           asr.encoder(feats, feat_lens)[0])
         embeds, _ = perception(audio, lengths)
 
-        rebuilt = setup_perception(dict(model_cfg, perception=written, pretrained_weights=False), 24)[0].eval()
+        rebuilt_cfg = dict(model_cfg, perception=written, pretrained_weights=False)
+        rebuilt = setup_perception(rebuilt_cfg, 24)[0].eval()
         rebuilt.load_state_dict(perception.state_dict(), strict=True)
         assert torch.equal(rebuilt(audio, lengths)[0], embeds)
 
 
-def test_model_name_resolves_from_offline_hf_cache_and_unknown_names_fail_clearly(tmp_path, monkeypatch):
+def test_model_name_resolves_from_offline_hf_cache_and_unknown_names_fail_clearly(tmp_path,
+                                                                                   monkeypatch):
     hf_home = tmp_path / "hf_home"
     repo = hf_home / "hub" / "models--nvidia--stt_en_tiny_test"
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -348,11 +373,12 @@ def test_model_name_resolves_from_offline_hf_cache_and_unknown_names_fail_clearl
     expected = os.path.realpath(repo / "snapshots" / commit / "stt_en_tiny_test.nemo")
     assert os.path.realpath(resolve_pretrained_asr("stt_en_tiny_test")) == expected
     assert os.path.realpath(resolve_pretrained_asr("nvidia/stt_en_tiny_test")) == expected
-    model_cfg = {"pretrained_asr": "stt_en_tiny_test", "perception": {"modality_adapter": ADAPTER_CFG}}
+    perception = {"modality_adapter": ADAPTER_CFG}
+    model_cfg = {"pretrained_asr": "stt_en_tiny_test", "perception": perception}
     assert setup_perception(model_cfg, output_dim=24)[0].encoder.subsampling_factor == 8
 
     with pytest.raises(FileNotFoundError) as error:
-        setup_perception({"pretrained_asr": "stt_no_such_model", "perception": {"modality_adapter": ADAPTER_CFG}}, 24)
+        setup_perception({"pretrained_asr": "stt_no_such_model", "perception": perception}, 24)
     message = str(error.value)
     assert "nvidia/stt_no_such_model" in message and "stt_no_such_model.nemo" in message
     assert "local .nemo path" in message and "pretrained_weights: false" in message
@@ -361,7 +387,8 @@ def test_model_name_resolves_from_offline_hf_cache_and_unknown_names_fail_clearl
 
 
 def test_config_keys_are_checked():
-    ConformerEncoder(**ENCODER_CFG, _target_="x", pos_emb_max_len=5000, stochastic_depth_drop_prob=0.0, reduction=None)
+    ConformerEncoder(**ENCODER_CFG, _target_="x", pos_emb_max_len=5000,
+                     stochastic_depth_drop_prob=0.0, reduction=None)
     MelSpectrogram(_target_="x", exact_pad=False, use_grads=False)
     with pytest.raises(ValueError, match="stochastic_depth_drop_prob=0.1"):
         ConformerEncoder(**ENCODER_CFG, stochastic_depth_drop_prob=0.1)
@@ -373,17 +400,22 @@ def test_config_keys_are_checked():
         MelSpectrogram(exact_pad=True)
     with pytest.raises(ValueError, match="conv_context_size"):
         ConformerEncoder(**dict(ENCODER_CFG, conv_context_size=[3, 3]))
-    no_encoder = {"pretrained_weights": False, "perception": {"preprocessor": {}, "modality_adapter": ADAPTER_CFG}}
+    no_encoder = {"pretrained_weights": False,
+                  "perception": {"preprocessor": {}, "modality_adapter": ADAPTER_CFG}}
     with pytest.raises(ValueError, match="perception.encoder is missing"):
         setup_perception(no_encoder, 8)
-    wrong_adapter = {"preprocessor": {}, "encoder": ENCODER_CFG, "modality_adapter": dict(ADAPTER_CFG, feat_in=32)}
+    wrong_adapter = {"preprocessor": {}, "encoder": ENCODER_CFG,
+                     "modality_adapter": dict(ADAPTER_CFG, feat_in=32)}
     with pytest.raises(ValueError, match="set feat_in to 64"):
         AudioPerceptionModule(wrong_adapter, 8)
-    multi = ConformerEncoder(**dict(STREAMING_CFG, att_context_size=[[4, 1], [4, 0]], att_context_probs=[0.5, 0.5]))
-    assert multi.att_context_sizes == [[4, 1], [4, 0]]  # eval uses the first, training draws one per step
+    multi = ConformerEncoder(**dict(STREAMING_CFG, att_context_size=[[4, 1], [4, 0]],
+                                    att_context_probs=[0.5, 0.5]))
+    # eval uses the first, training draws one per step
+    assert multi.att_context_sizes == [[4, 1], [4, 0]]
     tied = ConformerEncoder(**ENCODER_CFG, untie_biases=False)
     assert tied.layers[0].self_attn.pos_bias_u is tied.layers[1].self_attn.pos_bias_u
-    assert "layers.1.self_attn.pos_bias_u" in tied.state_dict()  # NeMo lists the shared bias under every layer
+    # NeMo lists the shared bias under every layer
+    assert "layers.1.self_attn.pos_bias_u" in tied.state_dict()
 
 
 class _Payload:
@@ -395,7 +427,8 @@ class _Payload:
 
 def test_a_pickled_payload_in_a_nemo_file_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_nemo(tmp_path / "evil.nemo", {"preprocessor": PREPROCESSOR_CFG}, {"w": torch.ones(1), "x": _Payload()}, "w")
+    write_nemo(tmp_path / "evil.nemo", {"preprocessor": PREPROCESSOR_CFG},
+               {"w": torch.ones(1), "x": _Payload()}, "w")
     with pytest.raises(ValueError, match="pickled objects are refused"):
         load_nemo_checkpoint(str(tmp_path / "evil.nemo"))
     assert not (tmp_path / "pwned.txt").exists()

@@ -1,7 +1,8 @@
-"""SALM: prompt formats, placeholder replacement, freezing and LoRA, the loss, training and generation.
+"""SALM: prompt formats, placeholder replacement, freezing and LoRA, the loss, training and
+generation.
 
-Models are tiny and random (a 2-layer Llama or GPT-2, a 1-layer FastConformer) built from local directories
-that the fixtures write, so every test runs offline in seconds.
+Models are tiny and random (a 2-layer Llama or GPT-2, a 1-layer FastConformer) built from local
+directories that the fixtures write, so every test runs offline in seconds.
 """
 
 import copy
@@ -33,25 +34,31 @@ SAMPLE_RATE = 16000
 SHIPPED_LLM = Path(__file__).resolve().parents[1] / "assets" / "tiny-llm"
 # Made by NeMo 3.0 itself: its prompt formats' output; a tiny SALM's weights, config, names, outputs
 NEMO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "nemo"
-# NeMo's tests/collections/speechlm2/test_salm.py::test_salm_dataset, decoded with TinyLlama's tokenizer
-NEMO_LLAMA2_PROMPT = "<s> [INST] Repeat after me: <|audioplaceholder|>  [/INST] Some text transcription. </s>"
+# NeMo's tests/collections/speechlm2/test_salm.py::test_salm_dataset, decoded with TinyLlama's
+# tokenizer
+NEMO_LLAMA2_PROMPT = ("<s> [INST] Repeat after me: <|audioplaceholder|>  [/INST] "
+                      "Some text transcription. </s>")
 NEMO_TURNS = [
     {"role": "user", "content": "Repeat after me:"},
     {"role": "user", "content": TAG},
     {"role": "assistant", "content": "Some text transcription."},
 ]
 PERCEPTION = {
-    "preprocessor": {"sample_rate": SAMPLE_RATE, "features": 80, "window_size": 0.025, "window_stride": 0.01},
-    "encoder": {"feat_in": 80, "n_layers": 1, "d_model": 32, "n_heads": 2, "subsampling": "dw_striding",
-                "subsampling_factor": 8, "subsampling_conv_channels": 16, "conv_kernel_size": 9},
-    "modality_adapter": {"feat_in": 32, "n_layers": 1, "d_model": 32, "n_heads": 2, "subsampling_factor": 1,
-                         "conv_kernel_size": 9},
+    "preprocessor": {"sample_rate": SAMPLE_RATE, "features": 80, "window_size": 0.025,
+                     "window_stride": 0.01},
+    "encoder": {"feat_in": 80, "n_layers": 1, "d_model": 32, "n_heads": 2,
+                "subsampling": "dw_striding", "subsampling_factor": 8,
+                "subsampling_conv_channels": 16, "conv_kernel_size": 9},
+    "modality_adapter": {"feat_in": 32, "n_layers": 1, "d_model": 32, "n_heads": 2,
+                         "subsampling_factor": 1, "conv_kernel_size": 9},
 }
-# (conversation, audio lengths in samples): several audios per prompt, system prompts, two answered turns
+# (conversation, audio lengths in samples): several audios per prompt, system prompts, two
+# answered turns
 CONVERSATIONS = [
     (NEMO_TURNS, [8000]),
     ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {TAG} and"},
-      {"role": "user", "content": TAG}, {"role": "assistant", "content": "the quick brown fox"}], [6000, 3500]),
+      {"role": "user", "content": TAG}, {"role": "assistant", "content": "the quick brown fox"}],
+     [6000, 3500]),
     ([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
       {"role": "user", "content": TAG}, {"role": "assistant", "content": "lazy dog"}], [10000]),
 ]
@@ -59,32 +66,38 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory):
-    """GPT-2 learns absolute positions: left padding is only invisible if position ids follow the mask."""
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
+    """GPT-2 learns absolute positions: left padding is only invisible if position ids follow
+    the mask."""
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
+                        eos_token_id=2)
     return write_llm_dir(tmp_path_factory.mktemp("gpt2"), byte_level_tokenizer(), config,
                          bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="session")
 def sentencepiece_llm_dir(tmp_path_factory):
-    """Laid out like TinyLlama's tokenizer.json: '▁' prepended to every piece of text between special tokens,
-    no pad token (so <unk> pads), and no audio tag (it gets an id past the embedding)."""
+    """Laid out like TinyLlama's tokenizer.json: '▁' prepended to every piece of text between
+    special tokens, no pad token (so <unk> pads), and no audio tag (it gets an id past the
+    embedding)."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                                 normalizers.Replace(" ", "▁")])
     tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+         decoders.Strip(" ", 1, 0)]
     )
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]
-                                                              + byte_tokens))
+    special = ["<unk>", "<s>", "</s>"] + byte_tokens
+    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400,
+                                                              special_tokens=special))
     return write_llm_dir(tmp_path_factory.mktemp("sentencepiece"), tokenizer, tiny_llama_config(),
                          bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def make_cfg(llm_dir, **overrides) -> dict:
     cfg = {"pretrained_llm": str(llm_dir), "pretrained_asr": None, "pretrained_weights": False,
-           "audio_locator_tag": TAG, "prompt_format": "llama2", "freeze_params": [], "prevent_freeze_params": [],
-           "perception": copy.deepcopy(PERCEPTION)}
+           "audio_locator_tag": TAG, "prompt_format": "llama2", "freeze_params": [],
+           "prevent_freeze_params": [], "perception": copy.deepcopy(PERCEPTION)}
     return {**cfg, **overrides}
 
 
@@ -94,24 +107,28 @@ def make_model(llm_dir, **overrides) -> SALM:
 
 
 def make_batch(model: SALM, conversations=CONVERSATIONS) -> dict:
-    """What data.py produces: left-padded ids and loss mask, zero-padded audio in placeholder order."""
+    """What data.py produces: left-padded ids and loss mask, zero-padded audio in placeholder
+    order."""
     torch.manual_seed(1)
     encoded = [model.encode_dialog(turns) for turns, _ in conversations]
     lengths = [n for _, audio_lengths in conversations for n in audio_lengths]
     audios = torch.zeros(len(lengths), max(lengths, default=0))
     for i, n in enumerate(lengths):
         audios[i, :n] = 0.1 * torch.randn(n)
-    left_pad = lambda rows, value: torch.nn.utils.rnn.pad_sequence(rows, True, value, padding_side="left")
+    left_pad = lambda rows, value: torch.nn.utils.rnn.pad_sequence(rows, True, value,
+                                                                   padding_side="left")
     return {"audios": audios, "audio_lens": torch.tensor(lengths),
             "input_ids": left_pad([e["input_ids"] for e in encoded], model.text_pad_id),
             "loss_mask": left_pad([e["mask"] for e in encoded], False)}
 
 
 def test_replace_placeholders_nemo_vector():
-    # NeMo's tests/collections/speechlm2/test_audio_placeholders.py, values and assertions as published
+    # NeMo's tests/collections/speechlm2/test_audio_placeholders.py, values and assertions as
+    # published
     PAD, AUDIO = 0, 100
     input_ids = torch.tensor([[7, AUDIO, 1, 2, AUDIO, 1], [PAD, PAD, 3, AUDIO, 4, 5]])
-    loss_mask = torch.tensor([[False, False, False, False, False, True], [False, False, False, False, True, True]])
+    loss_mask = torch.tensor([[False, False, False, False, False, True],
+                              [False, False, False, False, True, True]])
     embeds = torch.ones(2, 6, 2)
     embeds[1, :2] = 0
     replacements = torch.stack([torch.full((4, 2), v) for v in (2.0, 3.0, 4.0)])  # (3, 4, 2)
@@ -120,12 +137,14 @@ def test_replace_placeholders_nemo_vector():
     targets_r = splice(input_ids.where(loss_mask, -100), torch.full((3, 4), -100), index, fill=-100)
     attention_mask_r = index != input_ids.numel() + 3 * frames  # not the padding entry
     assert embeds_r.shape == (2, 11, 2)
-    assert (embeds_r[0, 0] == 1.0).all() and (embeds_r[0, 1:5] == 2.0).all() and (embeds_r[0, 5:7] == 1.0).all()
+    assert (embeds_r[0, 0] == 1.0).all() and (embeds_r[0, 1:5] == 2.0).all()
+    assert (embeds_r[0, 5:7] == 1.0).all()
     assert (embeds_r[0, 7:10] == 3.0).all() and (embeds_r[0, 10] == 1.0).all()
     assert (embeds_r[1, :6] == 0.0).all() and (embeds_r[1, 6:7] == 1.0).all()
     assert (embeds_r[1, 7:9] == 4.0).all() and (embeds_r[1, 9:] == 1.0).all()
     torch.testing.assert_close(targets_r, torch.tensor([[-100] * 10 + [1], [-100] * 9 + [4, 5]]))
-    torch.testing.assert_close(attention_mask_r, torch.tensor([[True] * 11, [False] * 6 + [True] * 5]))
+    torch.testing.assert_close(attention_mask_r,
+                               torch.tensor([[True] * 11, [False] * 6 + [True] * 5]))
 
     with pytest.raises(ValueError, match="3 audio locator tags but 2 audios"):
         splice_index([input_ids[0], input_ids[1, 2:]], [4, 3], AUDIO)
@@ -140,15 +159,18 @@ def test_llama2_matches_nemo_rendering(sentencepiece_llm_dir, llm_dir):
     ids, mask = encoded["input_ids"], encoded["mask"]
     assert model.tokenizer.decode(ids) == NEMO_LLAMA2_PROMPT
     assert mask.sum() > 0 and mask[mask.nonzero()[0, 0]:].all()  # supervised: one run at the end
-    assert model.tokenizer.decode(ids[~mask]) == "<s> [INST] Repeat after me: <|audioplaceholder|>  [/INST]"
+    assert model.tokenizer.decode(ids[~mask]) == \
+        "<s> [INST] Repeat after me: <|audioplaceholder|>  [/INST]"
     assert model.tokenizer.decode(ids[mask]) == "Some text transcription. </s>"
 
-    # A byte-level BPE has no '▁' prefix, so the same template reads without SentencePiece's extra spaces.
+    # A byte-level BPE has no '▁' prefix, so the same template reads without SentencePiece's
+    # extra spaces.
     model = make_model(llm_dir)
     encoded = model.encode_dialog(NEMO_TURNS)
     assert model.tokenizer.decode(encoded["input_ids"]) == (
         "<s>[INST] Repeat after me: <|audioplaceholder|> [/INST]Some text transcription. </s>")
-    assert model.tokenizer.decode(encoded["input_ids"][encoded["mask"]]) == "Some text transcription. </s>"
+    assert model.tokenizer.decode(encoded["input_ids"][encoded["mask"]]) == \
+        "Some text transcription. </s>"
 
 
 def test_llama2_system_prompt_multi_turn_and_nemo_slots(llm_dir):
@@ -158,14 +180,17 @@ def test_llama2_system_prompt_multi_turn_and_nemo_slots(llm_dir):
              {"role": "assistant", "content": "the fox"}]
     encoded = model.encode_dialog(turns)
     decode = model.tokenizer.decode
-    assert decode(encoded["input_ids"]) == ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nhello [/INST]world </s>"
+    assert decode(encoded["input_ids"]) == ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n"
+                                            "hello [/INST]world </s>"
                                             "<s>[INST] again [/INST]the fox </s>")
     assert decode(encoded["input_ids"][encoded["mask"]]) == "world </s>the fox </s>"
     nemo_turns = [{"role": "system_and_user", "slots": {"system": "Be brief.", "message": "hello"}},
-                  {"role": "assistant", "slots": {"message": "world"}}, {"role": "user", "slots": {"message": "again"}},
+                  {"role": "assistant", "slots": {"message": "world"}},
+                  {"role": "user", "slots": {"message": "again"}},
                   {"role": "assistant", "slots": {"message": "the fox"}}]
     assert torch.equal(model.encode_dialog(nemo_turns)["input_ids"], encoded["input_ids"])
-    prompt = model.encode_dialog(turns[:2])  # for generation: ends after [/INST], nothing supervised
+    # for generation: ends after [/INST], nothing supervised
+    prompt = model.encode_dialog(turns[:2])
     assert decode(prompt["input_ids"]).endswith("hello [/INST]") and not prompt["mask"].any()
     with pytest.raises(ValueError, match="unknown turn role"):
         model.encode_dialog([{"role": "User", "content": "hi"}])
@@ -178,10 +203,13 @@ def test_chat_template_formatter(llm_dir):
              {"role": "user", "content": "again"}, {"role": "assistant", "content": "fox"}]
     encoded = model.encode_dialog(turns)
     merged = turns[:1] + [{"role": "user", "content": f"Repeat: {TAG}"}] + turns[3:]
-    assert model.tokenizer.decode(encoded["input_ids"]) == model.tokenizer.apply_chat_template(merged, tokenize=False)
-    assert model.tokenizer.decode(encoded["input_ids"][encoded["mask"]]) == "hello world</s>\nfox</s>\n"
+    assert model.tokenizer.decode(encoded["input_ids"]) == \
+        model.tokenizer.apply_chat_template(merged, tokenize=False)
+    assert model.tokenizer.decode(encoded["input_ids"][encoded["mask"]]) == \
+        "hello world</s>\nfox</s>\n"
     prompt = model.encode_dialog(turns[:5])
-    assert model.tokenizer.decode(prompt["input_ids"]).endswith("<|user|>\nagain</s>\n<|assistant|>\n")
+    assert model.tokenizer.decode(prompt["input_ids"]).endswith(
+        "<|user|>\nagain</s>\n<|assistant|>\n")
     assert model.tokenizer.decode(prompt["input_ids"][prompt["mask"]]) == "hello world</s>\n"
 
     model.tokenizer.chat_template = "{{ messages | length }}" + CHAT_TEMPLATE
@@ -229,14 +257,16 @@ def test_freeze_and_prevent_on_the_salm_tree(llm_dir, capsys):
                      r"^perception\.encoder\..+$"]
     model = make_model(llm_dir, freeze_params=nemo_defaults)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("perception.modality_adapter.", "perception.proj.")) for n in trainable)
+    assert trainable and all(n.startswith(("perception.modality_adapter.", "perception.proj."))
+                             for n in trainable)
     assert {n for n, _ in model.named_parameters() if n.startswith("perception.proj.")} <= trainable
     num_trainable = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
     total = sum(p.numel() for p in model.parameters())
-    assert f"Parameters | trainable={num_trainable:,} ({100 * num_trainable / total:.2f}%) | total={total:,}" in (
-        capsys.readouterr().out)
+    assert (f"Parameters | trainable={num_trainable:,} ({100 * num_trainable / total:.2f}%) | "
+            f"total={total:,}") in capsys.readouterr().out
 
-    model = make_model(llm_dir, freeze_params=nemo_defaults[:1], prevent_freeze_params=[r"^llm\.lm_head\."])
+    model = make_model(llm_dir, freeze_params=nemo_defaults[:1],
+                       prevent_freeze_params=[r"^llm\.lm_head\."])
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in model.named_parameters()
                       if n.startswith("llm.") and "lm_head" not in n and "embed_tokens" not in n}
@@ -292,13 +322,16 @@ def test_lora_keeps_only_lora_and_unfrozen_parameters_trainable(llm_dir):
     lora_names = [n for n in names if ".lora_" in n]
     assert len(lora_names) == 2 * 2 * 2  # lora_A and lora_B on q_proj and v_proj of 2 layers
     assert all(n.startswith("llm.base_model.model.model.layers.") for n in lora_names)
-    expected = set(lora_names) | {n for n in names if n.startswith("perception.") and ".encoder." not in n}
+    expected = set(lora_names) | {n for n in names
+                                  if n.startswith("perception.") and ".encoder." not in n}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
 
-    model = make_model(llm_dir, lora=lora, freeze_params=[r"^llm\..+$"])  # `.lora_` survives a broad freeze
+    # `.lora_` survives a broad freeze
+    model = make_model(llm_dir, lora=lora, freeze_params=[r"^llm\..+$"])
     model.train()
     model.training_step(make_batch(model))["loss"].backward()
-    assert {n for n, p in model.named_parameters() if n.startswith("llm.") and p.grad is not None} == set(lora_names)
+    assert {n for n, p in model.named_parameters()
+            if n.startswith("llm.") and p.grad is not None} == set(lora_names)
 
 
 def reference_loss_and_accuracy(model: SALM, conversations=CONVERSATIONS):
@@ -389,7 +422,8 @@ def test_generate_from_paths_tensors_and_token_ids(llm_dir, tmp_path):
     rng = np.random.default_rng(0)
     wav = write_audio(tmp_path / "a.wav", 0.1 * rng.standard_normal(16000), SAMPLE_RATE, "FLOAT")
     flac = write_audio(tmp_path / "b.flac", 0.1 * rng.standard_normal(9000), SAMPLE_RATE, "PCM_16")
-    prompts = [[{"role": "user", "content": f"Repeat after me: {TAG}", "audio": str(tmp_path / "a.wav")}],
+    prompts = [[{"role": "user", "content": f"Repeat after me: {TAG}",
+                 "audio": str(tmp_path / "a.wav")}],
                [{"role": "user", "content": f"{TAG} then", "audio": [tmp_path / "b.flac"]},
                 {"role": "user", "content": TAG, "audio": str(tmp_path / "a.wav")}]]
     kwargs = {"max_new_tokens": 6, "min_new_tokens": 6}  # Hugging Face arguments pass through
@@ -400,13 +434,18 @@ def test_generate_from_paths_tensors_and_token_ids(llm_dir, tmp_path):
     assert torch.equal(model.generate(prompts, generation_config=config), from_paths)
 
     audios = torch.zeros(3, 16000)
-    audios[0], audios[1, :9000], audios[2] = torch.from_numpy(wav), torch.from_numpy(flac), torch.from_numpy(wav)
-    no_paths = [[{k: v for k, v in turn.items() if k != "audio"} for turn in prompt] for prompt in prompts]
-    from_tensors = model.generate(no_paths, audios=audios, audio_lens=torch.tensor([16000, 9000, 16000]), **kwargs)
+    audios[0], audios[1, :9000] = torch.from_numpy(wav), torch.from_numpy(flac)
+    audios[2] = torch.from_numpy(wav)
+    no_paths = [[{k: v for k, v in turn.items() if k != "audio"} for turn in prompt]
+                for prompt in prompts]
+    from_tensors = model.generate(no_paths, audios=audios,
+                                  audio_lens=torch.tensor([16000, 9000, 16000]), **kwargs)
     assert torch.equal(from_tensors, from_paths)
 
-    token_ids = model.encode_dialog(no_paths[1])["input_ids"][None]  # (1, L) already in the prompt format
-    from_ids = model.generate(token_ids, audios=audios[1:, :], audio_lens=torch.tensor([9000, 16000]), **kwargs)
+    # (1, L) already in the prompt format
+    token_ids = model.encode_dialog(no_paths[1])["input_ids"][None]
+    from_ids = model.generate(token_ids, audios=audios[1:, :],
+                              audio_lens=torch.tensor([9000, 16000]), **kwargs)
     assert torch.equal(from_ids, model.generate(prompts[1:], **kwargs))
 
     with pytest.raises(ValueError, match="2 audio locator tags but 1 audios"):
@@ -428,9 +467,11 @@ def test_batched_generation_equals_one_by_one(llm, request):
             if param.dim() == 2:
                 param.normal_(0, 0.2)
     torch.manual_seed(2)
-    cases = [([{"role": "user", "content": f"Repeat after me, please: {TAG}"}], [torch.randn(24000) * 0.1]),
+    cases = [([{"role": "user", "content": f"Repeat after me, please: {TAG}"}],
+              [torch.randn(24000) * 0.1]),
              ([{"role": "user", "content": "hello"}], []),
-             ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{TAG} and {TAG}"}],
+             ([{"role": "system", "content": "Be brief."},
+               {"role": "user", "content": f"{TAG} and {TAG}"}],
               [torch.randn(6000) * 0.1, torch.randn(11000) * 0.1])]
     clips = [clip for _, clips in cases for clip in clips]
     audios = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True)
@@ -486,9 +527,11 @@ def test_generate_equals_greedy_decoding_with_forward(llm_dir):
 
 
 def test_text_only_batches_and_any_llm_directory(sentencepiece_llm_dir):
-    # A directory without a pad token or audio tag; text-only conversations mixed with audio ones, or alone.
+    # A directory without a pad token or audio tag; text-only conversations mixed with audio ones,
+    # or alone.
     model = make_model(sentencepiece_llm_dir)
-    text_only = ([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}], [])
+    text_only = ([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}],
+                 [])
     assert model.tokenizer.decode(model.encode_dialog(text_only[0])["input_ids"]) == (
         "<s> [INST] hello [/INST] world </s>")
     for conversations in ([text_only, (NEMO_TURNS, [8000])], [text_only]):
@@ -500,7 +543,8 @@ def test_text_only_batches_and_any_llm_directory(sentencepiece_llm_dir):
         assert math.isfinite(model.validation_step(batch)["loss_sum"])
 
 
-@pytest.mark.skipif(not (SHIPPED_LLM / "config.json").exists(), reason="assets/tiny-llm not generated")
+@pytest.mark.skipif(not (SHIPPED_LLM / "config.json").exists(),
+                    reason="assets/tiny-llm not generated")
 @pytest.mark.parametrize("prompt_format", ["llama2", "chat_template"])
 def test_shipped_tiny_llm(prompt_format):
     model = make_model(SHIPPED_LLM, prompt_format=prompt_format)
@@ -509,8 +553,10 @@ def test_shipped_tiny_llm(prompt_format):
         encoded = model.encode_dialog(turns)
         ids, mask = encoded["input_ids"].tolist(), encoded["mask"].tolist()
         starts = [i for i in range(len(ids)) if mask[i] and (i == 0 or not mask[i - 1])]
-        ends = [i + 1 for i in range(len(ids)) if mask[i] and (i + 1 == len(ids) or not mask[i + 1])]
-        runs = [ids[a:b] for a, b in zip(starts, ends)]  # one run per assistant turn, each closed by EOS
+        ends = [i + 1 for i in range(len(ids))
+                if mask[i] and (i + 1 == len(ids) or not mask[i + 1])]
+        # one run per assistant turn, each closed by EOS
+        runs = [ids[a:b] for a, b in zip(starts, ends)]
         assert [model.tokenizer.decode(r, skip_special_tokens=True).strip() for r in runs] == (
             [t["content"] for t in turns if t["role"] == "assistant"])
         assert all(r[-1] == model.text_eos_id for r in runs)
@@ -530,15 +576,19 @@ def test_ctc_loss_weight_adds_ctc_of_single_clip_conversations(llm_dir):
             if len(audio_lengths) != 1:
                 continue  # a transcript cannot be split between two clips
             n = audio_lengths[0]
-            embeds, embed_lens = model.perception(batch["audios"][clips[0], :n][None], torch.tensor([n]))
-            log_probs = model.llm.get_output_embeddings()(embeds[0, : embed_lens[0]]).log_softmax(-1)
+            embeds, embed_lens = model.perception(batch["audios"][clips[0], :n][None],
+                                                  torch.tensor([n]))
+            head = model.llm.get_output_embeddings()
+            log_probs = head(embeds[0, : embed_lens[0]]).log_softmax(-1)
             encoded = model.encode_dialog(turns)
             target = encoded["input_ids"][encoded["mask"]]
             target = target[target != model.text_eos_id]
-            ctc_sum += F.ctc_loss(log_probs[:, None], target[None], embed_lens, torch.tensor([len(target)]),
-                                  blank=model.text_pad_id, reduction="sum")
+            ctc_sum += F.ctc_loss(log_probs[:, None], target[None], embed_lens,
+                                  torch.tensor([len(target)]), blank=model.text_pad_id,
+                                  reduction="sum")
             num_targets += len(target)
-    # both terms share CE's normaliser, the supervised tokens, so losses of micro-batches add up exactly
+    # both terms share CE's normaliser, the supervised tokens, so losses of micro-batches add up
+    # exactly
     torch.testing.assert_close(out["loss"], ce_loss + 0.5 * ctc_sum / count, atol=1e-4, rtol=1e-5)
     assert out["log"]["ctc_loss"] == pytest.approx(float(ctc_sum) / num_targets, rel=1e-5)
 

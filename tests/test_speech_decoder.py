@@ -66,17 +66,20 @@ def make_inputs(B=2, T=24, hidden_size=H, seed=1):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_step_by_step_decoding_matches_full_forward(use_cache):
-    decoder = make_decoder(use_cache=use_cache, init_method_std=0.2)  # larger weights: differences would show
+    # larger weights: differences would show
+    decoder = make_decoder(use_cache=use_cache, init_method_std=0.2)
     hidden, codes = make_inputs(T=24)
     with torch.no_grad():
         full = decoder(hidden, codes)
         cache = decoder.new_cache()
-        steps = torch.cat([decoder(hidden[:, t : t + 1], codes[:, t : t + 1], cache=cache) for t in range(24)], 1)
+        steps = torch.cat([decoder(hidden[:, t : t + 1], codes[:, t : t + 1], cache=cache)
+                           for t in range(24)], 1)
         # a multi-frame prefill followed by single steps takes the same path through the cache
         cache = decoder.new_cache()
         chunks = [decoder(hidden[:, :10], codes[:, :10], cache=cache)]
         chunks += [decoder(hidden[:, 10:17], codes[:, 10:17], cache=cache)]
-        chunks += [decoder(hidden[:, t : t + 1], codes[:, t : t + 1], cache=cache) for t in range(17, 24)]
+        chunks += [decoder(hidden[:, t : t + 1], codes[:, t : t + 1], cache=cache)
+                   for t in range(17, 24)]
     assert full.shape == (2, 24, K, V)
     assert cache.num_frames == 24
     assert len(cache.keys) == (SMALL["n_layers"] if use_cache else 0)
@@ -106,7 +109,8 @@ def test_outputs_before_a_frame_do_not_depend_on_it(t, kind):
     with torch.no_grad():
         a, b = decoder(hidden, codes), decoder(hidden2, codes2)
     torch.testing.assert_close(a[:, :t], b[:, :t], atol=1e-6, rtol=0)
-    assert (a[:, t:] - b[:, t:]).abs().amax(dim=(0, 2, 3)).min() > 1e-3  # every later frame did change
+    # every later frame did change
+    assert (a[:, t:] - b[:, t:]).abs().amax(dim=(0, 2, 3)).min() > 1e-3
 
 
 def test_input_is_projected_hidden_plus_mean_code_embedding_plus_position():
@@ -116,7 +120,8 @@ def test_input_is_projected_hidden_plus_mean_code_embedding_plus_position():
     decoder.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.no_grad():
         decoder(hidden, codes)
-        code_embeds = torch.stack([decoder.code_embeddings[k](codes[..., k]) for k in range(K)]).mean(0)
+        code_embeds = torch.stack([decoder.code_embeddings[k](codes[..., k])
+                                   for k in range(K)]).mean(0)
         expected = decoder.input_proj(hidden) + code_embeds + decoder.position_embeddings.weight[:5]
     torch.testing.assert_close(seen[0], expected, atol=1e-6, rtol=0)
 
@@ -147,18 +152,21 @@ def test_top_k_1_sampling_equals_greedy():
     logits = torch.randn(8, 10, K, V)
     g = torch.Generator().manual_seed(0)
     for temperature in (0.5, 1.0, 5.0):
-        assert torch.equal(sample_codes(logits, temperature, top_k=1, generator=g), logits.argmax(-1))
+        assert torch.equal(sample_codes(logits, temperature, top_k=1, generator=g),
+                           logits.argmax(-1))
 
 
 def test_top_k_never_emits_a_code_outside_the_k_best():
     top_k, draws = 4, 20000
-    logits = torch.randn(V).expand(draws, V)  # flat-ish distribution: every code is likely without filtering
+    # flat-ish distribution: every code is likely without filtering
+    logits = torch.randn(V).expand(draws, V)
     g = torch.Generator().manual_seed(0)
     codes = sample_codes(logits, temperature=3.0, top_k=top_k, generator=g)
     allowed = set(torch.topk(logits[0], top_k).indices.tolist())
     assert set(codes.unique().tolist()) == allowed  # each of the k best is drawn, nothing else
     unfiltered = sample_codes(logits, temperature=3.0, generator=g)
-    assert len(set(unfiltered.unique().tolist()) - allowed) > 0  # so the filter is what kept the others out
+    # so the filter is what kept the others out
+    assert len(set(unfiltered.unique().tolist()) - allowed) > 0
 
 
 def test_sampling_follows_the_tempered_distribution():
@@ -190,11 +198,13 @@ def test_bad_sampling_arguments_raise(kwargs):
 def test_unknown_key_raises_naming_it_and_target_is_ignored():
     with pytest.raises(ValueError, match="'d_fff'.*d_ff"):
         SpeechDecoder({**SMALL, "d_fff": 64}, H, K, V)
-    SpeechDecoder({**SMALL, "target": "nemo.collections.speechlm2.modules.TransformerARSpeechDecoder"}, H, K, V)
+    target = "nemo.collections.speechlm2.modules.TransformerARSpeechDecoder"
+    SpeechDecoder({**SMALL, "target": target}, H, K, V)
 
 
 def test_defaults_are_the_documented_block():
-    decoder = SpeechDecoder({"n_layers": 1, "max_seq_len": 8}, 2048, 2, 16)  # the rest as documented
+    # the rest as documented
+    decoder = SpeechDecoder({"n_layers": 1, "max_seq_len": 8}, 2048, 2, 16)
     block = decoder.blocks[0]
     assert decoder.input_proj.weight.shape == (1024, 2048)
     assert block.attn.qkv.weight.shape == (3 * 16 * 64, 1024)
@@ -210,7 +220,8 @@ def test_d_kv_different_from_d_model_over_n_heads():
     with torch.no_grad():
         full = decoder(hidden, codes)
         cache = decoder.new_cache()
-        steps = torch.cat([decoder(hidden[:, t : t + 1], codes[:, t : t + 1], cache=cache) for t in range(21)], 1)
+        steps = torch.cat([decoder(hidden[:, t : t + 1], codes[:, t : t + 1], cache=cache)
+                           for t in range(21)], 1)
     assert cache.keys[0].shape == (2, 4, 21, 16)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
 
@@ -222,7 +233,8 @@ def test_d_model_not_divisible_by_n_heads_needs_d_kv():
 
 
 HAND_ACTIVATIONS = {
-    "gelu_new": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+    "gelu_new": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi)
+                                                    * (x + 0.044715 * x**3))),
     "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
     "relu": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
     "silu": lambda x: x / (1 + torch.exp(-x)),
@@ -283,10 +295,12 @@ def test_input_projection_only_when_hidden_size_differs():
 def test_init_method_std_sets_the_weight_spread(std):
     decoder = make_decoder(d_model=128, d_ff=256, n_layers=2, init_method_std=std)
     block = decoder.blocks[0]
-    plain = (block.attn.qkv.weight, block.mlp.fc_in.weight, decoder.head.weight, decoder.code_embeddings[0].weight)
+    plain = (block.attn.qkv.weight, block.mlp.fc_in.weight, decoder.head.weight,
+             decoder.code_embeddings[0].weight)
     for weight in plain:
         assert abs(weight.std().item() / std - 1) < 0.05
-    for weight in (block.attn.out.weight, block.mlp.fc_out.weight):  # residual projections: std / sqrt(2 n_layers)
+    # residual projections: std / sqrt(2 n_layers)
+    for weight in (block.attn.out.weight, block.mlp.fc_out.weight):
         assert abs(weight.std().item() / (std / 2) - 1) < 0.05
     assert all(m.bias.abs().max() == 0 for m in decoder.modules() if isinstance(m, torch.nn.Linear))
 
@@ -328,7 +342,8 @@ def test_a_few_adamw_steps_drive_the_loss_down(kind):
     else:
         decoder = build_speech_decoder(NEMO, H, K, V).train()
     hidden, targets = make_inputs(B=4, T=16)
-    prev_codes = torch.cat([torch.zeros_like(targets[:, :1]), targets[:, :-1]], dim=1)  # frame 0 gets a start code
+    # frame 0 gets a start code
+    prev_codes = torch.cat([torch.zeros_like(targets[:, :1]), targets[:, :-1]], dim=1)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=3e-3)
     losses = []
     for _ in range(40):

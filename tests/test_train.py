@@ -20,7 +20,8 @@ def nemo_cosine(step, base, warmup, max_steps, min_lr):
         return base * (step + 1) / (warmup + 1)
     if step > max_steps:
         return min_lr
-    return (base - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup))) + min_lr
+    angle = math.pi * (step - warmup) / (max_steps - warmup)
+    return (base - min_lr) * 0.5 * (1 + math.cos(angle)) + min_lr
 
 
 def test_cosine_annealing_known_points():
@@ -36,8 +37,9 @@ def test_cosine_annealing_known_points():
 def test_scheduler_steps_follow_the_formula():
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=2e-3)
-    scheduler = build_scheduler({"_target_": "nemo.core.optim.lr_scheduler.CosineAnnealing", "warmup_steps": 5,
-                                 "min_lr": 1e-4, "max_steps": 40}, optimizer, max_steps=40)
+    scheduler = build_scheduler({"_target_": "nemo.core.optim.lr_scheduler.CosineAnnealing",
+                                 "warmup_steps": 5, "min_lr": 1e-4, "max_steps": 40}, optimizer,
+                                max_steps=40)
     seen = []
     for _ in range(45):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -68,9 +70,11 @@ def test_time_budget_and_validation_interval():
     assert time_budget("00:03:50:00", None) - time.time() == pytest.approx(13800, abs=5)
     assert time_budget(None, {"hours": 1}) - time.time() == pytest.approx(3600, abs=5)
     assert time_budget(None, None) is None
-    assert validation_interval({"val_check_interval": 250, "limit_train_batches": 1.0, "max_steps": 1000}) == 250
-    assert validation_interval({"val_check_interval": 0.5, "limit_train_batches": 100, "max_steps": 1000}) == 50
-    assert validation_interval({"val_check_interval": 1.0, "limit_train_batches": 1.0, "max_steps": 700}) == 700
+    interval = lambda every, limit, max_steps: validation_interval(
+        {"val_check_interval": every, "limit_train_batches": limit, "max_steps": max_steps})
+    assert interval(250, 1.0, 1000) == 250
+    assert interval(0.5, 100, 1000) == 50
+    assert interval(1.0, 1.0, 700) == 700
 
 
 def test_rank_state_round_trip_restores_every_rng():

@@ -17,11 +17,13 @@ from train import build_model, seed_everything
 pytestmark = pytest.mark.slow  # every test here trains; quick checks of train.py: test_train.py
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models; and two busy threads per process stall a shared CPU
+# tiny models; and two busy threads per process stall a shared CPU
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_python(args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
 
 
 def run_train(args):
@@ -29,11 +31,13 @@ def run_train(args):
 
 
 def test_train_saves_config_and_checkpoints(tmp_path):
-    out = run_train([f"exp_manager.explicit_log_dir={tmp_path}", "trainer.max_steps=4", "trainer.val_check_interval=2"])
+    out = run_train([f"exp_manager.explicit_log_dir={tmp_path}", "trainer.max_steps=4",
+                     "trainer.val_check_interval=2"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "exp_config.yaml").is_file()
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert "last.ckpt" in names and len([n for n in names if n.startswith("step=")]) == 1  # save_top_k: 1
+    # save_top_k: 1
+    assert "last.ckpt" in names and len([n for n in names if n.startswith("step=")]) == 1
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["step"] == 4 and state["config"]["trainer"]["max_steps"] == 4
     assert "step 4/4 | loss" in out.stdout and "tok/s" in out.stdout and "held-out:" in out.stdout
@@ -135,11 +139,13 @@ def test_a_failing_rank_ends_the_other_within_bounded_time(tmp_path):
         "    salm.SALM.training_step = failing\n"
         "train.main(sys.argv[1:])\n")
     start = time.time()
-    out = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "configs/salm.yaml",
-                      *SMALL, "trainer.max_steps=50", "trainer.devices=2", "trainer.val_check_interval=1000",
+    out = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                      "configs/salm.yaml", *SMALL, "trainer.max_steps=50", "trainer.devices=2",
+                      "trainer.val_check_interval=1000",
                       f"exp_manager.explicit_log_dir={tmp_path / 'run'}"])
     assert out.returncode != 0
-    assert time.time() - start < 120  # rank 0, blocked in the gradient all-reduce, is stopped, not left hanging
+    # rank 0, blocked in the gradient all-reduce, is stopped, not left hanging
+    assert time.time() - start < 120
     assert "injected failure on rank 1" in out.stdout + out.stderr
 
 
