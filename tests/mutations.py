@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E = "test_train_e2e.py::"
+DDP_EQUALS_ONE_PROCESS = E2E + "test_torchrun_two_ranks_equal_one_process_on_the_same_global_batch"
 NOTHING_WRITTEN = "test_bad_input.py::test_mistakes_stop_the_run_before_anything_is_written"
 
 
@@ -121,7 +122,7 @@ MUTATIONS = [
     # ---- training loop (train_step, DDP, accumulation) and the GPU path
     Mutation("DDP: gradients not rescaled by the world size", "train.py",
              "run.world_size / totals[1]", "1 / totals[1]",
-             [E2E + "test_torchrun_two_ranks_equal_one_process_on_the_same_global_batch"], slow=True),
+             [DDP_EQUALS_ONE_PROCESS], slow=True),
     Mutation("no gradient normalisation after accumulation", "train.py",
              "    torch._foreach_mul_(grads, run.world_size / totals[1].clamp(min=1))\n", "",
              [E2E + "test_gradient_accumulation_equals_a_double_batch_and_the_mean_loss_gradient"],
@@ -134,7 +135,7 @@ MUTATIONS = [
     Mutation("text-only batch skips the perception (DDP)", "salm.py",
              "                text_embeds = text_embeds + 0 * sum(p.sum() for p in weights)",
              "                pass",
-             [E2E + "test_torchrun_two_ranks_equal_one_process_on_the_same_global_batch"], slow=True),
+             [DDP_EQUALS_ONE_PROCESS], slow=True),
     Mutation("padded encoder queries see nothing (bf16 NaN on cuDNN)", "perception.py",
              "return torch.where(valid.unsqueeze(2), visible & keys, keys)",
              "return visible & keys & valid.unsqueeze(2)",
