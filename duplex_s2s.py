@@ -243,8 +243,9 @@ class DuplexS2SModel(SpeechLLM):
         logits = self(inputs["user_embeds"], inputs["text_inputs"], inputs["audio_inputs"])
         text_sum, audio_sum, num_frames = self.loss_sums(logits["text_logits"],
                                                          logits["audio_logits"], inputs)
-        out = {"text_loss_sum": float(text_sum), "num_frames": int(num_frames),
-               "audio_loss_sum": float(audio_sum) / self.num_codebooks}
+        out = {"text_loss_sum": float(text_sum),
+               "audio_loss_sum": float(audio_sum) / self.num_codebooks,
+               "num_frames": int(num_frames)}
         scorer = self._scoring_asr()
         results = self.offline_inference(batch["source_audio"], batch["source_audio_lens"],
                                          decode_audio=scorer is not None)
