@@ -2,6 +2,8 @@
 
     load_checkpoint(path)            a torch.save file, loaded with weights_only=True
     atomic_save(state, path)         temporary file, fsync, rename: never half a checkpoint
+    run_dir(exp), find_resume_checkpoint(exp, dir)  train.py's run directory, the checkpoint resumed
+    save_checkpoints(...)            a run's last.ckpt and its save_top_k best step=N.ckpt
     load_model(path, choose_class)   a model from an export directory or a train.py checkpoint
     PretrainedMixin                  save_pretrained / from_pretrained for the project's models
     load_nemo_checkpoint(path)       a NeMo `.nemo` archive: (config, state dict)
@@ -24,6 +26,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 import huggingface_hub
@@ -32,6 +35,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -86,6 +91,77 @@ def read_checkpoint(path: str | Path, state: dict | None = None) -> dict:
         raise ValueError(f"{path} is not a checkpoint written by train.py "
                          "(no 'model' and 'config')")
     return state
+
+
+def run_dir(exp: dict) -> Path:
+    """The run directory `exp_manager` names: explicit_log_dir, else exp_dir/name/version."""
+    if exp.get("explicit_log_dir"):
+        return Path(exp["explicit_log_dir"])
+    base = Path(exp.get("exp_dir") or "nemo_experiments") / (exp.get("name") or "default")
+    if exp.get("version"):
+        return base / str(exp["version"])
+    existing = sorted(p for p in base.glob("*") if (p / "checkpoints" / "last.ckpt").exists())
+    if exp.get("resume_if_exists") and existing:
+        return existing[-1]
+    if exp["use_datetime_version"]:
+        stamp = os.environ.get("SLM_RUN_VERSION") or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        os.environ["SLM_RUN_VERSION"] = stamp
+        return base / stamp
+    return base / f"version_{len(list(base.glob('version_*')))}"
+
+
+def find_resume_checkpoint(exp: dict, log_dir: Path) -> Path | None:
+    """The checkpoint to resume, None for a new run (never over another run's checkpoints)."""
+    if exp.get("resume_from_checkpoint"):
+        path = Path(exp["resume_from_checkpoint"])
+        if not path.is_file():
+            raise ConfigError(f"exp_manager.resume_from_checkpoint {path} does not exist")
+        return path
+    last = log_dir / "checkpoints" / "last.ckpt"
+    if exp.get("resume_if_exists"):
+        if last.is_file():
+            return last
+        if not exp.get("resume_ignore_no_checkpoint"):
+            raise ConfigError(f"resume_if_exists is set but {last} does not exist; set "
+                              "exp_manager.resume_ignore_no_checkpoint=true to start a new run")
+    elif last.is_file():
+        raise ConfigError(f"{log_dir} already holds checkpoints: set exp_manager.resume_if_exists="
+                          "true to continue that run, or choose another "
+                          "exp_manager.explicit_log_dir")
+    return None
+
+
+def save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, best, params,
+                     results, ranks, master):
+    """`last.ckpt` always; `step=N.ckpt` kept while it is among the `save_top_k` best by `monitor`.
+    Only rank 0 writes; every rank returns the same updated ranking."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+             "config": cfg, "best": best, "ranks": ranks}
+    ckpt_dir = log_dir / "checkpoints"
+    if results is not None and params["save_top_k"] != 0:
+        monitor = params["monitor"]
+        check_monitor_logged(params, results)
+        sign = -1 if params["mode"] == "max" else 1
+        best = sorted(best + [(sign * results[monitor], step)])
+        keep = best if params["save_top_k"] < 0 else best[: params["save_top_k"]]
+        dropped, best = best[len(keep):], keep
+        state["best"] = best
+        if master and any(s == step for _, s in best):
+            atomic_save(state, ckpt_dir / f"step={step}.ckpt")
+        for _, old_step in dropped if master else []:
+            (ckpt_dir / f"step={old_step}.ckpt").unlink(missing_ok=True)
+    if master:
+        atomic_save(state, ckpt_dir / "last.ckpt")
+    return best
+
+
+def check_monitor_logged(params: dict, results: dict) -> None:
+    """`checkpoint_callback_params.monitor` names a validation metric (checked at the sanity
+    validation, before the run directory is written, and at every validation)."""
+    if params["save_top_k"] != 0 and params["monitor"] not in results:
+        raise ConfigError(f"exp_manager.checkpoint_callback_params.monitor '{params['monitor']}' "
+                          f"is not a validation metric; pick one of {', '.join(sorted(results))}")
 
 
 def read_model(path: str | Path) -> tuple[dict, dict, str | None]:

@@ -1,19 +1,18 @@
 """SALM: a speech-augmented language model, NeMo speechlm2's SALM in plain PyTorch.
 
-A Hugging Face causal LLM reads a chat prompt in which each audio locator tag (one special token per clip)
-is replaced by all encoder frames of that clip (perception: mel -> FastConformer -> adapter -> projection).
-The loss is the cross-entropy summed over supervised tokens (every assistant turn with its closing EOS)
-divided by their count.
+A Hugging Face causal LLM reads a chat prompt in which each audio locator tag (one special token
+per clip) is replaced by all encoder frames of that clip (perception: mel -> FastConformer ->
+adapter -> projection). The loss is the cross-entropy summed over supervised tokens (every
+assistant turn with its closing EOS) divided by their count.
 
     model = SALM(cfg["model"])
-    model.training_step(batch)["loss"].backward()                  # batch from data.py
+    model.training_step(batch)["loss"].backward()     # batch from data.py
     model.eval()
-    tag = model.audio_locator_tag
-    answer_ids = model.generate([[{"role": "user", "content": f"Transcribe: {tag}", "audio": "clip.wav"}]],
-                                max_new_tokens=64)                 # (B, new tokens)
+    turn = {"role": "user", "content": f"Transcribe: {model.audio_locator_tag}", "audio": "a.wav"}
+    answer_ids = model.generate([[turn]], max_new_tokens=64)  # (B, new tokens)
     print(model.tokenizer.batch_decode(answer_ids, skip_special_tokens=True))
-    model.save_pretrained("exports/salm")                          # config.json + model.safetensors + llm/
-    model = SALM.from_pretrained("exports/salm")                   # offline, weights loaded strictly
+    model.save_pretrained("exports/salm")             # config.json + model.safetensors + llm/
+    model = SALM.from_pretrained("exports/salm")      # offline, weights loaded strictly
 
 The parameter names `freeze_params` / `prevent_freeze_params` regexes see (`re.match`) are NeMo's
 (checkpoint.nemo_named_parameters), so NeMo's patterns act on the same tensors as in NeMo:
@@ -22,17 +21,20 @@ The parameter names `freeze_params` / `prevent_freeze_params` regexes see (`re.m
                                          output head, it is listed once, as llm.lm_head.weight:
                                          `^llm\\.` covers it, `^embed_tokens\\.` matches nothing.
     llm.model.layers.0.self_attn.q_proj.weight, llm.model.norm.weight, llm.lm_head.weight
-    llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight   (with `lora:`, peft's names)
-    perception.preprocessor.*, perception.encoder.*, perception.modality_adapter.*, perception.proj.*
+    llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight   (`lora:`, peft's)
+    perception.preprocessor.*, perception.encoder.*, perception.modality_adapter.*,
+    perception.proj.*
 State dicts and exports keep our names; checkpoint.py maps NeMo's checkpoints onto them.
 
 Where this differs from NeMo, on purpose:
-* Position ids come from the attention mask, in training and in generation alike. NeMo's training forward passes
-  none, so a left-padded row starts at position n_pad there while HF `generate()` starts it at 0; RoPE cancels the
-  offset, absolute position embeddings do not.
-* Padding is the leading run of pad ids of a left-padded row, not every token equal to the pad id, so an LLM whose
-  pad token doubles as EOS (or as a text token) still sees, and learns, that token inside a sequence.
-* `generate()` returns only the new tokens for every kind of prompt (NeMo returns prompt + answer for text-only).
+* Position ids come from the attention mask, in training and in generation alike. NeMo's training
+  forward passes none, so a left-padded row starts at position n_pad there while HF `generate()`
+  starts it at 0; RoPE cancels the offset, absolute position embeddings do not.
+* Padding is the leading run of pad ids of a left-padded row, not every token equal to the pad id,
+  so an LLM whose pad token doubles as EOS (or as a text token) still sees, and learns, that token
+  inside a sequence.
+* `generate()` returns only the new tokens for every kind of prompt (NeMo returns prompt + answer
+  for text-only).
 """
 
 import copy
@@ -59,12 +61,13 @@ from prompts import make_prompt_formatter
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one makes a tokenizer
 HUB_NAME = re.compile(r"[\w-][\w.-]*(/[\w.-]+)?")  # what pretrained_llm may also be: a hub name
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that are not supervised
-DEFAULT_ASR_PROMPT = "Repeat after me, typing in lowercase."  # NeMo salm_eval's; configs/salm.yaml trains with it
+DEFAULT_ASR_PROMPT = "Repeat after me, typing in lowercase."  # NeMo salm_eval's, configs/salm.yaml
 
 
 class SpeechLLM(PretrainedMixin, nn.Module):
-    """What SALM and the duplex models share: the config with its defaults (`self.cfg`), a tokenizer, a Hugging
-    Face LLM (`self.llm`, LoRA-wrapped with a `lora` section) and the audio perception in the LLM's space."""
+    """What SALM and the duplex models share: the config with its defaults (`self.cfg`), a
+    tokenizer, a Hugging Face LLM (`self.llm`, LoRA-wrapped with a `lora` section) and the audio
+    perception in the LLM's space."""
 
     pad_fallback_id: int | None = None  # no pad and no unk token: pad with EOS (load_tokenizer)
     lora_on_decoder_stack = False  # LoRA wraps the whole causal LM (see load_llm)
@@ -76,7 +79,8 @@ class SpeechLLM(PretrainedMixin, nn.Module):
         self.tokenizer = load_tokenizer(tokenizer_path, audio_locator_tag, self.pad_fallback_id)
         self.llm = load_llm(cfg["pretrained_llm"], cfg["pretrained_weights"], cfg["lora"],
                             self.lora_on_decoder_stack)
-        self.perception, cfg["perception"] = setup_perception(cfg, output_dim=self.embed_tokens.embedding_dim)
+        self.perception, cfg["perception"] = setup_perception(
+            cfg, output_dim=self.embed_tokens.embedding_dim)
 
     def freeze(self, named_parameters: list | None = None) -> None:
         """Apply `freeze_params` / `prevent_freeze_params` (call once every module exists) to the
@@ -105,7 +109,7 @@ class SpeechLLM(PretrainedMixin, nn.Module):
         return self.embed_tokens.weight.device
 
     def context_limit(self, *limits: int | None) -> int | None:
-        """The smallest of the LLM's context (max_position_embeddings) and `limits`; None where none is set."""
+        """The smallest of the LLM's context (max_position_embeddings) and `limits`, or None."""
         limits = (getattr(self.llm.config, "max_position_embeddings", None), *limits)
         return min((n for n in limits if n), default=None)
 
@@ -136,7 +140,7 @@ class SALM(SpeechLLM):
         return self.perception.sample_rate
 
     def encode_dialog(self, turns: list[dict]) -> dict[str, Tensor]:
-        """Turns -> {"input_ids": (L,), "mask": (L,) True on assistant tokens}, in the configured prompt format."""
+        """Turns -> {"input_ids": (L,), "mask": (L,) True on assistant tokens}, prompt-formatted."""
         return self.formatter.encode_dialog(turns)
 
     def prepare_inputs(self, batch: dict) -> dict[str, Tensor]:
@@ -174,8 +178,9 @@ class SALM(SpeechLLM):
         return splice_layout(rows, masks, self.perception.output_lengths(audio_lens).tolist(),
                              self.audio_locator_tag_id, self.text_eos_id)
 
-    def forward(self, input_embeds: Tensor, attention_mask: Tensor | None = None, cache=None) -> dict:
-        """input_embeds (B, T, H) -> {"logits": (B, T, V)} (+ "cache" when a KV cache is passed in)."""
+    def forward(self, input_embeds: Tensor, attention_mask: Tensor | None = None,
+                cache=None) -> dict:
+        """input_embeds (B, T, H) -> {"logits": (B, T, V)} (+ "cache" when a KV cache is given)."""
         position_ids = None
         if attention_mask is not None and attention_mask.dim() == 2:  # with a cache: past + current
             position_ids = position_ids_from_mask(attention_mask)[:, -input_embeds.shape[1] :]
@@ -191,7 +196,7 @@ class SALM(SpeechLLM):
         return {"logits": out.logits, "cache": out.cache}
 
     def training_step(self, batch: dict) -> dict:
-        """loss = loss_sum / count; train.py sums both over micro-batches and ranks for an exact global mean."""
+        """loss = loss_sum / count; train.py sums both over micro-batches and ranks (exact mean)."""
         frozen_modules_to_eval([self.llm, *self.perception.children()])
         batch = self.with_layout(batch)
         inputs = self.prepare_inputs(batch)
@@ -202,18 +207,19 @@ class SALM(SpeechLLM):
         ctc_weight = self.cfg["ctc_loss_weight"]
         if ctc_weight:
             ctc_sum, num_targets = self._ctc_loss_sum(inputs["audio_embeds"], batch)
-            out["loss_sum"] = loss_sum + ctc_weight * ctc_sum  # a sum, so micro-batches and ranks add up exactly
+            out["loss_sum"] = loss_sum + ctc_weight * ctc_sum  # a sum: micro-batches, ranks add up
             out["log"] = {"ctc_loss": ctc_sum.detach() / max(num_targets, 1)}
         out["loss"] = out["loss_sum"] / count.clamp(min=1)
         return out
 
     def _ctc_loss_sum(self, audio_embeds: Tensor, batch: dict) -> tuple[Tensor, int]:
-        """CTC of the LLM's own output head over each clip's embeddings against its transcript (blank = pad id).
+        """CTC of the LLM's own output head over each clip's embeddings against its transcript
+        (blank = pad id).
 
-        Not in NeMo: with `ctc_loss_weight` > 0 it trains a from-scratch encoder to put token-like embeddings in
-        the LLM's space. Without it a random-init SALM learns the text of its data and never starts to listen
-        (the encoder output collapses to one vector). Only conversations with exactly one clip take part: the
-        supervised tokens (EOS dropped) are that clip's transcript.
+        Not in NeMo: with `ctc_loss_weight` > 0 it trains a from-scratch encoder to put token-like
+        embeddings in the LLM's space. Without it a random-init SALM learns the text of its data and
+        never starts to listen (the encoder output collapses to one vector). Only conversations with
+        exactly one clip take part: the supervised tokens (EOS dropped) are that clip's transcript.
         """
         if not batch["ctc_lens"]:  # host lists (splice_layout): no sync
             return torch.zeros((), device=self.device), 0
@@ -238,7 +244,8 @@ class SALM(SpeechLLM):
                         continue
                     raise ValueError(f"data.{section}: {key} {value!r} is not the model's "
                                      f"{ours!r}; remove it (the model's value is used)")
-        return SALMDataset(self.encode_dialog, self.text_pad_id, self.sampling_rate, self.audio_locator_tag,
+        return SALMDataset(self.encode_dialog, self.text_pad_id, self.sampling_rate,
+                           self.audio_locator_tag,
                            token_equivalent_duration=self.token_equivalent_duration,
                            max_tokens=self.context_limit(data_cfg["train_ds"].get("max_tokens")),
                            min_tokens=data_cfg["train_ds"].get("min_tokens"), layout=self.layout)
@@ -248,8 +255,8 @@ class SALM(SpeechLLM):
         """Loss and teacher-forced token accuracy, summed and as this batch's token means, to be
         summed over batches and ranks (see `validation_summary`).
 
-        With generate=True the last assistant turn of each conversation is also answered greedily from the
-        conversation before it: "pairs" (reference, hypothesis) and word error counts for the WER.
+        With generate=True the last assistant turn of each conversation is also answered greedily
+        from the conversation before it: "pairs" (reference, hypothesis) and word error counts.
         """
         inputs = self.prepare_inputs(batch)
         logits = self(inputs["input_embeds"], attention_mask=inputs["attention_mask"])["logits"]
@@ -286,22 +293,24 @@ class SALM(SpeechLLM):
         generation_config: GenerationConfig | None = None,
         **generation_kwargs,
     ) -> Tensor:
-        """Answer a batch of prompts; returns the new tokens only, (B, T_new), rows padded after EOS.
+        """Answer a batch of prompts; returns the new tokens only, (B, T_new), padded after EOS.
 
-        prompts: conversations as lists of turns ({"role", "content"} or NeMo's {"role", "slots": {"message"}}),
-            whose audio comes either from an "audio" key on a turn (a path or list of paths, loaded and resampled
-            to the model rate) or from `audios` (B_audio, T) zero-padded float32 + `audio_lens` (B_audio,);
-            or token ids (B, L) already in the prompt format, padded with `text_pad_id`.
+        prompts: conversations as lists of turns ({"role", "content"} or NeMo's {"role", "slots":
+            {"message"}}), whose audio comes either from an "audio" key on a turn (a path or list of
+            paths, loaded and resampled to the model rate) or from `audios` (B_audio, T) zero-padded
+            float32 + `audio_lens` (B_audio,); or token ids (B, L) already in the prompt format,
+            padded with `text_pad_id`.
         Audios match the audio locator tags in reading order (prompt by prompt, left to right).
-        Greedy by default; any Hugging Face generation argument (max_new_tokens, do_sample, num_beams, ...)
-        passes through. Call `model.eval()` first, as for any inference.
+        Greedy by default; any Hugging Face generation argument (max_new_tokens, do_sample,
+        num_beams, ...) passes through. Call `model.eval()` first, as for any inference.
         """
         if isinstance(prompts, Tensor):
             rows = [_strip_padding(row, self.text_pad_id) for row in prompts]
         else:
             paths = [path for prompt in prompts for turn in prompt for path in _audio_paths(turn)]
             if paths and audios is not None:
-                raise ValueError("give the audio either as 'audio' paths in the prompts or as audios=, not both")
+                raise ValueError("give the audio either as 'audio' paths in the prompts or as "
+                                 "audios=, not both")
             if paths:
                 audios, audio_lens = load_audio_files(paths, self.sampling_rate)
             rows = [self.encode_dialog(prompt)["input_ids"] for prompt in prompts]
@@ -310,10 +319,12 @@ class SALM(SpeechLLM):
         num_tags = int((input_ids == self.audio_locator_tag_id).sum())
         num_audios = 0 if audios is None else len(audios)
         if num_tags != num_audios:
-            raise ValueError(f"the prompts hold {num_tags} audio locator tags but {num_audios} audios were given")
+            raise ValueError(f"the prompts hold {num_tags} audio locator tags but {num_audios} "
+                             "audios were given")
         clip_frames = []
         if audios is not None:
-            audios, audio_lens = audios.to(self.device), torch.as_tensor(audio_lens, device=self.device)
+            audios = audios.to(self.device)
+            audio_lens = torch.as_tensor(audio_lens, device=self.device)
             clip_frames = self.perception.output_lengths(audio_lens).tolist()
         index, frames = splice_index(rows, clip_frames, self.audio_locator_tag_id, left=True)
         index = index.to(self.device)
@@ -321,11 +332,12 @@ class SALM(SpeechLLM):
         attention_mask = index != input_ids.numel() + len(clip_frames) * frames  # not padding
 
         if generation_config is None:
-            generation_config = GenerationConfig(bos_token_id=self.text_bos_id, eos_token_id=self.text_eos_id)
+            generation_config = GenerationConfig(bos_token_id=self.text_bos_id,
+                                                 eos_token_id=self.text_eos_id)
         generation_config = copy.deepcopy(generation_config)
         if generation_config.pad_token_id is None:
             generation_config.pad_token_id = self.text_pad_id
-        other_kwargs = generation_config.update(**generation_kwargs)  # generation settings go into the config
+        other_kwargs = generation_config.update(**generation_kwargs)  # settings go into the config
         return self.llm.generate(
             inputs_embeds=input_embeds,
             attention_mask=attention_mask,
@@ -335,19 +347,19 @@ class SALM(SpeechLLM):
         )
 
     def _answer_last_turns(self, batch: dict) -> dict:
-        """Greedy answers to each conversation up to its last assistant turn, scored against that turn."""
+        """Greedy answers to each conversation up to its last assistant turn, scored against it."""
         prompts, references = [], []
         for ids, mask in zip(batch["input_ids"], batch["loss_mask"].tolist()):
-            start = len(mask) - 1 - mask[::-1].index(True)  # last supervised token, then back to its turn start
+            start = len(mask) - 1 - mask[::-1].index(True)  # last supervised, back to turn start
             while start > 0 and mask[start - 1]:
                 start -= 1
             prompts.append(ids[:start])
             references.append(self.tokenizer.decode(ids[start:], skip_special_tokens=True).strip())
         max_new_tokens = 2 * int(batch["loss_mask"].sum(1).max()) + 8
-        answer_ids = self.generate(
-            left_pad(prompts, self.text_pad_id), batch["audios"], batch["audio_lens"], max_new_tokens=max_new_tokens
-        )
-        hypotheses = [h.strip() for h in self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)]
+        answer_ids = self.generate(left_pad(prompts, self.text_pad_id), batch["audios"],
+                                   batch["audio_lens"], max_new_tokens=max_new_tokens)
+        texts = self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
+        hypotheses = [h.strip() for h in texts]
         counts = word_errors(references, hypotheses)
         return {"pairs": list(zip(references, hypotheses)), "ref_words": counts["ref_words"],
                 "word_errors": counts["substitutions"] + counts["deletions"] + counts["insertions"]}
@@ -357,7 +369,8 @@ class SALM(SpeechLLM):
         """Token ids (B, L) + audios (N, samples) -> the LLM's input (B, T, H) laid out by `index`
         and `frames` (splice_index), and the clips' embeddings (N, T_enc, H)."""
         tag_id = self.audio_locator_tag_id
-        # The embedding is not resized for the tag (as in NeMo): its id is never looked up, its slot is replaced.
+        # The embedding is not resized for the tag (as in NeMo): its id is never looked up, its slot
+        # is replaced.
         text_embeds = self.embed_tokens(input_ids.masked_fill(input_ids == tag_id, 0))  # (B, L, H)
         if audios is not None and len(audios) > 0:
             audio_embeds = self.perception(audios, audio_lens)[0]  # (N, T_enc, H)
@@ -372,15 +385,19 @@ class SALM(SpeechLLM):
 
 @torch.no_grad()
 def answer(model: SALM, prompts: list[list[dict]], audios: list[np.ndarray], max_new_tokens: int):
-    """Greedy answers of a SALM to prompts whose audio tags take `audios` in order, and the number of tokens
-    generated (each answer up to and including its EOS)."""
-    padded, audio_lens = right_pad([torch.from_numpy(a) for a in audios], 0.0) if audios else (None, None)
+    """Greedy answers of a SALM to prompts whose audio tags take `audios` in order, and the number
+    of tokens generated (each answer up to and including its EOS)."""
+    padded, audio_lens = (right_pad([torch.from_numpy(a) for a in audios], 0.0) if audios
+                          else (None, None))
     config = GenerationConfig(max_new_tokens=max_new_tokens, bos_token_id=model.text_bos_id,
-                              eos_token_id=model.text_eos_id, pad_token_id=model.text_pad_id, do_sample=False)
-    ids = model.generate(prompts, audios=padded, audio_lens=audio_lens, generation_config=config).cpu()
+                              eos_token_id=model.text_eos_id, pad_token_id=model.text_pad_id,
+                              do_sample=False)
+    ids = model.generate(prompts, audios=padded, audio_lens=audio_lens,
+                         generation_config=config).cpu()
     is_eos = ids == model.text_eos_id  # ids: (B, T_new)
     lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, ids.shape[1])
-    texts = [model.tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(ids, lengths)]
+    texts = [model.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+             for row, n in zip(ids, lengths)]
     return texts, int(lengths.sum())
 
 
@@ -444,14 +461,15 @@ def causal_mask(length: int, device) -> Tensor:
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions count attended tokens only, so a padded row gets the positions it would have unpadded
-    (the formula HF `generate()` uses; padding positions get 0)."""
+    """Positions count attended tokens only, so a padded row gets the positions it would have
+    unpadded (the formula HF `generate()` uses; padding positions get 0)."""
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(~attention_mask.bool(), 0)
 
 
 def frozen_modules_to_eval(modules: list[nn.Module]) -> None:
-    """A module without trainable parameters runs in eval mode: no dropout, no BatchNorm updates, and no dither
-    in the parameter-free mel preprocessor (as NeMo does for preprocessor, encoder and LLM every step)."""
+    """A module without trainable parameters runs in eval mode: no dropout, no BatchNorm updates,
+    and no dither in the parameter-free mel preprocessor (as NeMo does for preprocessor, encoder
+    and LLM every step)."""
     for module in modules:
         if not any(p.requires_grad for p in module.parameters()):
             module.eval()
@@ -468,7 +486,8 @@ def load_tokenizer(pretrained_llm: str, audio_locator_tag: str | None,
     except (OSError, ValueError) as e:  # ValueError: a directory without usable tokenizer files
         raise _not_found(pretrained_llm, e) from None
     if audio_locator_tag is not None:
-        tokenizer.add_special_tokens({"extra_special_tokens": [audio_locator_tag]}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens({"extra_special_tokens": [audio_locator_tag]},
+                                     replace_extra_special_tokens=False)
     if tokenizer.pad_token is None and tokenizer.unk_token is not None:
         tokenizer.pad_token = tokenizer.unk_token
     elif tokenizer.pad_token is None and pad_fallback_id is None:
@@ -482,17 +501,19 @@ def load_tokenizer(pretrained_llm: str, audio_locator_tag: str | None,
 
 def load_llm(pretrained_llm: str, pretrained_weights: bool, lora_cfg: dict | None = None,
              lora_on_decoder_stack: bool = False) -> nn.Module:
-    """A local directory or hub name, in fp32; pretrained_weights=False builds the same architecture, random init.
-    With `lora_cfg` (the config's `lora` section) it is wrapped with peft LoRA adapters (`LoraConfig(**lora_cfg)`),
-    which freeze its base weights. With `lora_on_decoder_stack` (the duplex models, as NeMo's) only
-    the decoder stack is wrapped, without a task type: the embedding and output head stay trainable.
+    """A local directory or hub name, in fp32; pretrained_weights=False builds the same
+    architecture, random init. With `lora_cfg` (the config's `lora` section) it is wrapped with peft
+    LoRA adapters (`LoraConfig(**lora_cfg)`), which freeze its base weights. With
+    `lora_on_decoder_stack` (the duplex models, as NeMo's) only the decoder stack is wrapped,
+    without a task type: the embedding and output head stay trainable.
     """
     _check_llm_dir(pretrained_llm, "config.json")
     try:
         if pretrained_weights:
             llm = AutoModelForCausalLM.from_pretrained(pretrained_llm, dtype=torch.float32)
         else:
-            llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained_llm), dtype=torch.float32)
+            llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained_llm),
+                                                   dtype=torch.float32)
     except OSError as e:
         raise _not_found(pretrained_llm, e) from None
     if lora_cfg is None:
@@ -536,21 +557,22 @@ def apply_freezing(model: nn.Module, freeze_params: list[str], prevent_freeze_pa
         used.update(freeze_hits + prevent_hits)
         if freeze_hits and not prevent_hits and not lora.match(name):
             param.requires_grad = False
-    # a pattern naming only buffers (NeMo's `^perception\.preprocessor\.` hits the mel filterbank) is no typo
+    # a pattern naming only buffers (NeMo's `^perception\.preprocessor\.` hits the mel filterbank)
+    # is no typo
     used.update(p for name, _ in model.named_buffers() for p in freeze + prevent if p.match(name))
     for pattern in freeze + prevent:
         if pattern not in used:
             warnings.warn(f"freeze pattern {pattern.pattern!r} matches no parameter or buffer")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"Parameters | trainable={trainable:,} ({100 * trainable / max(total, 1):.2f}%) | total={total:,}")
+    print(f"Parameters | trainable={trainable:,} ({100 * trainable / max(total, 1):.2f}%) | "
+          f"total={total:,}")
 
 
 def _masked_cross_entropy_sum(logits: Tensor, target_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Sum of CE over supervised positions (in fp32 whatever the LLM dtype) and their count."""
-    loss_sum = F.cross_entropy(
-        logits.flatten(0, 1).float(), target_ids.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), target_ids.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum, (target_ids != IGNORE_INDEX).sum()
 
 
@@ -571,8 +593,8 @@ def _strip_padding(row: Tensor, pad_id: int) -> Tensor:
 
 
 def _check_llm_dir(name: str, needs: str) -> None:
-    """A local pretrained_llm (or tokenizer_path) directory has what loading it `needs` ("config.json"
-    or "tokenizer files"): if not, say everything it lacks."""
+    """A local pretrained_llm (or tokenizer_path) directory has what loading it `needs`
+    ("config.json" or "tokenizer files"): if not, say everything it lacks."""
     path = Path(name).expanduser()
     if not path.is_dir():
         return
@@ -595,6 +617,6 @@ def _not_found(name: str, error: Exception) -> FileNotFoundError:
         else:
             reason = f"no such directory, and as a hub name: {reason}"
     return FileNotFoundError(
-        f"cannot load pretrained_llm '{name}': {reason}. Pass a local directory with the model's files, or set "
-        "pretrained_weights: false to need only its config.json and tokenizer (e.g. already in the HF cache)."
-    )
+        f"cannot load pretrained_llm '{name}': {reason}. Pass a local directory with the model's "
+        "files, or set pretrained_weights: false to need only its config.json and tokenizer (e.g. "
+        "already in the HF cache).")

@@ -21,6 +21,9 @@ The keys of the `speech_decoder` section choose the architecture (`decoder_class
   GPT-style decoder (SpeechDecoder): linear feed-forward, biases, learned positions, a final norm.
 `target: speech_decoder.TransformerARSpeechDecoder` or `speech_decoder.SpeechDecoder` picks one
 outright; NeMo's class name is ignored (the document pairs it with its own keys).
+
+AudioCodec wraps the frozen transformers codec (Mimi, Encodec or DAC) whose codes the decoders
+predict: audio <-> codes, in fp32.
 """
 
 import dataclasses
@@ -302,6 +305,96 @@ def sample_codes(logits: Tensor, temperature: float = 0.0, top_k: int | None = N
     probs = F.softmax(logits, dim=-1).reshape(-1, logits.size(-1))
     codes = torch.multinomial(probs, num_samples=1, generator=generator)
     return codes.view(logits.shape[:-1])
+
+
+# -------------------------------------------------------------------------------------------------
+# the audio codec: the codes the decoders predict, and the audio they stand for
+
+class AudioCodec(nn.Module):
+    """A frozen transformers codec (Mimi, Encodec or DAC): audio (B, T) <-> codes (B, T_frames, K),
+    in fp32."""
+
+    keep_fp32 = True  # train.py keeps this module in fp32 under bf16-true
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval().float()
+        for p in self.model.parameters():
+            p.requires_grad = False
+        config = model.config
+        self.kind = config.model_type
+        self.sample_rate = int(config.sampling_rate)
+        self.codebook_size = int(config.codebook_size)
+        if self.kind == "mimi":
+            self.samples_per_frame = round(config.sampling_rate / config.frame_rate)
+        elif self.kind == "encodec":
+            self.samples_per_frame = int(math.prod(config.upsampling_ratios))
+        else:
+            self.samples_per_frame = int(config.hop_length)
+        self.frame_rate = self.sample_rate / self.samples_per_frame
+        self.register_buffer("silence_codes", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._refresh()
+        self.num_codebooks = len(self.silence_codes)
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module._refresh())
+
+    def train(self, mode: bool = True) -> "AudioCodec":
+        return super().train(False)  # always frozen
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts the codec, but its 0-dim integer buffers (Mimi's and Encodec's conv
+        strides and padding, which every encode reads on the host to pad its input) stay on the
+        CPU: read there, they sync no GPU."""
+        host = [(module, name, buffer.cpu()) for module in self.modules()
+                for name, buffer in module._buffers.items()
+                if buffer is not None and buffer.dim() == 0 and not buffer.is_floating_point()]
+        super()._apply(fn, recurse)
+        for module, name, buffer in host:
+            module._buffers[name] = buffer
+        return self
+
+    @torch.no_grad()
+    def encode(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """audio (B, T) at `sample_rate` -> codes (B, T_frames, K) int64 and their lengths (B,)."""
+        with torch.autocast(audio.device.type, enabled=False):
+            self._forget_codebook_caches()
+            x = audio.float()[:, None]  # (B, 1, T)
+            if self.kind == "encodec":
+                bandwidth = max(self.model.config.target_bandwidths)
+                codes = self.model.encode(x, bandwidth=bandwidth).audio_codes[0]
+            else:
+                codes = self.model.encode(x).audio_codes  # (B, K, T_frames)
+        lens = torch.div(audio_lens + self.samples_per_frame - 1, self.samples_per_frame,
+                         rounding_mode="floor")
+        return codes.transpose(1, 2).long(), lens.clamp(max=codes.size(-1))
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor, code_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """codes (B, T_frames, K) -> fp32 audio (B, T_frames * samples_per_frame), lengths (B,)."""
+        with torch.autocast(codes.device.type, enabled=False):
+            self._forget_codebook_caches()
+            codes = codes.transpose(1, 2)  # (B, K, T_frames)
+            if self.kind == "encodec":
+                audio = self.model.decode(codes[None], [None]).audio_values
+            elif self.kind == "dac":
+                audio = self.model.decode(audio_codes=codes).audio_values
+            else:
+                audio = self.model.decode(codes).audio_values
+        audio = audio.reshape(codes.size(0), -1)[:, : codes.size(-1) * self.samples_per_frame]
+        audio = audio.float()
+        return audio, (code_lens * self.samples_per_frame).clamp(max=audio.size(1))
+
+    def _refresh(self) -> None:
+        """(Re)compute what derives from the weights: the codes of a silent frame (steady state)."""
+        silence = torch.zeros(1, self.sample_rate, device=self.silence_codes.device)
+        codes, _ = self.encode(silence, torch.tensor([self.sample_rate], device=silence.device))
+        self.silence_codes = codes[0, -1]
+
+    def _forget_codebook_caches(self) -> None:
+        # Mimi/Encodec codebooks cache `embed_sum / cluster_usage` on first use; recompute it after
+        # any load or move
+        for module in self.model.modules():
+            if hasattr(module, "_embed") and hasattr(module, "embed_sum"):
+                module._embed = None
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """Train SALM, DuplexS2SModel or DuplexS2SSpeechDecoderModel from a NeMo-style YAML config.
 
-    python train.py configs/salm.yaml                                        # one process: CPU or one GPU
+    python train.py configs/salm.yaml                                         # CPU or one GPU
     torchrun --nproc_per_node 8 train.py configs/salm.yaml trainer.devices=8  # DDP on one node
-    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 train.py CONFIG trainer.num_nodes=2
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 \\
+        train.py CONFIG trainer.num_nodes=2
 
-Any `key=value` after the config overrides it (see config.py). The model class follows from the config: a
-`speech_decoder` section means DuplexS2SSpeechDecoderModel, a `pretrained_audio_codec` DuplexS2SModel, else SALM.
+Any `key=value` after the config overrides it (see config.py). The model class follows from the
+config: a `speech_decoder` section means DuplexS2SSpeechDecoderModel, a `pretrained_audio_codec`
+DuplexS2SModel, else SALM.
 """
 import contextlib
 import importlib
@@ -17,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import atomic_save, cast_model, load_checkpoint
+from checkpoint import (cast_model, check_monitor_logged, find_resume_checkpoint, load_checkpoint,
+                        run_dir, save_checkpoints)
 from config import OPTIMIZERS, ConfigError, cli, load_config, save_config
 from data import TrainBatches, check_data_paths, has_data, make_val_loaders
 from duplex_s2s import DuplexS2SModel, DuplexS2SSpeechDecoderModel
@@ -34,21 +37,22 @@ from salm import SALM
 
 SCHEDULERS = ("CosineAnnealing",)
 MAX_BAD_STEPS = 10  # non-finite losses in a row before the run stops
+DIST_TIMEOUT = timedelta(minutes=10)  # how long a collective waits for a slow or lost rank
 GENERATED_METRICS = ("val_wer", "val_txt_bleu", "val_asr_bleu")  # need generation in validation
 
 
 def main(argv: list[str]) -> torch.nn.Module | None:
-    """Run training as the command line says; returns the trained model (for tests and notebooks)."""
+    """Run training as the command line says; returns the trained model (tests, notebooks)."""
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return None
-    sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also when piped to a file
-    # 1. distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `python train.py` is rank 0 of 1
+    sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also when piped
+    # 1. distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; else rank 0 of 1
     rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
                                     (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     master = rank == 0
 
-    # 2. config, device, precision, and where the run lives (nothing is written before the checks pass)
+    # 2. config, device, precision, and where the run lives (nothing written before the checks)
     cfg = load_config(argv[0], argv[1:], report=print if master else None)
     check_data_paths(cfg["data"])
     trainer, exp = cfg["trainer"], cfg["exp_manager"]
@@ -59,7 +63,7 @@ def main(argv: list[str]) -> torch.nn.Module | None:
     for partial in (log_dir / "checkpoints").glob("*.tmp") if master else ():
         partial.unlink()  # left by a run killed while saving
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
 
     # 3. model, optimizer, schedule, data; the state of a resumed run
     run = setup(cfg, device, rank, world_size, resume_path)
@@ -81,8 +85,8 @@ def main(argv: list[str]) -> torch.nn.Module | None:
 
     # 4. the loop: step, log, validate, save, until max_steps or the time budget
     deadline = time_budget(exp["max_time_per_run"], trainer["max_time"])
-    start_step, stream, meter, stop_reason, failed = run.step, iter(run.batches), Meter(), "max_steps", False
-    results = None
+    start_step, stream, meter, results = run.step, iter(run.batches), Meter(), None
+    stop_reason, failed = "max_steps", False
     progress = tqdm(total=max_steps, initial=run.step, desc="train", dynamic_ncols=True,
                     disable=not master or not trainer["enable_progress_bar"])
     while run.step < max_steps:
@@ -105,7 +109,8 @@ def main(argv: list[str]) -> torch.nn.Module | None:
             results, pairs = validate(run.model, run.val_loaders, trainer["limit_val_batches"],
                                       device, autocast_dtype, generate)
             if master:
-                progress.write("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+                progress.write("validation: " + "  ".join(f"{k} {v:.4f}"
+                                                          for k, v in results.items()))
                 log_metrics(loggers, results, run.step)
         if exp["create_checkpoint_callback"] and (results or every_n(ckpt_params, run.step)):
             save(run, cfg, log_dir, results, meter, master)
@@ -151,12 +156,14 @@ class Run:
     val_loaders: dict
     world_size: int
     step: int = 0
-    best: list = field(default_factory=list)  # (signed monitor value, step) of the top-k checkpoints
+    best: list = field(default_factory=list)  # (signed monitor value, step) of the top-k
 
 
-def setup(cfg: dict, device: torch.device, rank: int, world_size: int, resume_path: Path | None) -> Run:
-    """Model (the same init on every rank), optimizer, LR schedule, gradient scaler and data; a resumed run's
-    state, RNG streams and data position; else a per-rank seed for dropout and sampling."""
+def setup(cfg: dict, device: torch.device, rank: int, world_size: int,
+          resume_path: Path | None) -> Run:
+    """Model (the same init on every rank), optimizer, LR schedule, gradient scaler and data; a
+    resumed run's state, RNG streams and data position; else a per-rank seed for dropout and
+    sampling."""
     seed = cfg["data"]["train_ds"]["seed"]
     seed_everything(seed)
     if device.type == "cuda":  # cuDNN attention's backward (torch >= 2.11, Hopper) can give NaN
@@ -166,7 +173,8 @@ def setup(cfg: dict, device: torch.device, rank: int, world_size: int, resume_pa
         cast_model(model, torch.bfloat16)  # the mel frontend and the codec keep their fp32 numerics
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg["model"]["optimizer"], params)
-    scheduler = build_scheduler(cfg["model"]["lr_scheduler"], optimizer, cfg["trainer"]["max_steps"])
+    scheduler = build_scheduler(cfg["model"]["lr_scheduler"], optimizer,
+                                cfg["trainer"]["max_steps"])
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["trainer"]["precision"] == "16-mixed")
     state, rank_state = None, {}
     if resume_path:
@@ -181,7 +189,8 @@ def setup(cfg: dict, device: torch.device, rank: int, world_size: int, resume_pa
         seed_everything(seed + rank)
     ddp = TrainStep(model)
     if world_size > 1:
-        ddp = DistributedDataParallel(ddp, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DistributedDataParallel(ddp, device_ids=[device.index] if device.type == "cuda"
+                                      else None)
     # data: each rank takes every world_size-th batch of the same seeded stream
     dataset = model.make_dataset(cfg["data"])
     batches = TrainBatches(cfg["data"]["train_ds"], dataset, rank, world_size,
@@ -255,15 +264,18 @@ def train_step(run: Run, micro_batches: list[dict], trainer: dict, device, autoc
 
 
 def save(run: Run, cfg: dict, log_dir: Path, results: dict | None, meter, master: bool) -> None:
-    """Checkpoints of the run as it stands (see save_checkpoints), with every rank's RNG and data state."""
+    """Checkpoints of the run as it stands (checkpoint.save_checkpoints), with every rank's RNG and
+    data state."""
     skipped = run.batches.skipped.state(meter.step_skips())
     ranks = gather_rank_states(run.batches.num_batches, run.world_size, skipped)
-    run.best = save_checkpoints(log_dir, run.step, run.model, run.optimizer, run.scheduler, run.scaler, cfg,
-                                run.best, cfg["exp_manager"]["checkpoint_callback_params"], results, ranks, master)
+    run.best = save_checkpoints(log_dir, run.step, run.model, run.optimizer, run.scheduler,
+                                run.scaler, cfg, run.best,
+                                cfg["exp_manager"]["checkpoint_callback_params"], results, ranks,
+                                master)
 
 
 class TrainStep(torch.nn.Module):
-    """Routes DDP's forward to the model's training_step, so DDP's gradient hooks see every micro-batch."""
+    """Routes DDP's forward to the model's training_step: DDP's hooks see every micro-batch."""
 
     def __init__(self, model):
         super().__init__()
@@ -288,8 +300,8 @@ def build_model(model_cfg: dict) -> torch.nn.Module:
 def check_precision(precision) -> torch.dtype | None:
     """trainer.precision -> the autocast dtype (None: no autocast)."""
     if str(precision) not in ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true"):
-        raise ConfigError(f"trainer.precision '{precision}' is not supported: use 32, bf16-mixed, 16-mixed or "
-                          "bf16-true")
+        raise ConfigError(f"trainer.precision '{precision}' is not supported: use 32, bf16-mixed, "
+                          "16-mixed or bf16-true")
     return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
 
 
@@ -297,16 +309,19 @@ def start_run_dir(log_dir: Path, cfg: dict, resume_path: Path | None) -> None:
     """Create the run directory and write the resolved config."""
     (log_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(cfg, log_dir / "exp_config.yaml")
-    print(f"run directory: {log_dir}" + (f" (resuming from {resume_path.name})" if resume_path else ""))
+    print(f"run directory: {log_dir}"
+          + (f" (resuming from {resume_path.name})" if resume_path else ""))
 
 
 def build_optimizer(opt_cfg: dict | None, params) -> torch.optim.Optimizer:
-    """`model.optimizer`: `_target_` names a torch.optim class (only those); the other keys are its arguments."""
+    """`model.optimizer`: `_target_` names a torch.optim class (only those); the other keys are its
+    arguments."""
     opt_cfg = dict(opt_cfg or {"_target_": "torch.optim.AdamW", "lr": 1e-4})
     target = opt_cfg.pop("_target_", None) or opt_cfg.pop("name", "AdamW")
     name = target.rsplit(".", 1)[-1]
     if name not in OPTIMIZERS or target.removesuffix(name).rstrip(".") not in ("", "torch.optim"):
-        raise ConfigError(f"model.optimizer._target_ '{target}' is not allowed: use torch.optim.<{'|'.join(OPTIMIZERS)}>")
+        raise ConfigError(f"model.optimizer._target_ '{target}' is not allowed: use "
+                          f"torch.optim.<{'|'.join(OPTIMIZERS)}>")
     if not params:
         raise ConfigError("no trainable parameters: model.freeze_params froze everything")
     opt_cfg.pop("sched", None)
@@ -314,7 +329,8 @@ def build_optimizer(opt_cfg: dict | None, params) -> torch.optim.Optimizer:
 
 
 def build_scheduler(sched_cfg: dict | None, optimizer, max_steps: int):
-    """NeMo's CosineAnnealing (warmup, then cosine from the base LR to min_lr at max_steps), stepped per step."""
+    """NeMo's CosineAnnealing (warmup, then cosine from the base LR to min_lr at max_steps), stepped
+    per step."""
     if not sched_cfg:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     sched_cfg = dict(sched_cfg)
@@ -322,13 +338,16 @@ def build_scheduler(sched_cfg: dict | None, optimizer, max_steps: int):
     if target.rsplit(".", 1)[-1] not in SCHEDULERS:
         raise ConfigError(f"model.lr_scheduler '{target}' is not supported: use CosineAnnealing")
     total = int(sched_cfg.get("max_steps") or max_steps)
-    warmup = int(sched_cfg.get("warmup_steps") or round(float(sched_cfg.get("warmup_ratio") or 0) * total))
+    warmup = int(sched_cfg.get("warmup_steps")
+                 or round(float(sched_cfg.get("warmup_ratio") or 0) * total))
     min_lr = float(sched_cfg.get("min_lr", 0.0))
     base_lr = optimizer.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_annealing(s, base_lr, warmup, total, min_lr) / base_lr)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_annealing(s, base_lr, warmup, total, min_lr) / base_lr)
 
 
-def cosine_annealing(step: int, base_lr: float, warmup_steps: int, max_steps: int, min_lr: float) -> float:
+def cosine_annealing(step: int, base_lr: float, warmup_steps: int, max_steps: int,
+                     min_lr: float) -> float:
     if warmup_steps and step <= warmup_steps:
         return base_lr * (step + 1) / (warmup_steps + 1)
     if step > max_steps:
@@ -338,9 +357,10 @@ def cosine_annealing(step: int, base_lr: float, warmup_steps: int, max_steps: in
 
 
 @torch.no_grad()
-def validate(model, loaders: dict, limit, device, autocast_dtype, generate: bool = False) -> tuple[dict, list]:
-    """Per-set metrics (`val_{metric}_{name}`) and their mean over sets (`val_{metric}`), gathered over ranks,
-    plus (reference, hypothesis) pairs when the model generated."""
+def validate(model, loaders: dict, limit, device, autocast_dtype,
+             generate: bool = False) -> tuple[dict, list]:
+    """Per-set metrics (`val_{metric}_{name}`) and their mean over sets (`val_{metric}`), gathered
+    over ranks, plus (reference, hypothesis) pairs when the model generated."""
     model.eval()
     results, per_metric, pairs = {}, {}, []
     for name, loader in loaders.items():
@@ -350,14 +370,16 @@ def validate(model, loaders: dict, limit, device, autocast_dtype, generate: bool
                 break
             if batch.get("empty"):
                 continue
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
                 out = model.validation_step(to_device(batch, device), generate=generate)
             for key, value in out.items():
-                totals[key] = totals.get(key, 0) + value if not isinstance(value, list) else totals.get(key, []) + value
+                totals[key] = totals.get(key, [] if isinstance(value, list) else 0) + value
         if dist.is_initialized():
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, totals)
-            totals = {k: sum((g[k] for g in gathered), [] if isinstance(v, list) else 0) for k, v in totals.items()}
+            totals = {k: sum((g[k] for g in gathered), [] if isinstance(v, list) else 0)
+                      for k, v in totals.items()}
         pairs += totals.get("pairs", [])
         for metric, value in model.validation_summary(totals).items():
             results[f"val_{metric}_{name}"] = value
@@ -386,80 +408,16 @@ def check_monitor(exp: dict, model, val_loaders: dict) -> None:
                           f"{metrics[names[monitor]]}")
 
 
-def save_checkpoints(log_dir, step, model, optimizer, scheduler, scaler, cfg, best, params, results, ranks, master):
-    """`last.ckpt` always; `step=N.ckpt` kept while it is among the `save_top_k` best by `monitor`.
-    Only rank 0 writes; every rank returns the same updated ranking."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "step": step, "config": cfg, "best": best, "ranks": ranks}
-    ckpt_dir = log_dir / "checkpoints"
-    if results is not None and params["save_top_k"] != 0:
-        monitor = params["monitor"]
-        check_monitor_logged(params, results)
-        sign = -1 if params["mode"] == "max" else 1
-        best = sorted(best + [(sign * results[monitor], step)])
-        keep = best if params["save_top_k"] < 0 else best[: params["save_top_k"]]
-        dropped, best = best[len(keep):], keep
-        state["best"] = best
-        if master and any(s == step for _, s in best):
-            atomic_save(state, ckpt_dir / f"step={step}.ckpt")
-        for _, old_step in dropped if master else []:
-            (ckpt_dir / f"step={old_step}.ckpt").unlink(missing_ok=True)
-    if master:
-        atomic_save(state, ckpt_dir / "last.ckpt")
-    return best
-
-
-def check_monitor_logged(params: dict, results: dict) -> None:
-    """`checkpoint_callback_params.monitor` names a validation metric (checked at the sanity
-    validation, before the run directory is written, and at every validation)."""
-    if params["save_top_k"] != 0 and params["monitor"] not in results:
-        raise ConfigError(f"exp_manager.checkpoint_callback_params.monitor '{params['monitor']}' "
-                          f"is not a validation metric; pick one of {', '.join(sorted(results))}")
-
-
-def run_dir(exp: dict) -> Path:
-    if exp.get("explicit_log_dir"):
-        return Path(exp["explicit_log_dir"])
-    base = Path(exp.get("exp_dir") or "nemo_experiments") / (exp.get("name") or "default")
-    if exp.get("version"):
-        return base / str(exp["version"])
-    existing = sorted(p for p in base.glob("*") if (p / "checkpoints" / "last.ckpt").exists())
-    if exp.get("resume_if_exists") and existing:
-        return existing[-1]
-    if exp["use_datetime_version"]:
-        stamp = os.environ.get("SLM_RUN_VERSION") or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        os.environ["SLM_RUN_VERSION"] = stamp
-        return base / stamp
-    return base / f"version_{len(list(base.glob('version_*')))}"
-
-
-def find_resume_checkpoint(exp: dict, log_dir: Path) -> Path | None:
-    if exp.get("resume_from_checkpoint"):
-        path = Path(exp["resume_from_checkpoint"])
-        if not path.is_file():
-            raise ConfigError(f"exp_manager.resume_from_checkpoint {path} does not exist")
-        return path
-    last = log_dir / "checkpoints" / "last.ckpt"
-    if exp.get("resume_if_exists"):
-        if last.is_file():
-            return last
-        if not exp.get("resume_ignore_no_checkpoint"):
-            raise ConfigError(f"resume_if_exists is set but {last} does not exist; set "
-                              "exp_manager.resume_ignore_no_checkpoint=true to start a new run")
-    elif last.is_file():
-        raise ConfigError(f"{log_dir} already holds checkpoints: set exp_manager.resume_if_exists=true to continue "
-                          "that run, or choose another exp_manager.explicit_log_dir")
-    return None
-
-
 def pick_device(trainer: dict, world_size: int, local_rank: int) -> torch.device:
     accelerator = str(trainer["accelerator"]).lower()
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError("trainer.accelerator is gpu but no CUDA device is visible: set trainer.accelerator=cpu")
+        raise ConfigError("trainer.accelerator is gpu but no CUDA device is visible: set "
+                          "trainer.accelerator=cpu")
     devices, num_nodes = trainer["devices"], int(trainer["num_nodes"] or 1)
     if isinstance(devices, int) and devices > 0 and devices * num_nodes != world_size:
-        raise ConfigError(f"trainer.devices={devices} x trainer.num_nodes={num_nodes} != {world_size} processes "
-                          f"started; launch with torchrun --nproc_per_node {devices} or set trainer.devices")
+        raise ConfigError(f"trainer.devices={devices} x trainer.num_nodes={num_nodes} != "
+                          f"{world_size} processes started; launch with torchrun "
+                          f"--nproc_per_node {devices} or set trainer.devices")
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -467,7 +425,8 @@ def pick_device(trainer: dict, world_size: int, local_rank: int) -> torch.device
 
 
 def validation_interval(trainer: dict) -> int:
-    """`val_check_interval`: an int counts steps; a float is a fraction of the `limit_train_batches` "epoch"."""
+    """`val_check_interval`: an int counts steps; a float is a fraction of the
+    `limit_train_batches` "epoch"."""
     interval, epoch = trainer["val_check_interval"], trainer["limit_train_batches"]
     if isinstance(interval, int) and not isinstance(interval, bool):
         return max(1, interval)
@@ -504,7 +463,8 @@ def clip_gradients(params: list, clip_val, algorithm) -> torch.Tensor:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
 
 
 def seed_everything(seed: int) -> None:
@@ -514,10 +474,12 @@ def seed_everything(seed: int) -> None:
 
 
 def gather_rank_states(batches_drawn: int, world_size: int, skipped: dict | None = None) -> list:
-    """Each rank's RNG states, data position and skip counts, so that a resumed run continues exactly where it
-    stopped. Plain lists and dicts of ints: they pickle across ranks and load with weights_only=True."""
+    """Each rank's RNG states, data position and skip counts, so that a resumed run continues
+    exactly where it stopped. Plain lists and dicts of ints: they pickle across ranks and load with
+    weights_only=True."""
     _, numpy_keys, numpy_pos, *_ = np.random.get_state()
-    state = {"batches": batches_drawn, "skipped": dict(skipped or {}), "python": list(random.getstate()[1]),
+    state = {"batches": batches_drawn, "skipped": dict(skipped or {}),
+             "python": list(random.getstate()[1]),
              "numpy": [*numpy_keys.tolist(), numpy_pos],
              "torch": torch.get_rng_state().tolist(),
              "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else []}
@@ -530,7 +492,8 @@ def gather_rank_states(batches_drawn: int, world_size: int, skipped: dict | None
 
 def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", np.array(state["numpy"][:-1], dtype=np.uint32), state["numpy"][-1], 0, 0.0))
+    np.random.set_state(("MT19937", np.array(state["numpy"][:-1], dtype=np.uint32),
+                         state["numpy"][-1], 0, 0.0))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
@@ -577,12 +540,13 @@ class Meter:
         if device.type == "cuda":
             memory = torch.cuda.max_memory_allocated(device) / 2**30
         else:
-            memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+            memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS, KiB
         steps, micro_steps = max(self.steps, 1), max(self.micro_steps, 1)
         metrics = {"loss": float(self.loss) / steps,
                    **{k: float(v) / micro_steps for k, v in self.logs.items()},
                    "lr": lr, "grad_norm": float(self.grad_norm) / steps,
-                   "tokens_per_s": counts[0].item() / elapsed, "audio_s_per_s": counts[1].item() / elapsed,
+                   "tokens_per_s": counts[0].item() / elapsed,
+                   "audio_s_per_s": counts[1].item() / elapsed,
                    "ms_per_step": 1000 * elapsed / steps, "peak_mem_gb": memory}
         skipped = Counter(data_skips) + self.step_skips()  # what the data and the loop dropped
         metrics["skipped"] = sum(skipped.values())
@@ -594,10 +558,12 @@ class Meter:
 
 def format_log(step: int, max_steps: int, m: dict) -> str:
     extra = "".join(f" | {k} {v:.4f}" for k, v in m.items() if k.endswith("_loss"))
-    reasons = ", ".join(f"{k.removeprefix('skipped/')} {v}" for k, v in m.items() if k.startswith("skipped/"))
+    reasons = ", ".join(f"{k.removeprefix('skipped/')} {v}" for k, v in m.items()
+                        if k.startswith("skipped/"))
     return (f"step {step}/{max_steps} | loss {m['loss']:.4f}{extra} | lr {m['lr']:.2e} | "
-            f"{m['tokens_per_s']:,.0f} tok/s | {m['audio_s_per_s']:.1f} audio s/s | {m['ms_per_step']:.0f} ms/step | "
-            f"mem {m['peak_mem_gb']:.2f} GB | skipped {m['skipped']}" + (f" ({reasons})" if reasons else ""))
+            f"{m['tokens_per_s']:,.0f} tok/s | {m['audio_s_per_s']:.1f} audio s/s | "
+            f"{m['ms_per_step']:.0f} ms/step | mem {m['peak_mem_gb']:.2f} GB | "
+            f"skipped {m['skipped']}" + (f" ({reasons})" if reasons else ""))
 
 
 def make_loggers(exp: dict, log_dir: Path, cfg: dict) -> list:
