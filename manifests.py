@@ -224,7 +224,8 @@ def _read_group(entries, defaults, train, skipped):
                                  "supported: untar the audio beside the JSONL, or make Shar")
             if options["augment"]:
                 raise ValueError("perturb_speed and noise_path apply to audio cuts; a "
-                                 "multimodal_conversation entry cannot be augmented")
+                                 "multimodal_conversation entry cannot be augmented (set "
+                                 "data.train_ds.perturb_speed=false and noise_path=null)")
             items = CutSet(_MultimodalJsonl(entry["manifest_filepath"], skipped, entry.get("tags")))
         else:
             items = _read_cuts(entry, options, kind, skipped)

@@ -29,8 +29,9 @@ SMALL_PERCEPTION = [
     "model.perception.modality_adapter.feat_in=32", "model.perception.modality_adapter.d_model=32",
     "model.perception.modality_adapter.n_heads=2",
 ]
-# ... and a whole run of it with every dropout and dither off, so that runs are comparable.
+# ... and a whole run of it with every dropout, dither and augmentation off, so that runs compare.
 SMALL = SMALL_PERCEPTION + [
+    "model.perception.spec_augment=null", "data.train_ds.perturb_speed=false",
     "model.perception.encoder.dropout=0", "model.perception.encoder.dropout_pre_encoder=0",
     "model.perception.encoder.dropout_att=0", "model.perception.modality_adapter.dropout=0",
     "model.perception.preprocessor.dither=0",
