@@ -27,8 +27,8 @@ from lhotse.utils import compute_num_frames
 from torch.nn.utils.rnn import pad_sequence
 
 from config import loader_defaults, read_input_cfg
-from manifests import (DATA_KEYS, UNREADABLE, AudioError, Conversation, Skipped, audio_file_cut,
-                       cut_to_conversation, read_inputs)
+from manifests import (DATA_KEYS, NOT_AUGMENTED, UNREADABLE, AudioError, Conversation, Skipped,
+                       audio_file_cut, cut_to_conversation, read_inputs)
 
 MAX_EMPTY_BATCHES = 100  # training batches in a row with nothing usable: the data is broken
 TIMESTAMP_TOKEN = re.compile(r"<\|\d+\|>")  # "<|12|>" frame timestamps some duplex corpora have
@@ -191,9 +191,13 @@ def loader_values(ds_cfg: dict, key: str) -> list:
 def check_data_paths(data_cfg: dict) -> None:
     """Every shar_path, cuts_path and manifest_filepath of the training and validation data exists
     (a one-line FileNotFoundError naming the key otherwise), so that a typo ends a run before the
-    model is built."""
+    model is built; so is augmentation asked of conversation JSONL."""
     for name in ("train_ds", "validation_ds"):
         _check_paths(data_cfg.get(name) or {}, f"data.{name}")
+    train = data_cfg.get("train_ds") or {}
+    if ((train.get("perturb_speed") or train.get("noise_path"))
+            and "multimodal_conversation" in loader_values(train, "type")):
+        raise ValueError(NOT_AUGMENTED)
 
 
 def make_sampler(cuts, ds_cfg: dict, train: bool, rank: int = 0, world_size: int = 1):

@@ -32,6 +32,9 @@ NO_EFFECT_KEYS = {
     "context": "NeMo ignores it there: put it under tags ({context: ...}) or on each line",
     "shuffle_shards": "not a NeMo option: shards are shuffled when the loader's shuffle is true",
 }
+NOT_AUGMENTED = ("perturb_speed and noise_path apply to audio cuts; a multimodal_conversation "
+                 "entry cannot be augmented (set data.train_ds.perturb_speed=false and "
+                 "noise_path=null)")
 UNREADABLE = "unreadable audio"  # the skip reason of an item whose audio cannot be used
 MAX_WARNINGS = 5  # unreadable items named in a warning per process; the rest are only counted
 DEMO_PAIRS_PER_CONVERSATION = (1, 2, 3)  # question/answer exchanges in one demo conversation
@@ -223,9 +226,7 @@ def _read_group(entries, defaults, train, skipped):
                 raise ValueError("multimodal_conversation with tarred_audio_filepaths is not "
                                  "supported: untar the audio beside the JSONL, or make Shar")
             if options["augment"]:
-                raise ValueError("perturb_speed and noise_path apply to audio cuts; a "
-                                 "multimodal_conversation entry cannot be augmented (set "
-                                 "data.train_ds.perturb_speed=false and noise_path=null)")
+                raise ValueError(NOT_AUGMENTED)
             items = CutSet(_MultimodalJsonl(entry["manifest_filepath"], skipped, entry.get("tags")))
         else:
             items = _read_cuts(entry, options, kind, skipped)

@@ -13,8 +13,8 @@ from lhotse.testing.dummies import dummy_cut
 
 from config import loader_defaults
 from conftest import TAG, salm_dataset, tone
-from data import (TrainBatches, left_pad, load_audio, load_audio_files, load_target_audio,
-                  make_sampler, make_val_loaders, right_pad)
+from data import (TrainBatches, check_data_paths, left_pad, load_audio, load_audio_files,
+                  load_target_audio, make_sampler, make_val_loaders, right_pad)
 from manifests import (Conversation, Turn, audio_file_cut, cut_to_conversation,
                        expand_sharded_paths, read_duplex_demo, read_inputs)
 
@@ -520,6 +520,9 @@ def test_augmentation_refuses_what_it_would_break(tmp_path):
     multimodal = {"input_cfg": [entry]}
     with pytest.raises(ValueError, match="cannot be augmented"):
         read_inputs(loader_defaults(dict(multimodal, perturb_speed=True)), train=True)
+    with pytest.raises(ValueError, match="cannot be augmented"):  # before the model is built
+        check_data_paths({"train_ds": dict(multimodal, perturb_speed=True)})
+    check_data_paths({"train_ds": multimodal})
 
 
 def test_noise_in_a_duplex_cut_leaves_the_agent_channel_in_place():
