@@ -31,7 +31,7 @@ SMALL_PERCEPTION = [
 ]
 # ... and a whole run of it with every dropout, dither and augmentation off, so that runs compare.
 SMALL = SMALL_PERCEPTION + [
-    "model.perception.spec_augment=null", "data.train_ds.perturb_speed=false",
+    "data.train_ds.perturb_speed=false",
     "model.perception.encoder.dropout=0", "model.perception.encoder.dropout_pre_encoder=0",
     "model.perception.encoder.dropout_att=0", "model.perception.modality_adapter.dropout=0",
     "model.perception.preprocessor.dither=0",
