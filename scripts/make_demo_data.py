@@ -8,8 +8,9 @@ again gives the same transcripts and, with the same espeak-ng version, the same 
     python scripts/make_demo_data.py                      # rewrites assets/demo/
     python scripts/make_demo_data.py --out /tmp/d --limit 5
 
-Output, four lhotse Shar directories with FLAC audio at 16 kHz:
+Output, four lhotse Shar directories with Opus audio at 16 kHz in gzip'd tars:
     asr_train/, asr_val/  one utterance per cut, transcript in its supervision, speaker = voice;
+                          asr_train adds more utterances of any non-validation sentence;
     qa_train/, qa_val/    question (role "user", many voices) and answer (role "agent", one voice)
                           cuts, paired by cut.custom["pair_id"]; each is also a plain ASR cut.
 No sentence (question, answer or ASR utterance) occurs in both a train and a validation split, and
@@ -20,6 +21,7 @@ import argparse
 import gzip
 import io
 import itertools
+import json
 import random
 import re
 import shutil
@@ -29,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
+from lhotse import MonoCut, Recording, SupervisionSegment, fastcopy
+from lhotse.shar.utils import to_shar_placeholder
+from lhotse.shar.writers import JsonlShardWriter, TarWriter
 from scipy.signal import resample_poly
 
 SEED = 2024
@@ -38,10 +42,10 @@ SAMPLE_RATE = 16000
 RESAMPLE_UP, RESAMPLE_DOWN = 320, 441  # 22050 * 320 / 441 = 16000
 SILENCE_THRESHOLD = 0.01  # of the peak: samples below it at either end count as silence
 EDGE_PAD = int(0.05 * SAMPLE_RATE)  # silence kept before and after the speech
-# Samples keep their top 7 of 16 bits (~30 dB signal to quantization noise, weak consonants kept):
-# FLAC stores the zeroed low bits for free, which fits three times the speech of 16-bit samples.
-KEPT_BITS = 7
 PEAK_LEVEL = 0.95
+# libsndfile's Opus compression level (0 = 256 kbit/s ... 1 = 6 kbit/s): 0.97 is about 14 kbit/s,
+# which with gzip'd tars stores a second of speech in about 1.8 kB (7-bit FLAC took 7 kB).
+OPUS_COMPRESSION = 0.97
 
 # espeak-ng voice = language[+variant]; all exist in Debian's espeak-ng-data.
 USER_VOICES = (
@@ -56,6 +60,9 @@ USER_RATES = (150, 165, 180, 195, 210)  # words per minute
 USER_PITCHES = (30, 40, 50, 60, 70)
 
 NUM_ASR = {"train": 400, "val": 60}
+# More train utterances, drawn after everything else: any sentence outside validation, new voices.
+# The demo's held-out WER is set by how much speech it hears (400 utterances: 22-28%).
+NUM_ASR_TRAIN_EXTRA = 2400
 # share of the ASR utterances per template (pools range from 19 to 1188 sentences)
 TEMPLATE_WEIGHTS = {
     "switch": 6, "open": 5, "pick": 6, "put": 7, "move": 5, "give": 7, "timer": 1, "count": 3,
@@ -63,7 +70,7 @@ TEMPLATE_WEIGHTS = {
 }
 NUM_QA = {"train": 160, "val": 30}  # question/answer pairs
 # cuts per shard; pairs never straddle QA shards
-SHARD_SIZE = {"asr_train": 100, "asr_val": 100, "qa_train": 80, "qa_val": 100}
+SHARD_SIZE = {"asr_train": 400, "asr_val": 100, "qa_train": 80, "qa_val": 100}
 
 NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
            "fifteen sixteen seventeen eighteen nineteen twenty").split()
@@ -117,14 +124,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stats = {}
     for name, utts in splits.items():
-        cuts = CutSet.from_cuts(make_cut(u) for u in utts)
+        cuts = [make_cut(u) for u in utts]
         shar_dir = args.out / name
         shutil.rmtree(shar_dir, ignore_errors=True)
         shar_dir.mkdir()
-        cuts.to_shar(shar_dir, fields={"recording": "flac"}, shard_size=SHARD_SIZE[name])
-        # gzip stamps the write time; zero it for identical reruns
-        for manifest in shar_dir.glob("cuts.*.jsonl.gz"):
-            manifest.write_bytes(gzip.compress(gzip.decompress(manifest.read_bytes()), mtime=0))
+        write_shar(cuts, shar_dir, SHARD_SIZE[name])
         stats[name] = (len(cuts), sum(c.duration for c in cuts), min(c.duration for c in cuts),
                        max(c.duration for c in cuts))
         print(f"{name}: {stats[name][0]} cuts, {stats[name][1] / 3600:.3f} h")
@@ -229,15 +233,16 @@ def build_splits() -> dict[str, list[Utterance]]:
     if len(asr_val) < NUM_ASR["val"] or len(qa_val) < NUM_QA["val"]:
         raise RuntimeError("the grammar is too small for the requested validation sizes")
 
+    def spoken(cut_id: str, text: str) -> Utterance:
+        voice = rng.choice(USER_VOICES)
+        return Utterance(cut_id, text, voice, rng.choice(USER_RATES), rng.choice(USER_PITCHES),
+                         voice)
+
     splits = {}
     for split, sentences in (("train", asr_train), ("val", asr_val)):
         rng.shuffle(sentences)
-        splits[f"asr_{split}"] = []
-        for i, text in enumerate(sentences):
-            voice = rng.choice(USER_VOICES)
-            splits[f"asr_{split}"].append(Utterance(
-                f"asr-{split}-{i:04d}", text, voice, rng.choice(USER_RATES),
-                rng.choice(USER_PITCHES), voice))
+        splits[f"asr_{split}"] = [spoken(f"asr-{split}-{i:04d}", text)
+                                  for i, text in enumerate(sentences)]
     for split, chosen in (("train", qa_train), ("val", qa_val)):
         splits[f"qa_{split}"] = []
         for i, (question, answer) in enumerate(chosen):
@@ -248,6 +253,13 @@ def build_splits() -> dict[str, list[Utterance]]:
                 Utterance(f"{pair_id}-agent", answer, AGENT_VOICE, AGENT_RATE, AGENT_PITCH,
                           "agent", pair_id),
             ]
+    val_texts = set(asr_val) | {text for pair in qa_val for text in pair}
+    extra = [rng.choice([s for s in templates[name] if s not in val_texts])
+             for name, count in allocate(NUM_ASR_TRAIN_EXTRA, TEMPLATE_WEIGHTS).items()
+             for _ in range(count)]
+    rng.shuffle(extra)
+    splits["asr_train"] += [spoken(f"asr-train-{i:04d}", text)
+                            for i, text in enumerate(extra, start=len(asr_train))]
     return splits
 
 
@@ -265,7 +277,7 @@ def allocate(total: int, weights: dict[str, int]) -> dict[str, int]:
 # Audio
 
 def synthesize(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-    """espeak-ng speech, 16 kHz int16 samples: trimmed, peak-normalised, quantized to KEPT_BITS."""
+    """espeak-ng speech, 16 kHz int16 samples: trimmed and peak-normalised."""
     command = ["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text]
     wav = subprocess.run(command, capture_output=True, check=True).stdout
     samples, sample_rate = sf.read(io.BytesIO(wav), dtype="int16")
@@ -273,15 +285,13 @@ def synthesize(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
     audio = resample_poly(samples.astype(np.float64) / 32768, RESAMPLE_UP, RESAMPLE_DOWN)
     loud = np.flatnonzero(np.abs(audio) > SILENCE_THRESHOLD * np.abs(audio).max())
     audio = audio[max(loud[0] - EDGE_PAD, 0): loud[-1] + EDGE_PAD + 1]
-    step = 2 ** (16 - KEPT_BITS)
-    levels = audio / np.abs(audio).max() * (PEAK_LEVEL * (32768 // step - 1))
-    return (np.round(levels) * step).astype(np.int16)
+    return np.round(audio / np.abs(audio).max() * PEAK_LEVEL * 32767).astype(np.int16)
 
 
 def make_cut(utt: Utterance) -> MonoCut:
     buffer = io.BytesIO()
     sf.write(buffer, synthesize(utt.text, utt.voice, utt.rate, utt.pitch), SAMPLE_RATE,
-             format="FLAC", subtype="PCM_16")
+             format="OGG", subtype="OPUS", compression_level=OPUS_COMPRESSION)
     cut = Recording.from_bytes(buffer.getvalue(), recording_id=utt.cut_id).to_cut()
     cut.supervisions = [SupervisionSegment(id=utt.cut_id, recording_id=utt.cut_id, start=0.0,
                                            duration=cut.duration, text=utt.text,
@@ -289,6 +299,21 @@ def make_cut(utt: Utterance) -> MonoCut:
     if utt.pair_id is not None:
         cut.custom = {"pair_id": utt.pair_id, "role": utt.speaker, "voice": utt.voice}
     return cut
+
+
+def write_shar(cuts: list[MonoCut], shar_dir: Path, shard_size: int) -> None:
+    """A lhotse Shar directory that keeps our Opus bytes (CutSet.to_shar would decode and re-encode
+    them at its own bitrate), its tars gzip'd: the tar headers weigh more than the speech."""
+    with TarWriter(str(shar_dir / "recording.%06d.tar.gz"), shard_size) as tar, \
+            JsonlShardWriter(str(shar_dir / "cuts.%06d.jsonl.gz"), shard_size) as manifest:
+        for cut in cuts:
+            placeholder = to_shar_placeholder(cut.recording, cut)
+            tar.write(f"{cut.id}.opus", io.BytesIO(cut.recording.sources[0].source))
+            tar.write(f"{cut.id}.json", io.BytesIO(json.dumps(placeholder.to_dict()).encode()),
+                      count=False)
+            manifest.write(fastcopy(cut, recording=placeholder))
+    for path in shar_dir.glob("*.gz"):  # gzip stamps the write time; zero it for identical reruns
+        path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()), mtime=0))
 
 
 def check_espeak() -> None:
@@ -342,17 +367,17 @@ espeak-ng.
 Total: {total_seconds:.1f} s = {total_seconds / 3600:.4f} h in {shar_bytes} bytes of Shar data.
 
 Each directory is a lhotse Shar set (`CutSet.from_shar(in_dir=...)`): `cuts.*.jsonl.gz` and
-`recording.*.tar` with 16 kHz mono FLAC. Samples keep their top {KEPT_BITS} of 16 bits (the low \
-bits are
-zero, which FLAC stores for free): about 30 dB signal to quantization noise over an utterance \
-(about 12 dB
-in quiet consonant frames, almost none of which fall silent), for three times the speech per \
-megabyte of
-16-bit samples.
+`recording.*.tar.gz` with 16 kHz mono Opus at libsndfile's compression level \
+{OPUS_COMPRESSION} (about 14 kbit/s),
+about 1.8 kB per second of speech with the tars gzip'd: four times the speech per megabyte of \
+7-bit FLAC.
 
 - `asr_train`, `asr_val`: commands, statements, digit strings and questions; one supervision per \
 cut with
-  the lower-case transcript, `speaker` = the espeak-ng voice, `language` = "en".
+  the lower-case transcript, `speaker` = the espeak-ng voice, `language` = "en". `asr_train`'s \
+first
+  {NUM_ASR["train"]} cuts are distinct sentences; the other {NUM_ASR_TRAIN_EXTRA} speak any \
+sentence outside validation in new voices.
 - `qa_train`, `qa_val`: spoken question/answer pairs for the duplex models. The question cut
   (`speaker` "user") is spoken by one of the user voices, the answer cut (`speaker` "agent") \
 always by

@@ -66,7 +66,8 @@ def int16_samples(cut) -> np.ndarray:
 
 
 def test_demo_counts_and_durations_match_script_and_readme(demo, script, readme):
-    expected = {"asr_train": script.NUM_ASR["train"], "asr_val": script.NUM_ASR["val"],
+    expected = {"asr_train": script.NUM_ASR["train"] + script.NUM_ASR_TRAIN_EXTRA,
+                "asr_val": script.NUM_ASR["val"],
                 "qa_train": 2 * script.NUM_QA["train"], "qa_val": 2 * script.NUM_QA["val"]}
     rows = {m[1]: (int(m[2]), float(m[3]))
             for m in re.finditer(r"^\| (\w+) \| (\d+) \| ([\d.]+) \|", readme, re.M)}
@@ -102,14 +103,16 @@ def test_transcripts_use_only_the_grammar(demo, script):
                 assert sup.speaker in script.USER_VOICES
 
 
-def test_train_and_validation_share_no_sentence(demo):
+def test_train_and_validation_share_no_sentence(demo, script):
     for kind in ("asr", "qa"):
         assert not set(texts(demo[f"{kind}_train"])) & set(texts(demo[f"{kind}_val"]))
     train = set(texts(demo["asr_train"])) | set(texts(demo["qa_train"]))
     val = set(texts(demo["asr_val"])) | set(texts(demo["qa_val"]))
     assert not train & val
-    # every ASR sentence is spoken once
-    assert len(set(texts(demo["asr_train"]))) == len(demo["asr_train"])
+    # the first train utterances are distinct sentences, the extra ones speak them and more again
+    distinct = texts(demo["asr_train"])[: script.NUM_ASR["train"]]
+    assert len(set(distinct)) == len(distinct)
+    assert len(set(texts(demo["asr_train"]))) > 4 * len(distinct)
     train_words = {w for t in train for w in t.split()}
     assert {w for t in val for w in t.split()} <= train_words
 
@@ -139,16 +142,16 @@ def test_qa_pairs_are_complete_and_answers_are_right(demo, script):
     assert len(user_voices) > 5
 
 
-def test_audio_is_trimmed_normalised_and_quantized(demo, script):
-    step = 2 ** (16 - script.KEPT_BITS)
+def test_audio_is_opus_trimmed_and_normalised(demo):
     for cuts in demo.values():
         for cut in list(cuts)[:5]:
+            payload = cut.recording.sources[0].source
+            assert payload[:4] == b"OggS" and b"OpusHead" in payload[:64]
             samples = int16_samples(cut)
             assert len(samples) == cut.num_samples
-            assert np.all(samples % step == 0)
-            assert 0.9 <= np.abs(samples).max() / 32768 <= 1.0
+            assert 0.7 <= np.abs(samples).max() / 32768 <= 1.0  # Opus moves the peak a little
             loud = np.flatnonzero(np.abs(samples) > 0.01 * 32768)
-            assert loud[0] < 0.1 * 16000 and len(samples) - loud[-1] < 0.1 * 16000
+            assert loud[0] < 0.15 * 16000 and len(samples) - loud[-1] < 0.15 * 16000
 
 
 def test_script_plans_every_shipped_transcript(demo, script):
@@ -175,7 +178,11 @@ def test_script_regenerates_the_shipped_data(demo, readme, tmp_path):
         for new, old in zip(regenerated, shipped):
             assert (new.id, new.supervisions[0].text, new.supervisions[0].speaker) == (
                 old.id, old.supervisions[0].text, old.supervisions[0].speaker)
-            assert np.array_equal(int16_samples(new), int16_samples(old)), new.id
+            # The same speech; a float Opus encoder on another CPU may round a little differently.
+            new_samples, old_samples = int16_samples(new), int16_samples(old)
+            assert len(new_samples) == len(old_samples), new.id
+            error = np.sum((new_samples - old_samples) ** 2.0) + 1.0
+            assert 10 * np.log10(np.sum(old_samples ** 2.0) / error) > 40, new.id
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,13 +5,11 @@ Data tests put G good and B bad items through the real readers, dataset and Trai
 that exactly the G good ones arrive (none lost), resampled where needed, and that each bad one is
 counted under its reason.
 """
-import gzip
 import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +32,12 @@ NO_VALIDATION = ["data.validation_ds.datasets={}"]
 
 
 def demo_flacs(directory: Path, n: int) -> list[tuple[Path, str]]:
-    """The first n demo utterances as FLAC files (the shipped bytes) with their transcripts."""
-    with gzip.open(DEMO / "cuts.000000.jsonl.gz", "rt") as f:
-        texts = {cut["id"]: cut["supervisions"][0]["text"] for cut in map(json.loads, f)}
+    """The first n demo utterances as 16-bit FLAC files with their transcripts."""
     files = []
-    with tarfile.open(DEMO / "recording.000000.tar") as tar:
-        for member in tar:
-            if member.name.endswith(".flac") and len(files) < n:
-                path = directory / member.name
-                path.write_bytes(tar.extractfile(member).read())
-                files.append((path, texts[path.stem]))
+    for cut in CutSet.from_shar(in_dir=DEMO).subset(first=n):
+        path = directory / f"{cut.id}.flac"
+        sf.write(path, cut.load_audio()[0], cut.sampling_rate, subtype="PCM_16")
+        files.append((path, cut.supervisions[0].text))
     return files
 
 

@@ -172,14 +172,15 @@ def test_text_channel_of_nemo_example(llm_dir):
     assert batch["target_token_lens"].tolist() == [13]
 
 
-# NeMo 3.0's DuplexS2SDataset on that cut with the shipped tiny LLM's tokenizer in NeMo's tokenizer
-# wrapper ("hi" 313, "hello" 266 303 87, "ok" 362, "okay" 362 347; pad 3, BOS 1, EOS 2)
+# NeMo 3.0's DuplexS2SDataset on that cut with the tiny LLM's tokenizer in NeMo's tokenizer wrapper,
+# as kept in tests/fixtures/nemo/tokenizer ("hi" 313, "hello" 266 303 87, "ok" 362, "okay" 362 347;
+# pad 3, BOS 1, EOS 2)
 NEMO_TINY_TARGET_TOKENS = [3, 3, 3, 3, 1, 2, 303, 87, 1, 362, 347, 3, 3]
 NEMO_TINY_SOURCE_TOKENS = [1, 2, 3, 3, 3, 3, 1, 362, 2, 3, 3, 3, 3]
 
 
 def test_both_text_channels_equal_nemos_with_the_same_tokenizer():
-    tokenizer = load_tokenizer(str(ROOT / "assets" / "tiny-llm"), None)
+    tokenizer = load_tokenizer(str(ROOT / "tests" / "fixtures" / "nemo" / "tokenizer"), None)
     dataset = DuplexS2SDataset(tokenizer, tokenizer.pad_token_id, 0.08, 16000, 22050, ["user"],
                                ["assistant"])
     batch = dataset[CutSet.from_cuts([nemo_example_cut()])]
