@@ -32,7 +32,7 @@ RUNS = {"salm": ("bf16-mixed", "bf16-true", "32"), "s2s_duplex": ("bf16-mixed", 
 LARGE = ["--preset", "large", "--dtype", "bfloat16"]
 ONCE = ["--reps", "1", "--warmup", "0"]
 BUCKETS = ["data.train_ds.batch_size=null", "data.train_ds.use_bucketing=true"]
-# the demo's ~1000 s of training speech in 2 buckets: batches of 17k and 23k LLM tokens, in turns
+# the demo's ~4300 s of training speech in 2 buckets: batches of about 16k and 23k LLM tokens
 BIG_BATCH = ["data.train_ds.batch_duration=600", "data.train_ds.num_buckets=2",
              "data.train_ds.drop_last=true", "data.train_ds.num_workers=8"]
 # (full size, --quick) of every part
