@@ -3,7 +3,7 @@
 The demo data lets every config run offline: a small-vocabulary English grammar (numbers, colors,
 objects, commands, questions) spoken by espeak-ng in several voices, rates and pitches, small enough
 for a tiny model to learn on a CPU in minutes. Everything is deterministic, so running the script
-again gives the same transcripts and, with the same espeak-ng version, the same audio samples.
+again gives the same transcripts and, with the same espeak-ng and libopus, the same audio.
 
     python scripts/make_demo_data.py                      # rewrites assets/demo/
     python scripts/make_demo_data.py --out /tmp/d --limit 5
@@ -61,7 +61,7 @@ USER_PITCHES = (30, 40, 50, 60, 70)
 
 NUM_ASR = {"train": 400, "val": 60}
 # More train utterances, drawn after everything else: any sentence outside validation, new voices.
-# The demo's held-out WER is set by how much speech it hears (400 utterances: 22-28%).
+# The demo's held-out WER is set by how much speech it hears (400 alone: 21-28%; 2800: 5-8%).
 NUM_ASR_TRAIN_EXTRA = 2400
 # share of the ASR utterances per template (pools range from 19 to 1188 sentences)
 TEMPLATE_WEIGHTS = {
@@ -390,7 +390,7 @@ User voices (rates {", ".join(map(str, USER_RATES))} words/min, \
 pitches {", ".join(map(str, USER_PITCHES))}):
 {", ".join(f"`{v}`" for v in USER_VOICES)}.
 
-Regenerate (deterministic: the same espeak-ng version gives the same files), then retrain the \
+Regenerate (deterministic: the same espeak-ng and libopus give the same files), then retrain the \
 tiny LLM's
 tokenizer, which learns these transcripts:
 
