@@ -254,7 +254,9 @@ def build_splits() -> dict[str, list[Utterance]]:
                           "agent", pair_id),
             ]
     val_texts = set(asr_val) | {text for pair in qa_val for text in pair}
-    extra = [rng.choice([s for s in templates[name] if s not in val_texts])
+    pools = {name: [s for s in sentences if s not in val_texts]
+             for name, sentences in templates.items()}
+    extra = [rng.choice(pools[name])
              for name, count in allocate(NUM_ASR_TRAIN_EXTRA, TEMPLATE_WEIGHTS).items()
              for _ in range(count)]
     rng.shuffle(extra)
